@@ -1,0 +1,258 @@
+"""The `llmtrain` command: one map from verb to stage; Hydra parses everything after the verb.
+
+    llmtrain pretrain +experiment=gpt_small optim.lr=3e-4
+    llmtrain pretrain -m optim.lr=1e-3,3e-4        # sweep
+    llmtrain pretrain --cfg job                     # print the composed config
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from llmtrain.errors import UserError, fail
+
+# verb -> (stage module, one-line help). The module's `run(cfg)` does the work; the primary
+# config is conf/<verb with spaces as underscores>.yaml.
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("llmtrain.stages.pretrain", "Pretrain a model (causal LM, masked LM, NSP)."),
+    "finetune": ("llmtrain.stages.finetune", "Fine-tune a checkpoint (init_from=PATH)."),
+    "evaluate": ("llmtrain.stages.evaluate", "Evaluate a checkpoint (checkpoint=PATH)."),
+    "generate": ("llmtrain.stages.generate", "Sample text from a checkpoint (checkpoint=PATH prompt=...)."),
+    "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),
+    "export": ("llmtrain.stages.export", "Export a checkpoint to Hugging Face format (checkpoint=PATH out=DIR)."),
+    "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),
+    "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a SentencePiece tokenizer on data.path."),
+    "data prepare": ("llmtrain.stages.prepare", "Tokenize a dataset into packed token shards (cached)."),
+}
+
+app = typer.Typer(
+    name="llmtrain",
+    help="Pretrain, fine-tune and evaluate transformer language models from composable Hydra configs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Hydra flags that take a value (so the value is not mistaken for an override).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
+                "--info", "--run", "--experimental-rerun"}
+
+
+def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Split Hydra's command line into flags and key=value overrides."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _VALUE_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    return flags, overrides
+
+
+# Keys whose values are free text: `prompt="ROMEO:"` reaches us as prompt=ROMEO: (the shell ate the
+# quotes), which Hydra's grammar would reject; quote such values for Hydra.
+FREE_TEXT_KEYS = ("prompt",)
+
+
+def _quote_free_text(args: list[str]) -> list[str]:
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+~") in FREE_TEXT_KEYS and not (value[:1] in ("'", '"') and value[-1:] == value[:1]):
+            # Hydra unescapes backslashes only before a quote (and at the end of the string).
+            escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+            escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+            a = f"{key}='{escaped}'"
+        out.append(a)
+    return out
+
+
+def _group_options(group: str) -> list[str]:
+    from llmtrain.config import CONF_DIR
+
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _stage_help(stage: str) -> str:
+    return f"""Usage: llmtrain {stage} [HYDRA OVERRIDES...]
+
+{STAGES[stage][1]}
+
+Everything after the verb goes to Hydra unchanged:
+  +experiment=NAME          start from an experiment preset
+  key=value                 override any config key (e.g. optim.lr=3e-4 trainer.max_steps=2000)
+  group=option              choose a config group option (e.g. model=gpt2_124m)
+  --cfg job                 print the composed config and exit
+  -m / --multirun           sweep (e.g. -m optim.lr=1e-3,3e-4), one directory per job
+  hydra.run.dir=DIR         where this run writes (hydra.sweep.dir=DIR for sweeps)
+  --hydra-help              Hydra's own help
+
+Experiments (+experiment=...): {", ".join(_group_options("experiment")) or "none"}
+Model presets (model=...):     {", ".join(_group_options("model")) or "none"}
+Data (data=...):               {", ".join(_group_options("data")) or "none"}
+Tokenizers (tokenizer=...):    {", ".join(_group_options("tokenizer")) or "none"}
+"""
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors are multi-line with the key on a later line: make one line."""
+    parts: list[str] = []
+    e: BaseException | None = exc
+    while e is not None:
+        msg = str(e).strip()
+        if msg:
+            lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            head = lines[0]
+            key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+            options = [ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "reference_type"))]
+            if key and key not in head:
+                head += f" (key: {key})"
+            if "Available options" in msg:
+                head += " [available: " + ", ".join(o for o in options if not o.startswith("Available")) + "]"
+            if head not in parts:
+                parts.append(head)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
+def _check_overrides(stage: str, overrides: list[str], config_name: str) -> None:
+    """Compose once before Hydra runs, so config mistakes exit 2 with one line and no traceback.
+
+    Sweep overrides (a,b or interval(...)) are checked with their first value or skipped.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from llmtrain.config import CONF_DIR, to_run_config, validate_config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad syntax
+        fail(f"bad override: {_one_line(e)}")
+    single: list[str] = []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            try:
+                first = next(iter(o.sweep_string_iterator()))
+            except Exception:  # noqa: BLE001 - interval()/tag sweeps have no first value
+                continue
+            single.append(f"{o.get_key_element()}={first}")
+        else:
+            single.append(o.input_line)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=single)
+        run_cfg = to_run_config(cfg)
+        validate_config(run_cfg)
+    except UserError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - composition errors of any kind are bad input
+        fail(_one_line(e))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _task(stage: str) -> Callable:
+    def task(cfg) -> float | None:
+        from llmtrain.config import to_run_config, validate_config
+
+        module = importlib.import_module(STAGES[stage][0])
+        try:
+            run_cfg = to_run_config(cfg)
+            validate_config(run_cfg)
+            return module.run(run_cfg)
+        except UserError as e:
+            fail(str(e))
+
+    return task
+
+
+def run_stage(stage: str, args: list[str]) -> None:
+    import hydra
+
+    from llmtrain.config import CONF_DIR, register_configs
+
+    if "--help" in args or "-h" in args:
+        typer.echo(_stage_help(stage))
+        return
+    register_configs()
+    args = _quote_free_text(args)
+    flags, overrides = _split_args(args)
+    config_name = stage.replace(" ", "_")
+    if "--config-name" in flags or "-cn" in flags:
+        idx = max(flags.index(f) for f in ("--config-name", "-cn") if f in flags)
+        config_name = flags[idx + 1]
+    if not any(f in flags for f in ("--hydra-help", "--info", "--shell-completion", "-sc")):
+        _check_overrides(stage, overrides, config_name)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    sys.argv = [f"llmtrain {stage}", *args]
+    main_fn = hydra.main(config_path=str(CONF_DIR), config_name=stage.replace(" ", "_"),
+                         version_base="1.3")(_task(stage))
+    main_fn()
+
+
+_GROUPS: dict[str, typer.Typer] = {}
+
+
+def _make_command(stage: str) -> None:
+    parent, _, name = stage.rpartition(" ")
+    target = app
+    if parent:  # nested verb, e.g. `llmtrain tokenizer train`
+        if parent not in _GROUPS:
+            _GROUPS[parent] = typer.Typer(help=f"{parent} commands", no_args_is_help=True)
+            app.add_typer(_GROUPS[parent], name=parent)
+        target = _GROUPS[parent]
+
+    @target.command(
+        name=name,
+        help=STAGES[stage][1] + " Arguments are Hydra overrides; see `llmtrain " + stage + " --help`.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                          "help_option_names": []},
+        add_help_option=False,
+    )
+    def command(ctx: typer.Context) -> None:
+        run_stage(stage, list(ctx.args))
+
+
+for _stage in STAGES:
+    _make_command(_stage)
+
+
+@app.command("plot")
+def plot(run_dirs: list[Path] = typer.Argument(..., help="Run directories (or a sweep directory) to overlay."),
+         out: Path = typer.Option(None, "--out", "-o", help="PNG path (default: curves.png in the first run dir).")):
+    """Draw loss / lr / throughput curves from metrics.jsonl of one or more runs."""
+    from llmtrain.eval.plot import plot_runs
+
+    dirs: list[Path] = []
+    for d in run_dirs:  # a sweep directory stands for its job directories
+        jobs = sorted(p.parent for p in d.glob("*/metrics.jsonl")) if not (d / "metrics.jsonl").exists() else []
+        dirs.extend(jobs or [d])
+    try:
+        path = plot_runs(dirs, out or dirs[0] / "curves.png")
+    except UserError as e:
+        fail(str(e))
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Config: the typed schema (schema.py), the conf/ tree location and semantic checks."""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmtrain.config.schema import ModelConfig, RunConfig, register_configs
+from llmtrain.errors import UserError
+
+__all__ = ["CONF_DIR", "ModelConfig", "RunConfig", "asset_path", "register_configs", "to_run_config",
+           "validate_config"]
+
+
+def _find_conf_dir() -> Path:
+    env = os.environ.get("LLMTRAIN_CONF")
+    if env:
+        return Path(env).resolve()
+    return (Path(__file__).resolve().parents[2] / "conf").resolve()
+
+
+CONF_DIR = _find_conf_dir()
+
+
+def asset_path(name: str) -> str:
+    """Path of a file bundled with the package (e.g. the default Shakespeare corpus)."""
+    return str(resources.files("llmtrain") / "assets" / name)
+
+
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", asset_path)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The composed DictConfig as the typed dataclass tree (interpolations resolved)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Checks that need more than types: registry names, sizes, objective/model compatibility."""
+    from llmtrain import registry
+
+    model_cls = registry.get("model", cfg.model.name)
+    if cfg.stage == "pretrain":
+        objective_cls = registry.get("objective", cfg.objective.name)
+        needs = getattr(objective_cls, "decoder_only", None)
+        is_decoder = getattr(model_cls, "is_decoder", True)
+        if needs is True and not is_decoder:
+            raise UserError(f"objective={cfg.objective.name} needs a causal decoder, but model "
+                            f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp or mlm_nsp)")
+        if needs is False and is_decoder:
+            raise UserError(f"objective={cfg.objective.name} needs a bidirectional encoder, but model "
+                            f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)")
+    registry.get("tokenizer", cfg.tokenizer.name)
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    if cfg.stage != "pretrain":  # the checkpoint decides the architecture; checked when loaded
+        m = ModelConfig(max_seq_len=max(d.seq_len, 1))
+    if m.d_model % m.n_head:
+        raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+    if m.n_kv_heads is not None and m.n_head % m.n_kv_heads:
+        raise UserError(f"model.n_head={m.n_head} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if d.seq_len > m.max_seq_len:
+        raise UserError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
+                       ("trainer.max_steps", t.max_steps), ("trainer.log_every", t.log_every),
+                       ("trainer.grad_accum", t.grad_accum), ("model.n_layer", m.n_layer)):
+        if value < 1:
+            raise UserError(f"{key} must be >= 1, got {value}")

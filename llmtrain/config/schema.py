@@ -1,0 +1,205 @@
+"""Typed config schema. Hydra merges the YAML tree in conf/ onto these dataclasses, so a
+misspelled key or a wrong type is rejected while the config is composed, before any work."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt2"  # registry key: gpt2 | llama | bert
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention (llama); None = n_head
+    d_model: int = 128
+    d_ff: Optional[int] = None  # MLP hidden size; None = architecture default
+    vocab_size: int = 0  # 0 = take from the tokenizer (padded up to pad_vocab_multiple)
+    pad_vocab_multiple: int = 64
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    type_vocab_size: int = 2  # bert segment embeddings
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    name: str = "text"  # text | classification | instruction | ...
+    path: Optional[str] = None  # file, directory or glob (text); dataset files for tasks
+    val_path: Optional[str] = None
+    text_field: str = "text"
+    val_fraction: float = 0.1  # last fraction of the corpus used for validation
+    seq_len: int = 128
+    batch_size: int = 16
+    encoding_errors: str = "strict"  # strict | replace
+    num_workers: int = 0
+    cache_dir: Optional[str] = None
+    num_proc: int = 1
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "char"  # char | byte | sentencepiece
+    path: Optional[str] = None  # sentencepiece model file
+    vocab_size: int = 2000
+    model_type: str = "bpe"  # sentencepiece: bpe | unigram
+    character_coverage: float = 1.0
+    byte_fallback: bool = True
+    input_sentence_size: int = 1_000_000
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp
+    mask_prob: float = 0.15
+    nsp_prob: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    fused: Optional[bool] = None  # None = fused on CUDA
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | linear | constant | wsd
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    eval_every: int = 250
+    eval_batches: int = 0  # 0 = the whole validation split
+    log_every: int = 10
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    grad_accum: int = 1
+    compile: bool = False
+    resume: str = "never"  # never | auto
+    strategy: str = "auto"  # auto | single | ddp | fsdp
+    devices: int = 1
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5
+    progress: bool = True
+    sample_every: int = 0  # >0: print a short sample at these steps (decoders)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb | tensorboard
+    project: str = "llmtrain"
+    mode: str = "online"  # wandb: online | offline | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    run_name: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base weights frozen
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn"])  # module-name substrings
+
+
+@dataclass
+class TaskConfig:
+    """Fine-tuning / evaluation task (registry kind "task"). Fields unused by a task are ignored."""
+
+    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization
+    train_path: Optional[str] = None
+    val_path: Optional[str] = None
+    text_field: str = "text"
+    text_pair_field: Optional[str] = None
+    label_field: str = "label"
+    labels: Optional[list[str]] = None  # declared label set; None = inferred from the training data
+    source_field: str = "source"
+    target_field: str = "target"
+    chat_template: str = "default"
+    packing: bool = False
+    doc_stride: int = 64
+    max_answer_len: int = 30
+    max_examples: int = 0  # 0 = all
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze_backbone: bool = False
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["lm"])  # lm | classification | qa | generation | mlm | nsp
+    max_examples: int = 0  # 0 = all
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 20
+    warmup: int = 5
+    out: Optional[str] = None  # JSON results file; default RUN_DIR/bench.json
+    baseline: bool = True  # also time a plain PyTorch loop of the same model
+
+
+@dataclass
+class RunConfig:
+    """Keys shared by every stage."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    stage: str = "pretrain"
+    experiment: Optional[str] = None  # set by experiment files, for run names
+    init_from: Optional[str] = None  # checkpoint to start from (finetune)
+    checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, export)
+    out: Optional[str] = None  # output directory (export) or file
+    format: str = "hf"  # export format
+    # generation
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    top_p: Optional[float] = None
+    num_samples: int = 1
+    # what a sweep optimises: the stage returns this metric
+    optimize_metric: str = "val/loss"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore (called once by the CLI)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)

@@ -1,0 +1,1 @@
+"""Data: reading sources, tokenizing into splits, and batch sources for the objectives."""

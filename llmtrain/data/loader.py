@@ -1,0 +1,75 @@
+"""Batches as a pure function of (seed, step, rank).
+
+A loader whose position is just the step number resumes exactly with nothing to save, and
+ranks read disjoint windows by construction. The CLM source tiles the token stream into
+non-overlapping windows of seq_len+1 tokens, reshuffled each epoch with a fresh random
+offset, so every token is seen once per epoch and windows do not repeat between epochs.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A torch RNG determined by the seed and keys (e.g. step, rank)."""
+    ss = np.random.SeedSequence([seed, *keys])
+    return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+
+
+class PackedWindows:
+    """Random, epoch-shuffled, non-overlapping windows over a token array (CLM training)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        # One fewer window than fits, so every epoch offset in [0, seq_len) has the same count.
+        self.n_windows = (len(self.tokens) - 1) // seq_len - 1
+        if self.n_windows < 1:
+            raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
+        self._epoch_cache: tuple[int, int, torch.Tensor] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[int, torch.Tensor]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            g = step_generator(self.seed, 0xE90C, epoch)
+            offset = int(torch.randint(self.seq_len, (1,), generator=g))
+            perm = torch.randperm(self.n_windows, generator=g)
+            self._epoch_cache = (epoch, offset, perm)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        first = (step * self.world_size + self.rank) * B
+        starts = []
+        for g in range(first, first + B):
+            epoch, idx = divmod(g, self.n_windows)
+            offset, perm = self._epoch(epoch)
+            starts.append(offset + int(perm[idx]) * T)
+        rows = torch.stack([self.tokens[s : s + T + 1] for s in starts])
+        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0,
+                       rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Non-overlapping windows in order, covering the whole split once (evaluation).
+
+    The final partial window is kept, so every token of the split is scored exactly once.
+    """
+    t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    starts = list(range(0, max(len(t) - 1, 0), seq_len))
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+    if max_batches > 0:
+        batches = batches[:max_batches]
+    for bi in range(rank, len(batches), world_size):
+        chunk = batches[bi]
+        x = torch.full((len(chunk), seq_len), 0, dtype=torch.long)
+        y = torch.full((len(chunk), seq_len), -100, dtype=torch.long)  # -100: ignored by the loss
+        for r, s in enumerate(chunk):
+            n = min(seq_len, len(t) - 1 - s)
+            x[r, :n] = t[s : s + n]
+            y[r, :n] = t[s + 1 : s + 1 + n]
+        yield {"input_ids": x, "labels": y}

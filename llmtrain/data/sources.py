@@ -1,0 +1,125 @@
+"""Read documents from what a user points `data.path` at: a text file (plain or .gz), a
+.jsonl/.json/.csv/.tsv/.parquet file with a text field, a directory or a glob.
+
+Every failure is a UserError naming the file: missing, unreadable, not UTF-8 (with the byte
+offset), without the configured field, or empty.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import json
+from pathlib import Path
+from typing import Iterator
+
+from llmtrain.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ".tokens", ""}
+
+
+def resolve_files(path: str) -> list[Path]:
+    """A file, a directory (its files, sorted) or a glob pattern -> the files it names."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"data.path {path!r} matches no files")
+        return files
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise UserError(f"data directory {path} contains no files")
+        return files
+    if not p.exists():
+        raise UserError(f"data file not found: {path}")
+    return [p]
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read data file {path}: {e.strerror or e}") from None
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise UserError(f"data file {path} is not valid gzip: {e}") from None
+    return raw
+
+
+def read_text(path: Path, errors: str = "strict") -> str:
+    raw = _read_bytes(path)
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"data file {path} is not valid UTF-8 at byte offset {e.start} "
+            f"(set data.encoding_errors=replace to accept it)"
+        ) from None
+
+
+def _stem_suffix(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return suffixes[-1].lower() if suffixes else ""
+
+
+def _field(record: object, field: str, path: Path, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        raise UserError(f"{path}: {where} has no field {field!r} (set data.text_field)")
+    value = record[field]
+    if isinstance(value, list):  # e.g. SciTLDR's list of sentences
+        value = " ".join(map(str, value))
+    return str(value)
+
+
+def iter_documents(path: Path, text_field: str = "text", errors: str = "strict") -> Iterator[str]:
+    """Yield the documents of one file. A plain text file is one document."""
+    kind = _stem_suffix(path)
+    if kind == ".jsonl":
+        for i, line in enumerate(read_text(path, errors).splitlines(), start=1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+                yield _field(record, text_field, path, f"line {i}")
+    elif kind == ".json":
+        try:
+            data = json.loads(read_text(path, errors))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        records = data if isinstance(data, list) else data.get("data", [data])
+        for i, record in enumerate(records):
+            yield _field(record, text_field, path, f"record {i}")
+    elif kind in (".csv", ".tsv"):
+        text = read_text(path, errors)
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if kind == ".tsv" else ",")
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            raise UserError(f"{path}: no column {text_field!r} (set data.text_field)")
+        for row in reader:
+            yield row[text_field] or ""
+    elif kind == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise UserError(f"{path}: no column {text_field!r} (set data.text_field)")
+        for value in table.column(text_field).to_pylist():
+            yield "" if value is None else str(value)
+    else:
+        yield read_text(path, errors)
+
+
+def read_documents(path: str | None, text_field: str = "text", errors: str = "strict") -> list[str]:
+    """All non-empty documents under `path`; an empty corpus is an error."""
+    if not path:
+        raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
+    files = resolve_files(path)
+    docs = [d for f in files for d in iter_documents(f, text_field, errors) if d.strip()]
+    if not docs:
+        raise UserError(f"data {path} is empty (no non-whitespace text)")
+    return docs

@@ -1,0 +1,148 @@
+"""Plot training curves of one or more runs from their metrics.jsonl files.
+
+Each line of RUN_DIR/metrics.jsonl is a JSON object with a `step`; training lines carry
+train/loss, train/lr, train/tokens_per_s and train/tokens (cumulative), eval lines val/loss.
+One PNG with four panels: loss vs step (train solid, val dashed), loss vs tokens seen, learning
+rate vs step and throughput vs step. Several runs overlay, one colour each.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+from llmtrain.errors import UserError
+
+__all__ = ["plot_runs", "read_metrics", "run_label"]
+
+PathLike = Union[str, Path]
+
+
+def read_metrics(run_dir: PathLike) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, in file order. Blank lines and a truncated
+    (unparseable) line, e.g. from a run killed mid-write, are skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"no metrics file {path} (is {run_dir} a run directory?)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                records.append(rec)
+    return records
+
+
+def run_label(run_dir: PathLike) -> str:
+    """The run's Hydra overrides (RUN_DIR/.hydra/overrides.yaml) joined with spaces, or the
+    directory name when there are none."""
+    run_dir = Path(run_dir)
+    path = run_dir / ".hydra" / "overrides.yaml"
+    name = run_dir.resolve().name or str(run_dir)
+    if not path.is_file():
+        return name
+    try:
+        import yaml
+
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception:
+        return name
+    if isinstance(overrides, list) and overrides:
+        return " ".join(str(o) for o in overrides)
+    return name
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, sorted by step. A step logged twice (a resumed run repeats
+    the steps after its last checkpoint) keeps its latest value."""
+    by_step: dict[float, float] = {}
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            by_step[r["step"]] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _tokens_at(steps: list[float], token_steps: list[float], tokens: list[float]) -> list[Optional[float]]:
+    """Tokens seen at each of `steps`, from the latest training record at or before it."""
+    import bisect
+
+    out: list[Optional[float]] = []
+    for s in steps:
+        i = bisect.bisect_right(token_steps, s) - 1
+        out.append(tokens[i] if i >= 0 else None)
+    return out
+
+
+def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = None) -> Path:
+    """Draw the training curves of `run_dirs` into the PNG `out` (parent folders are created)
+    and return its path. labels default to each run's Hydra overrides (see run_label)."""
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise UserError("plot: no run directories given")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise UserError(f"plot: {len(labels)} labels for {len(run_dirs)} run directories")
+    runs = [read_metrics(d) for d in run_dirs]  # fail on a missing file before importing
+    labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or 'llmtrain[plot]')") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax_step, ax_tok, ax_lr, ax_tps = axes.flat
+    for i, (records, label) in enumerate(zip(runs, labels)):
+        color = f"C{i % 10}"
+        tr_steps, tr_loss = _series(records, "train/loss")
+        va_steps, va_loss = _series(records, "val/loss")
+        tok_steps, tokens = _series(records, "train/tokens")
+        lr_steps, lr = _series(records, "train/lr")
+        tps_steps, tps = _series(records, "train/tokens_per_s")
+
+        if tr_steps:
+            ax_step.plot(tr_steps, tr_loss, color=color, lw=1.2, label=f"{label} (train)")
+        if va_steps:
+            ax_step.plot(va_steps, va_loss, color=color, ls="--", marker="o", ms=3,
+                         label=f"{label} (val)")
+        if tok_steps:
+            tr_tok = _tokens_at(tr_steps, tok_steps, tokens)
+            pts = [(t, v) for t, v in zip(tr_tok, tr_loss) if t is not None]
+            if pts:
+                ax_tok.plot(*zip(*pts), color=color, lw=1.2, label=f"{label} (train)")
+            va_tok = _tokens_at(va_steps, tok_steps, tokens)
+            pts = [(t, v) for t, v in zip(va_tok, va_loss) if t is not None]
+            if pts:
+                ax_tok.plot(*zip(*pts), color=color, ls="--", marker="o", ms=3, label=f"{label} (val)")
+        if lr_steps:
+            ax_lr.plot(lr_steps, lr, color=color, lw=1.2, label=label)
+        if tps_steps:
+            ax_tps.plot(tps_steps, tps, color=color, lw=1.0, label=label)
+
+    ax_step.set(title="loss vs step", xlabel="step", ylabel="loss")
+    ax_tok.set(title="loss vs tokens seen", xlabel="tokens", ylabel="loss")
+    ax_lr.set(title="learning rate", xlabel="step", ylabel="lr")
+    ax_tps.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out

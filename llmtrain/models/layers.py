@@ -1,0 +1,264 @@
+"""Building blocks shared by the architectures: attention, MLPs, norms, rotary embeddings,
+the attention-mask helper and the KV cache. Each model file only wires these together."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- norms
+
+
+def layer_norm(d: int, eps: float, bias: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(d, eps=eps, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm. Normalises in float32 (as HF does) so bf16 training matches."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------------------- MLPs
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear. approximate='tanh' is GPT-2's gelu_new, 'none' is BERT's erf."""
+
+    def __init__(self, d: int, d_ff: int, bias: bool, dropout: float, approximate: str = "none"):
+        super().__init__()
+        self.fc = nn.Linear(d, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d, bias=bias)  # residual projection (scaled init)
+        self.approximate = approximate
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), as in Llama."""
+
+    def __init__(self, d: int, d_ff: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(d, d_ff, bias=bias)
+        self.up = nn.Linear(d, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d, bias=bias)  # residual projection (scaled init)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in HF's rotate_half layout (first half / second half of each
+    head are the pair), so HF Llama checkpoints load without permuting q/k."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        # not persistent: derived from the config, so it never enters checkpoints
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [B,T] -> (cos, sin), each [B,1,T,head_dim], broadcast over heads."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # fp32 for long positions
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: k, v are [n_layer, B, n_kv_heads, max_len, hd].
+    `length` is how many positions are filled. A forward pass with the cache writes its new
+    keys/values at [length, length+T) in every layer and then advances `length` by T."""
+
+    def __init__(self, n_layer, batch_size, n_kv_heads, max_len, head_dim, device=None, dtype=None):
+        shape = (n_layer, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v for `layer`; return all keys/values so far (cache + new)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k.to(self.k.dtype)
+        self.v[layer, :, :, start:end] = v.to(self.v.dtype)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Forget everything after `length` positions (e.g. to re-run a prompt suffix)."""
+        self.length = min(self.length, length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/reorder batch rows (beam search): row i becomes old row index[i]."""
+        self.k = self.k.index_select(1, index.to(self.k.device))
+        self.v = self.v.index_select(1, index.to(self.v.device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def make_attn_mask(
+    attention_mask: Optional[torch.Tensor], T: int, past: int, causal: bool, device
+) -> Optional[torch.Tensor]:
+    """Boolean SDPA mask [B or 1, 1, T, past+T] (True = may attend), or None when plain
+    causal/unmasked attention suffices (lets SDPA pick its fastest kernel).
+
+    attention_mask is [B, past+T] with 1 = real token, 0 = padding."""
+    S = past + T
+    if attention_mask is None and (not causal or past == 0):
+        return None
+    keys = None
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
+        keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # [B,1,1,S]
+    if not causal:
+        return keys  # broadcast over queries
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]  # [1,1,T,S]
+    if keys is not None:
+        # A padding query (left padding) would see no key at all and SDPA would return NaN;
+        # let every query see itself. Rows of real tokens are unchanged by this.
+        allowed = (allowed & keys) | (k_pos == q_pos)[None, None]
+    return allowed
+
+
+class Attention(nn.Module):
+    """Multi-head attention with one fused qkv projection, grouped-query heads (n_kv_heads
+    <= n_head) and torch's scaled_dot_product_attention."""
+
+    def __init__(self, d: int, n_head: int, n_kv_heads: Optional[int] = None, bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        assert d % n_head == 0, "d_model must be divisible by n_head"
+        self.n_head = n_head
+        self.n_kv_heads = n_kv_heads or n_head
+        assert n_head % self.n_kv_heads == 0, "n_head must be a multiple of n_kv_heads"
+        self.head_dim = d // n_head
+        self.qkv = nn.Linear(d, (n_head + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(d, d, bias=bias)  # residual projection (scaled init)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask=None, causal=False, rope=None, kv_cache=None, layer=0):
+        B, T, D = x.shape
+        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_heads
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        if nkv != nh:  # GQA: kv head i serves query heads [i*rep, (i+1)*rep), as in HF repeat_kv
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            # plain causal only when there is no explicit mask and no cached prefix
+            is_causal=causal and attn_mask is None and k.shape[2] == T,
+        )
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.resid_dropout(self.proj(y))
+
+
+# ----------------------------------------------------------------------------- init / counting
+
+
+def init_weights(model: nn.Module, std: float, n_layer: int, scale_residual: bool = True) -> None:
+    """nanoGPT/GPT-2 init: N(0, std) for Linear and Embedding, zero biases, and residual
+    projections (modules named *.proj inside blocks) scaled by 1/sqrt(2*n_layer) so the residual
+    stream's variance does not grow with depth."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if scale_residual and name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+
+
+def count_params(model: nn.Module, exclude: tuple = ()) -> int:
+    """Unique parameters (tied weights counted once), minus the given modules' parameters."""
+    skip = {id(p) for m in exclude for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+# ----------------------------------------------------------------------------- checkpoint mapping
+
+
+def remap_state_dict(sd: dict, rules: list, reverse: bool = False, ignore: tuple = ()) -> dict:
+    """Rename (and optionally transpose) state-dict entries by `rules`, a list of
+    (our_name, other_name, transpose) where names may contain '{i}' for a layer index.
+    reverse=False maps ours -> other. Keys matching a regex in `ignore` are dropped; any other
+    key no rule knows is an error, so a silent half-loaded checkpoint cannot happen."""
+    import re
+
+    compiled = []
+    for ours, other, transpose in rules:
+        src, dst = (other, ours) if reverse else (ours, other)
+        pattern = re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$")
+        compiled.append((pattern, dst, transpose))
+    out = {}
+    for key, value in sd.items():
+        if any(re.search(pat, key) for pat in ignore):
+            continue
+        for pattern, dst, transpose in compiled:
+            m = pattern.match(key)
+            if m:
+                name = dst.replace("{i}", m.group(1)) if m.groups() else dst
+                out[name] = value.t().contiguous() if transpose else value
+                break
+        else:
+            raise KeyError(f"unexpected state-dict key {key!r}")
+    return out

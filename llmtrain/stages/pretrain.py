@@ -1,0 +1,41 @@
+"""pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint."""
+from __future__ import annotations
+
+from llmtrain.config.schema import RunConfig
+from llmtrain.models import build_model
+from llmtrain.registry import get
+from llmtrain.stages.common import (checkpoint_meta, config_dict, load_corpus, resolve_model_config,
+                                    setup_runtime, write_run_files)
+from llmtrain.train.tracking import MetricsLogger
+from llmtrain.train.trainer import Trainer
+
+
+def run(cfg: RunConfig) -> float | None:
+    rt = setup_runtime(cfg)
+    tokenizer, splits = load_corpus(cfg)
+    model_cfg = resolve_model_config(cfg.model, tokenizer)
+    model = build_model(model_cfg)
+    objective = get("objective", cfg.objective.name)(cfg.objective, tokenizer)
+    return train_and_report(cfg, rt, model, objective, splits, checkpoint_meta(cfg, model_cfg, tokenizer))
+
+
+def train_and_report(cfg, rt, model, objective, splits, meta) -> float | None:
+    """Shared by pretrain and finetune: write run files, train, return the optimised metric."""
+    if rt.is_main:
+        write_run_files(rt.run_dir, cfg)
+        n = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
+              f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
+              f"{rt.precision}, run dir {rt.run_dir}", flush=True)
+    logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
+    try:
+        trainer = Trainer(cfg, model, objective, splits, rt.run_dir, rt.device, rt.precision, rt.dist,
+                          logger, meta)
+        result = trainer.fit()
+    finally:
+        logger.close()
+    if rt.is_main and result.metrics:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"done at step {result.step}: {shown}; checkpoint {result.checkpoint}", flush=True)
+    return result.metrics.get(cfg.optimize_metric)

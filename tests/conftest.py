@@ -1,0 +1,43 @@
+"""Shared fixtures: run the real CLI in a subprocess, and one tiny pretrained checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+# Small and fast: a 2-layer GPT on short windows, evaluated on a few validation batches.
+TINY = ["model=gpt_tiny", "data.seq_len=32", "data.batch_size=8", "trainer.eval_batches=8",
+        "trainer.progress=false", "trainer.log_every=5"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, one line on stderr that mentions the key/file, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Path:
+    """A run directory with a checkpoint of a tiny GPT trained for 60 steps on Shakespeare."""
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    proc = run_cli("pretrain", *TINY, "trainer.max_steps=60", "trainer.eval_every=30",
+                   "optim.lr=3e-3", "scheduler.warmup_steps=10", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

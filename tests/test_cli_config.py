@@ -1,0 +1,85 @@
+"""The CLI composes the real conf/ tree: experiments, overrides, --cfg job, help, bad configs."""
+from __future__ import annotations
+
+import yaml
+
+from conftest import ROOT, assert_user_error, run_cli
+
+
+def _cfg_job(*args: str) -> dict:
+    proc = run_cli("pretrain", *args, "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_help_lists_subcommands_and_presets():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for verb in ("pretrain", "finetune", "evaluate", "generate"):
+        assert verb in top.stdout
+    sub = run_cli("pretrain", "--help")
+    assert sub.returncode == 0
+    assert "gpt_small" in sub.stdout and "gpt_shakespeare" in sub.stdout  # experiments
+    assert "gpt2_124m" in sub.stdout  # model presets
+
+
+def test_experiment_composes_and_overrides_apply():
+    cfg = _cfg_job("+experiment=gpt_small", "optim.lr=3e-4", "trainer.max_steps=2000")
+    assert cfg["experiment"] == "gpt_small"
+    assert cfg["model"]["n_layer"] == 4 and cfg["model"]["d_model"] == 128
+    assert cfg["optim"]["lr"] == 3e-4
+    assert cfg["trainer"]["max_steps"] == 2000
+    assert "hydra" not in cfg  # --cfg job prints the job config only
+
+
+def test_shakespeare_preset_is_the_nanogpt_recipe():
+    cfg = _cfg_job("+experiment=gpt_shakespeare")
+    m = cfg["model"]
+    assert (m["n_layer"], m["n_head"], m["d_model"], m["max_seq_len"]) == (6, 6, 384, 256)
+    assert cfg["data"]["seq_len"] == 256 and cfg["data"]["batch_size"] == 64
+    assert m["dropout"] == 0.2
+
+
+def test_group_choice_and_data_text():
+    cfg = _cfg_job("model=gpt2_124m", "data=text", "data.path=/some/file.txt")
+    assert cfg["model"]["n_layer"] == 12 and cfg["model"]["vocab_size"] == 50304
+    assert cfg["data"]["path"] == "/some/file.txt"
+
+
+def test_misspelled_key_exits_2():
+    assert_user_error(run_cli("pretrain", "optim.lrr=1"), "lrr")
+
+
+def test_wrong_type_exits_2():
+    assert_user_error(run_cli("pretrain", "trainer.max_steps=abc"), "trainer.max_steps")
+
+
+def test_unknown_experiment_exits_2():
+    assert_user_error(run_cli("pretrain", "+experiment=nope"), "experiment/nope")
+
+
+def test_unknown_model_name_exits_2():
+    assert_user_error(run_cli("pretrain", "model.name=nope"), "nope", "gpt2")
+
+
+def test_unknown_model_preset_exits_2():
+    assert_user_error(run_cli("pretrain", "model=nope"), "model/nope")
+
+
+def test_seq_len_longer_than_context_exits_2():
+    assert_user_error(run_cli("pretrain", "model=gpt_tiny", "data.seq_len=1000"), "data.seq_len")
+
+
+def test_bad_config_in_sweep_is_caught_before_any_job(tmp_path):
+    proc = run_cli("pretrain", "-m", "optim.lr=1e-3,3e-4", "optim.lrr=1", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    assert_user_error(proc, "lrr")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_every_experiment_composes():
+    for exp in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
+        first = (ROOT / "conf" / "experiment" / f"{exp}.yaml").read_text().splitlines()[0]
+        assert first == "# @package _global_", exp
+        stage = "finetune" if exp.startswith(("finetune", "sft", "qa", "summarize")) else "pretrain"
+        proc = run_cli(stage, f"+experiment={exp}", "--cfg", "job")
+        assert proc.returncode == 0, (exp, proc.stderr)

@@ -1,0 +1,275 @@
+"""Tests for llmtrain.generation: KV cache vs full recompute, left padding, sampling filters,
+stopping and the context limit, on tiny randomly initialised decoders."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmtrain.config.schema import ModelConfig
+from llmtrain.generation import (
+    GenerationResult, generate, sample_next, sample_text, top_k_filter, top_p_filter,
+)
+
+VOCAB = 64
+
+# Prompts of different lengths, so the batch is left padded.
+PROMPTS = [[5, 9, 3], [1, 2, 3, 4, 5, 6, 7], [42], [7, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+def _registered(name: str) -> bool:
+    from llmtrain import registry
+
+    try:
+        return name in registry.names("model")
+    except Exception:
+        return False
+
+
+def tiny_model(name: str = "gpt2", max_seq_len: int = 64, **kw):
+    if not _registered(name):
+        pytest.skip(f"model {name!r} is not registered")
+    from llmtrain.models import build_model
+
+    torch.manual_seed(0)
+    # a large init_std gives peaked, well separated logits, so greedy argmax is not decided by
+    # float noise between the cached and the recomputed path
+    cfg = dict(name=name, n_layer=2, n_head=2, d_model=32, vocab_size=VOCAB, max_seq_len=max_seq_len,
+               init_std=0.5)
+    if name == "llama":
+        cfg.update(n_head=4, n_kv_heads=2)  # exercise grouped-query attention too
+    cfg.update(kw)
+    return build_model(ModelConfig(**cfg))
+
+
+DECODERS = ["gpt2", "llama"]
+
+
+# ----------------------------------------------------------------------------- cache / padding
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_greedy_with_cache_equals_without_cache(name):
+    model = tiny_model(name)
+    a = generate(model, PROMPTS, max_new_tokens=20, temperature=0.0, use_cache=True)
+    b = generate(model, PROMPTS, max_new_tokens=20, temperature=0.0, use_cache=False)
+    assert isinstance(a, GenerationResult)
+    assert a.tokens == b.tokens
+    assert [len(t) for t in a.tokens] == [20] * len(PROMPTS)
+    assert a.num_generated == 20 * len(PROMPTS)
+    assert a.seconds > 0 and a.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padding_does_not_change_output(name, use_cache):
+    model = tiny_model(name)
+    batch = generate(model, PROMPTS, max_new_tokens=15, temperature=0.0, use_cache=use_cache, pad_id=3)
+    for prompt, out in zip(PROMPTS, batch.tokens):
+        alone = generate(model, [prompt], max_new_tokens=15, temperature=0.0, use_cache=use_cache)
+        assert out == alone.tokens[0]
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_cached_greedy_matches_manual_full_forward(name):
+    """Reference: argmax of a plain full forward pass, one token at a time, no mask at all."""
+    model = tiny_model(name).eval()
+    prompt = PROMPTS[1]
+    out = generate(model, [prompt], max_new_tokens=10, temperature=0.0).tokens[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model()
+    greedy = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
+    g = torch.Generator().manual_seed(123)
+    topk1 = generate(model, PROMPTS, max_new_tokens=12, temperature=0.9, top_k=1, generator=g)
+    assert topk1.tokens == greedy.tokens
+
+
+def test_tiny_top_p_equals_greedy():
+    model = tiny_model()
+    greedy = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
+    nucleus = generate(model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=1e-6,
+                       generator=torch.Generator().manual_seed(5))
+    assert nucleus.tokens == greedy.tokens
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+def test_eos_stops_and_is_excluded():
+    model = tiny_model()
+    prompt = PROMPTS[2]
+    full = generate(model, [prompt], max_new_tokens=20, temperature=0.0).tokens[0]
+    # a token whose first occurrence is a few steps in, so some tokens come before eos
+    i = next(i for i in range(2, len(full)) if full[i] not in full[:i])
+    eos = full[i]
+    expected = full[:i]
+    out = generate(model, [prompt], max_new_tokens=20, temperature=0.0, eos_id=eos)
+    assert out.tokens[0] == expected
+    assert out.num_generated == len(expected)
+
+
+def test_eos_is_per_sequence_in_a_batch():
+    model = tiny_model()
+    full = generate(model, PROMPTS, max_new_tokens=20, temperature=0.0).tokens
+    eos = full[2][2]
+    out = generate(model, PROMPTS, max_new_tokens=20, temperature=0.0, eos_id=eos).tokens
+    for f, o in zip(full, out):
+        assert o == (f[: f.index(eos)] if eos in f else f)
+
+
+def test_stop_sequence_truncates_and_is_excluded():
+    model = tiny_model()
+    prompt = PROMPTS[2]
+    full = generate(model, [prompt], max_new_tokens=20, temperature=0.0).tokens[0]
+    stop = full[5:7]
+    # first place where the stop sequence ends
+    end = next(i + 2 for i in range(len(full) - 1) if full[i:i + 2] == stop)
+    out = generate(model, [prompt], max_new_tokens=20, temperature=0.0,
+                   stop_sequences=[[VOCAB + 5, VOCAB + 6], stop])
+    assert out.tokens[0] == full[: end - 2]
+
+
+def test_all_done_stops_early_and_zero_new_tokens():
+    model = tiny_model()
+    out = generate(model, [[1, 2]], max_new_tokens=0)
+    assert out.tokens == [[]] and out.num_generated == 0
+    assert generate(model, []).tokens == []
+    with pytest.raises(ValueError):
+        generate(model, [[]])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_seeded_generator_is_reproducible():
+    model = tiny_model()
+    kw = dict(max_new_tokens=25, temperature=1.0, top_k=20, top_p=0.95)
+    a = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    c = generate(model, PROMPTS, generator=torch.Generator().manual_seed(8), **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    # the cache does not change the sampled tokens either (same logits, same random draws)
+    d = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    assert d.tokens == a.tokens
+
+
+def _kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+def test_top_p_filter_keeps_smallest_set_reaching_p():
+    # probabilities by token id, deliberately not sorted: 0.15, 0.5, 0.05, 0.3
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log()
+    assert _kept(top_p_filter(logits, 0.4)) == {1}  # 0.5 >= 0.4
+    assert _kept(top_p_filter(logits, 0.7)) == {1, 3}  # 0.5 < 0.7 <= 0.8
+    assert _kept(top_p_filter(logits, 0.85)) == {1, 3, 0}  # 0.8 < 0.85 <= 0.95
+    assert _kept(top_p_filter(logits, 0.97)) == {0, 1, 2, 3}
+    assert _kept(top_p_filter(logits, 1.0)) == {0, 1, 2, 3}
+    assert _kept(top_p_filter(logits, 1e-9)) == {1}  # never empty
+    # batched rows are filtered independently; kept logits are unchanged
+    batch = torch.stack([logits, logits.flip(0)])
+    out = top_p_filter(batch, 0.7)
+    assert _kept(out[0]) == {1, 3} and _kept(out[1]) == {2, 0}
+    assert torch.equal(out[0][[1, 3]], logits[[1, 3]])
+
+
+def test_top_k_filter_and_sample_next():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0]])
+    assert _kept(top_k_filter(logits, 2)[0]) == {1, 2}
+    assert torch.equal(top_k_filter(logits, None), logits)
+    assert torch.equal(top_k_filter(logits, 10), logits)
+    assert sample_next(logits, temperature=0.0).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {1, 2}
+
+
+# ----------------------------------------------------------------------------- context limit
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_past_the_context_limit(use_cache):
+    model = tiny_model(max_seq_len=16)
+    long_prompt = list(range(1, 30))  # longer than the context by itself
+    out = generate(model, [long_prompt, [3, 4]], max_new_tokens=40, temperature=0.0, use_cache=use_cache)
+    assert [len(t) for t in out.tokens] == [40, 40]
+    assert all(0 <= t < VOCAB for row in out.tokens for t in row)
+
+
+def test_context_limit_without_cache_slides_window():
+    """Once the window is full, the next token only depends on the last max_seq_len tokens."""
+    model = tiny_model(max_seq_len=8)
+    prompt = list(range(1, 20))
+    out = generate(model, [prompt], max_new_tokens=3, temperature=0.0, use_cache=False).tokens[0]
+    cropped = generate(model, [prompt[-8:]], max_new_tokens=3, temperature=0.0, use_cache=False).tokens[0]
+    assert out == cropped
+
+
+def test_cache_crops_prompt_from_the_left_to_leave_room():
+    model = tiny_model(max_seq_len=16)
+    prompt = list(range(1, 15))  # 14 tokens + 6 new > 16: keep the last 10
+    out = generate(model, [prompt], max_new_tokens=6, temperature=0.0, use_cache=True).tokens[0]
+    ref = generate(model, [prompt[-10:]], max_new_tokens=6, temperature=0.0, use_cache=False).tokens[0]
+    assert out == ref
+
+
+# ----------------------------------------------------------------------------- model state / text
+
+
+def test_eval_mode_during_generation_and_train_mode_restored():
+    model = tiny_model(dropout=0.5)
+    model.train()
+    a = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert model.training
+    b = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert a.tokens == b.tokens  # dropout was off
+    model.eval()
+    generate(model, PROMPTS, max_new_tokens=2, temperature=0.0)
+    assert not model.training
+
+
+def test_encoder_model_is_rejected():
+    from llmtrain.errors import UserError
+
+    model = tiny_model()
+    model.is_decoder = False
+    with pytest.raises(UserError):
+        generate(model, PROMPTS, max_new_tokens=2)
+
+
+def _char_tokenizer():
+    from llmtrain.tokenizers.char import CharTokenizer
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+    assert tok.vocab_size <= VOCAB
+    return tok
+
+
+def test_sample_text_and_stop_strings():
+    model = tiny_model()
+    tok = _char_tokenizer()
+    text = sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False)
+    assert isinstance(text, str)
+    assert text == tok.decode(generate(model, [tok.encode("hello")], max_new_tokens=30,
+                                       temperature=0.0).tokens[0])
+    visible = [c for c in text if c]
+    assert len(visible) >= 3, text
+    stop = text[2:4] if len(text) >= 4 else text[2]
+    trimmed = sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False,
+                          stop_strings=["\u2603", stop])
+    assert trimmed == text[: text.find(stop)]
+    assert stop not in trimmed
+    assert sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False,
+                       include_prompt=True) == "hello" + text
+    # empty prompt starts from bos; a seeded sample is reproducible
+    s1, s2 = (sample_text(model, tok, "", max_new_tokens=10, temperature=1.0,
+                          generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    assert s1 == s2
