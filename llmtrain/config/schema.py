@@ -32,6 +32,9 @@ class DataConfig:
     path: Optional[str] = None  # file, directory or glob (text); dataset files for tasks
     val_path: Optional[str] = None
     text_field: str = "text"
+    # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
+    # " = Title = " headings); None = one document per file (or per record).
+    doc_pattern: Optional[str] = None
     val_fraction: float = 0.1  # last fraction of the corpus used for validation
     seq_len: int = 128
     batch_size: int = 16

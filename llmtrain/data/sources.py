@@ -10,6 +10,7 @@ import csv
 import glob
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -114,12 +115,32 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "strict")
         yield read_text(path, errors)
 
 
-def read_documents(path: str | None, text_field: str = "text", errors: str = "strict") -> list[str]:
+def split_on_pattern(text: str, pattern: str) -> list[str]:
+    """Split a text into documents at every line matching `pattern` (the line starts a document)."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"data.doc_pattern {pattern!r} is not a valid regex: {e}") from None
+    docs, current = [], []
+    for line in text.splitlines(keepends=True):
+        if rx.match(line) and any(ln.strip() for ln in current):
+            docs.append("".join(current))
+            current = []
+        current.append(line)
+    docs.append("".join(current))
+    return docs
+
+
+def read_documents(path: str | None, text_field: str = "text", errors: str = "strict",
+                   doc_pattern: str | None = None) -> list[str]:
     """All non-empty documents under `path`; an empty corpus is an error."""
     if not path:
         raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
     files = resolve_files(path)
-    docs = [d for f in files for d in iter_documents(f, text_field, errors) if d.strip()]
+    docs = [d for f in files for d in iter_documents(f, text_field, errors)]
+    if doc_pattern:
+        docs = [part for d in docs for part in split_on_pattern(d, doc_pattern)]
+    docs = [d for d in docs if d.strip()]
     if not docs:
         raise UserError(f"data {path} is empty (no non-whitespace text)")
     return docs

@@ -115,7 +115,7 @@ def atomic_write(path: Path, text: str) -> None:
 # ------------------------------------------------------------------- tokenizer and data
 def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenSplits]:
     """Read data.path, build (or reuse) the tokenizer, and split into train / validation tokens."""
-    docs = read_documents(cfg.data.path, cfg.data.text_field, cfg.data.encoding_errors)
+    docs = read_documents(cfg.data.path, cfg.data.text_field, cfg.data.encoding_errors, cfg.data.doc_pattern)
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, docs)
     splits = split_tokens(docs, tokenizer, cfg.data.val_fraction)

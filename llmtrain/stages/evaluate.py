@@ -25,7 +25,7 @@ def run(cfg: RunConfig) -> float | None:
     data = cfg.data
     if not data.path:
         data = DataConfig(**loaded.meta["config"]["data"])
-    docs = read_documents(data.path, data.text_field, data.encoding_errors)
+    docs = read_documents(data.path, data.text_field, data.encoding_errors, data.doc_pattern)
     splits = split_tokens(docs, loaded.tokenizer, data.val_fraction)
     if len(splits.val) < 2:
         raise UserError(f"data {data.path}: the validation split is empty (data.val_fraction={data.val_fraction})")
