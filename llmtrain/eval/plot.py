@@ -41,10 +41,12 @@ def read_metrics(run_dir: PathLike) -> list[dict]:
 
 
 def run_label(run_dir: PathLike) -> str:
-    """The run's Hydra overrides (RUN_DIR/.hydra/overrides.yaml) joined with spaces, or the
-    directory name when there are none."""
+    """The run's overrides (RUN_DIR/overrides.yaml, written by llmtrain, or Hydra's
+    RUN_DIR/.hydra/overrides.yaml) joined with spaces, or the directory name when there are none."""
     run_dir = Path(run_dir)
-    path = run_dir / ".hydra" / "overrides.yaml"
+    path = run_dir / "overrides.yaml"
+    if not path.is_file():
+        path = run_dir / ".hydra" / "overrides.yaml"
     name = run_dir.resolve().name or str(run_dir)
     if not path.is_file():
         return name

@@ -51,6 +51,16 @@ def hydra_run_dir() -> Path:
         return Path.cwd()
 
 
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this job (for sweep summaries and plot legends)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def setup_runtime(cfg: RunConfig, run_dir: Path | None = None) -> Runtime:
     device = pick_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device.type)
@@ -79,6 +89,7 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
 def write_run_files(run_dir: Path, cfg: RunConfig) -> None:
     """The resolved config and what produced the run (git commit, versions, devices)."""
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
+    atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(hydra_overrides())))
     atomic_write(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
 
 
