@@ -1,0 +1,127 @@
+"""bench: steady-state speed of the real training step for a preset and batch shape.
+
+    llmtrain bench +experiment=gpt_small bench.steps=50
+    llmtrain bench model=gpt2_124m data.seq_len=1024 data.batch_size=12 trainer.compile=true
+
+Synthetic tokens (uniform over the vocabulary) so data loading is not measured. It times
+`Trainer.train_step` — the step `pretrain` runs — after `bench.warmup` steps (compilation,
+allocator warm-up), synchronising the device around the timed region, and, when
+`bench.baseline=true`, a plain PyTorch loop of the same model and batch for comparison.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+
+from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import TokenSplits
+from llmtrain.errors import UserError
+from llmtrain.models import build_model
+from llmtrain.registry import get
+from llmtrain.stages.common import atomic_write, resolve_model_config, setup_runtime
+from llmtrain.tokenizers.byte import ByteTokenizer
+from llmtrain.train.device import autocast, peak_flops
+from llmtrain.train.tracking import MetricsLogger
+from llmtrain.train.trainer import Trainer, move
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux), process peak RSS
+
+
+def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of fn over `steps` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def run(cfg: RunConfig) -> float:
+    b = cfg.bench
+    if b.steps < 1 or b.warmup < 0:
+        raise UserError(f"bench.steps must be >= 1 and bench.warmup >= 0 (got {b.steps}, {b.warmup})")
+    rt = setup_runtime(cfg)
+    tokenizer = ByteTokenizer()  # only its vocabulary size matters for synthetic tokens
+    model_cfg = resolve_model_config(cfg.model, tokenizer)
+    total = (b.steps + b.warmup + 1) * cfg.data.batch_size * cfg.trainer.grad_accum * (cfg.data.seq_len + 1)
+    rng = np.random.default_rng(cfg.trainer.seed)
+    tokens = rng.integers(0, min(model_cfg.vocab_size, 2**16), size=max(total, 4 * cfg.data.seq_len), dtype=np.uint16)
+    splits = TokenSplits(train=tokens, val=tokens[: 2 * cfg.data.seq_len + 2], n_docs=1, val_bytes=1)
+    objective = get("objective", "clm")(cfg.objective, tokenizer)
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(model_cfg)
+    logger = MetricsLogger(rt.run_dir, cfg.logger, enabled=False)
+    trainer = Trainer(cfg, model, objective, splits, rt.run_dir, rt.device, rt.precision, rt.dist, logger, meta={})
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    step_s = _time(trainer.train_step, b.steps, b.warmup, rt.device)
+    tokens_per_step = trainer.tokens_per_step
+    results = {
+        "model": model_cfg.name,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "batch_size": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "grad_accum": cfg.trainer.grad_accum,
+        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "precision": rt.precision,
+        "compile": cfg.trainer.compile,
+        "steps": b.steps,
+        "warmup": b.warmup,
+        "step_ms": 1000 * step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+        "peak_mem_gb": _peak_mem_gb(rt.device),
+    }
+    peak = peak_flops(rt.device)
+    if peak:
+        results["mfu"] = results["tokens_per_s"] * model.flops_per_token(cfg.data.seq_len) / peak
+    if b.baseline:
+        results.update(_baseline(cfg, model_cfg, tokens, rt))
+        results["speedup_vs_baseline"] = results["tokens_per_s"] / results["baseline_tokens_per_s"]
+
+    if rt.is_main:
+        out = b.out or str(rt.run_dir / "bench.json")
+        atomic_write(__import__("pathlib").Path(out), json.dumps(results, indent=2))
+        width = max(len(k) for k in results)
+        for k, v in results.items():
+            print(f"{k:<{width}}  {v:,.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        print(f"wrote {out}")
+    return results["tokens_per_s"]
+
+
+def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt) -> dict[str, float]:
+    """The textbook loop: forward, cross-entropy, backward, AdamW step (same model, batch, precision)."""
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(model_cfg).to(rt.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    B, T = cfg.data.batch_size * cfg.trainer.grad_accum, cfg.data.seq_len
+    data = torch.from_numpy(tokens[: B * (T + 1)].astype(np.int64)).view(B, T + 1)
+    batch = move({"x": data[:, :-1], "y": data[:, 1:]}, rt.device)
+
+    def step() -> None:
+        with autocast(rt.device, rt.precision):
+            logits = model(batch["x"])
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["y"].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    b = cfg.bench
+    step_s = _time(step, b.steps, b.warmup, rt.device)
+    return {"baseline_step_ms": 1000 * step_s, "baseline_tokens_per_s": B * T / step_s}
