@@ -168,16 +168,34 @@ def _check_overrides(stage: str, overrides: list[str], config_name: str) -> None
 
 
 def _task(stage: str) -> Callable:
-    def task(cfg) -> float | None:
-        from llmtrain.config import to_run_config, validate_config
+    """Hydra's task function for a stage. Returns the optimised metric as a float (for sweepers).
 
-        module = importlib.import_module(STAGES[stage][0])
+    Single run: a UserError exits 2 with one line. Sweep (-m): a failing job must not end the
+    sweep, so any exception is recorded in the job directory (status.json, error.txt), reported in
+    one line, and the job returns the worst value for the sweep's direction (see llmtrain/sweep/job.py).
+    """
+    def task(cfg) -> float:
+        import time
+
+        from llmtrain.config import to_run_config, validate_config
+        from llmtrain.sweep.job import fail_job, finish_job, in_multirun, objective_value
+
+        started, multirun = time.time(), in_multirun()
+        metric = str(cfg.get("optimize_metric") or "val/loss")
         try:
+            module = importlib.import_module(STAGES[stage][0])
             run_cfg = to_run_config(cfg)
             validate_config(run_cfg)
-            return module.run(run_cfg)
+            value = module.run(run_cfg)
         except UserError as e:
+            if multirun:
+                return fail_job(e, metric, started)
             fail(str(e))
+        except Exception as e:  # noqa: BLE001 - one job's crash is that job's result in a sweep
+            if multirun:
+                return fail_job(e, metric, started)
+            raise
+        return finish_job(value, metric, started) if multirun else objective_value(value, metric)
 
     return task
 
@@ -199,6 +217,11 @@ def run_stage(stage: str, args: list[str]) -> None:
         config_name = flags[idx + 1]
     if not any(f in flags for f in ("--hydra-help", "--info", "--shell-completion", "-sc")):
         _check_overrides(stage, overrides, config_name)
+        from llmtrain.distributed.launch import maybe_launch, worker_args
+
+        if maybe_launch(stage, args, flags, overrides, config_name):  # trainer.devices=N: N workers ran
+            return
+        args = worker_args(args, overrides)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     sys.argv = [f"llmtrain {stage}", *args]
     main_fn = hydra.main(config_path=str(CONF_DIR), config_name=stage.replace(" ", "_"),

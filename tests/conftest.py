@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -14,6 +15,11 @@ SHARED = ROOT.parent / "shared" / "data"
 # Small and fast: a 2-layer GPT on short windows, evaluated on a few validation batches.
 TINY = ["model=gpt_tiny", "data.seq_len=32", "data.batch_size=8", "trainer.eval_batches=8",
         "trainer.progress=false", "trainer.log_every=5"]
+
+
+# Prepared-data and tokenizer caches go to a temporary directory, never the user's ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="llmtrain-test-cache-")
+os.environ.setdefault("LLMTRAIN_CACHE_DIR", _CACHE)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -3,10 +3,18 @@
 A single document (one text file, as in nanoGPT's Shakespeare) is split by position: the first
 (1 - val_fraction) of its tokens train, the rest validate. Several documents are split by
 document, so no document straddles the split. Each document ends with the eos token.
+
+Documents are encoded line by line (all lines of a batch in one `encode_batch` call) when the
+tokenizer makes "\n" a token of its own, as ours all do: sentencepiece is much faster on many
+short inputs than on one long one and spreads them over its threads. For BPE, char and byte
+the ids are those of encoding the whole text; a unigram model may break exact score ties
+differently, so every stage encodes the same way (this module and prepare.py).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -26,9 +34,118 @@ def _dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 2**16 else np.uint32
 
 
+def newline_is_atomic(tok: Tokenizer) -> bool:
+    """True when "\n" always encodes to a token of its own, so a text may be encoded line by line
+    (our sentencepiece models make "\n" a user-defined symbol)."""
+    if tok.name in ("char", "byte"):
+        return True
+    try:
+        nl = tok.encode("\n")
+        return len(nl) == 1 and nl[0] != tok.unk_id and tok.encode("a\n\n b\n") == (
+            tok.encode("a") + nl + nl + tok.encode(" b") + nl)
+    except Exception:  # noqa: BLE001 - a tokenizer we know nothing about: encode texts whole
+        return False
+
+
+def _bpe_splits_at_spaces(tok: Tokenizer) -> bool:
+    """True for a sentencepiece BPE model that never merges across a space that follows a
+    non-space (split_by_whitespace, whitespace as prefix) and does not rewrite the text (identity
+    normalization): then a text encodes to the concatenation of its space-led words' encodings."""
+    proto = getattr(tok, "model_proto", None)
+    if tok.name != "sentencepiece" or proto is None:
+        return False
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        m = pb.ModelProto()
+        m.ParseFromString(proto)
+    except Exception:  # noqa: BLE001 - protobuf missing or an unexpected model: no shortcut
+        return False
+    t, n = m.trainer_spec, m.normalizer_spec
+    return (t.model_type == pb.TrainerSpec.BPE and t.split_by_whitespace and not t.treat_whitespace_as_suffix
+            and not getattr(t, "pretokenization_delimiter", "") and n.name == "identity"
+            and not n.add_dummy_prefix and not n.remove_extra_whitespaces and not n.normalization_rule_tsv
+            and not any(" " in p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED))
+
+
+def encode_mode(tok: Tokenizer) -> str:
+    """How texts may be cut before encoding without changing the ids: "words" (space-led words,
+    encoded once per distinct word), "lines" (after each newline) or "whole"."""
+    if not newline_is_atomic(tok):
+        return "whole"
+    return "words" if _bpe_splits_at_spaces(tok) else "lines"
+
+
+def split_lines(text: str) -> list[str]:
+    """The text cut after every "\n" (str.splitlines would also cut at \r, \x0c, ...)."""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+# A newline, or a run of spaces with the non-space characters after it (sentencepiece's words).
+_WORD = re.compile(r"\n| *[^ \n]+| +")
+# Distinct words -> ids, per tokenizer (fingerprint), bounded: most text reuses few words.
+_word_cache: dict[str, list[int]] = {}
+_word_cache_owner: list[str] = [""]
+_WORD_CACHE_MAX = 2_000_000
+
+
+def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
+    """Encode each distinct word once and gather the ids of every occurrence with numpy."""
+    if _word_cache_owner[0] != tok.fingerprint() or len(_word_cache) > _WORD_CACHE_MAX:
+        _word_cache.clear()
+        _word_cache_owner[0] = tok.fingerprint()
+    cache = _word_cache
+    words: list[str] = []
+    counts = []
+    for t in texts:
+        w = _WORD.findall(t)
+        words += w
+        counts.append(len(w))
+    uniques = list(dict.fromkeys(words))
+    index = {w: i for i, w in enumerate(uniques)}
+    codes = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+    missing = [u for u in uniques if u not in cache]
+    if missing:
+        cache.update(zip(missing, tok.encode_batch(missing)))
+    seqs = list(map(cache.__getitem__, uniques))
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(chain.from_iterable(seqs), dtype=dtype, count=int(lens.sum()))
+    starts = np.cumsum(lens) - lens
+    n_occ = lens[codes]  # tokens of each word occurrence
+    ends = np.cumsum(n_occ)
+    total = int(ends[-1]) if len(ends) else 0
+    out = flat[np.repeat(starts[codes] - (ends - n_occ), n_occ) + np.arange(total)]
+    word_ends = np.cumsum(counts)
+    cuts = [int(ends[e - 1]) if e > 0 else 0 for e in word_ends[:-1]]
+    return np.split(out, cuts)
+
+
+def encode_texts(tok: Tokenizer, texts: list[str], mode: str, dtype=np.int64) -> list[np.ndarray]:
+    """The ids of each text, cut as `mode` (from encode_mode) allows; the ids are the same."""
+    if mode == "words":
+        return _encode_words(tok, texts, dtype)
+    if mode == "whole":
+        return [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(texts)]
+    lines: list[str] = []
+    counts = []
+    for t in texts:
+        parts = split_lines(t)
+        lines += parts
+        counts.append(len(parts))
+    flat = tok.encode_batch(lines)  # one call: sentencepiece spreads it over its threads
+    out, i = [], 0
+    for c in counts:
+        seqs = flat[i : i + c]
+        out.append(np.fromiter(chain.from_iterable(seqs), dtype=dtype, count=sum(map(len, seqs))))
+        i += c
+    return out
+
+
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> list[np.ndarray]:
     dtype = _dtype(tokenizer.vocab_size)
-    return [np.asarray(ids + [tokenizer.eos_id], dtype=dtype) for ids in tokenizer.encode_batch(docs)]
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    return [np.concatenate([x, eos]) for x in encode_texts(tokenizer, docs, encode_mode(tokenizer), dtype)]
 
 
 def split_tokens(docs: list[str], tokenizer: Tokenizer, val_fraction: float) -> TokenSplits:

@@ -24,32 +24,43 @@ class PackedWindows:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
-        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        # Kept as given (often a read-only np.memmap of a prepared split): each batch reads only
+        # its own windows, so memory does not grow with the corpus or the number of steps.
+        self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         # One fewer window than fits, so every epoch offset in [0, seq_len) has the same count.
         self.n_windows = (len(self.tokens) - 1) // seq_len - 1
         if self.n_windows < 1:
             raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
-        self._epoch_cache: tuple[int, int, torch.Tensor] | None = None
+        self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 
-    def _epoch(self, epoch: int) -> tuple[int, torch.Tensor]:
+    def _epoch(self, epoch: int) -> tuple[int, np.ndarray]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             g = step_generator(self.seed, 0xE90C, epoch)
             offset = int(torch.randint(self.seq_len, (1,), generator=g))
-            perm = torch.randperm(self.n_windows, generator=g)
+            perm = torch.randperm(self.n_windows, generator=g).numpy()
             self._epoch_cache = (epoch, offset, perm)
         return self._epoch_cache[1], self._epoch_cache[2]
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
+    def starts(self, step: int) -> np.ndarray:
+        """Token offsets of the windows of this rank's batch at `step`."""
         B, T = self.batch_size, self.seq_len
         first = (step * self.world_size + self.rank) * B
-        starts = []
-        for g in range(first, first + B):
+        starts = np.empty(B, dtype=np.int64)
+        for i, g in enumerate(range(first, first + B)):
             epoch, idx = divmod(g, self.n_windows)
             offset, perm = self._epoch(epoch)
-            starts.append(offset + int(perm[idx]) * T)
-        rows = torch.stack([self.tokens[s : s + T + 1] for s in starts])
+            starts[i] = offset + int(perm[idx]) * T
+        return starts
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        # Only these B windows are read from the (memory-mapped) array, widened to int64 in place.
+        T = self.seq_len
+        rows = np.empty((self.batch_size, T + 1), dtype=np.int64)
+        for i, s in enumerate(self.starts(step)):
+            rows[i] = self.tokens[s : s + T + 1]
+        rows = torch.from_numpy(rows)
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
 
@@ -59,8 +70,9 @@ def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_ba
 
     The final partial window is kept, so every token of the split is scored exactly once.
     """
-    t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    starts = list(range(0, max(len(t) - 1, 0), seq_len))
+    tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+    n = len(tokens)
+    starts = list(range(0, max(n - 1, 0), seq_len))
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
     if max_batches > 0:
         batches = batches[:max_batches]
@@ -69,7 +81,9 @@ def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_ba
         x = torch.full((len(chunk), seq_len), 0, dtype=torch.long)
         y = torch.full((len(chunk), seq_len), -100, dtype=torch.long)  # -100: ignored by the loss
         for r, s in enumerate(chunk):
-            n = min(seq_len, len(t) - 1 - s)
-            x[r, :n] = t[s : s + n]
-            y[r, :n] = t[s + 1 : s + 1 + n]
+            # Only this window is read (and widened to int64) from a memory-mapped split.
+            w = torch.from_numpy(np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64))
+            k = len(w) - 1
+            x[r, :k] = w[:-1]
+            y[r, :k] = w[1:]
         yield {"input_ids": x, "labels": y}

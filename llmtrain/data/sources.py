@@ -1,5 +1,6 @@
 """Read documents from what a user points `data.path` at: a text file (plain or .gz), a
-.jsonl/.json/.csv/.tsv/.parquet file with a text field, a directory or a glob.
+.jsonl/.json/.csv/.tsv/.parquet file with a text field, a directory or a glob, or a Hugging
+Face dataset as `hf:NAME[:CONFIG][@SPLIT]` (a hub name, or a local directory of data files).
 
 Every failure is a UserError naming the file: missing, unreadable, not UTF-8 (with the byte
 offset), without the configured field, or empty.
@@ -131,13 +132,64 @@ def split_on_pattern(text: str, pattern: str) -> list[str]:
     return docs
 
 
+HF_PREFIX = "hf:"
+
+
+def parse_hf_spec(path: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][@SPLIT]` -> (name, config, split); the split defaults to train."""
+    spec = path[len(HF_PREFIX):]
+    spec, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "train")
+    name, _, config = spec.partition(":")
+    if not name or not split:
+        raise UserError(f"data.path {path!r}: expected hf:NAME[:CONFIG][@SPLIT]")
+    return name, config or None, split
+
+
+def _quiet_hf() -> None:
+    """Failures become one UserError line: silence the libraries' own warnings and retry notes."""
+    import logging
+
+    for name in ("datasets", "huggingface_hub", "fsspec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import huggingface_hub
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
+
+
+def iter_hf_documents(path: str, text_field: str = "text") -> Iterator[str]:
+    """Stream the text field of a Hugging Face dataset (never downloads it whole)."""
+    name, config, split = parse_hf_spec(path)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data.path {path!r} needs the `datasets` package: pip install datasets") from None
+    _quiet_hf()
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        for i, record in enumerate(ds):
+            yield _field(record, text_field, Path(path), f"record {i}")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline, unknown name/config/split, bad files: one line
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UserError(f"data.path {path!r}: cannot load Hugging Face dataset {name!r}: {msg}") from None
+
+
 def read_documents(path: str | None, text_field: str = "text", errors: str = "strict",
                    doc_pattern: str | None = None) -> list[str]:
     """All non-empty documents under `path`; an empty corpus is an error."""
     if not path:
         raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
-    files = resolve_files(path)
-    docs = [d for f in files for d in iter_documents(f, text_field, errors)]
+    if path.startswith(HF_PREFIX):
+        docs = list(iter_hf_documents(path, text_field))
+    else:
+        docs = [d for f in resolve_files(path) for d in iter_documents(f, text_field, errors)]
     if doc_pattern:
         docs = [part for d in docs for part in split_on_pattern(d, doc_pattern)]
     docs = [d for d in docs if d.strip()]

@@ -1,4 +1,6 @@
-"""Process-group setup and model wrapping (DDP / FSDP2) for the shared trainer."""
-from llmtrain.distributed.setup import DistInfo, all_reduce_sum, barrier, broadcast_str, init_distributed, is_main
+"""Process-group setup, model wrapping (DDP / FSDP2) and the local multi-process launcher."""
+from llmtrain.distributed.setup import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier,
+                                        broadcast_str, init_distributed, is_main)
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_str", "init_distributed", "is_main"]
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_max", "all_reduce_sum", "any_rank", "barrier",
+           "broadcast_str", "init_distributed", "is_main"]

@@ -51,3 +51,36 @@ def broadcast_str(value: str | None) -> str | None:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+_CPU_GROUP = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (e.g. a signal one rank received).
+
+    Reduced over a CPU (gloo) group, so under NCCL it costs no device synchronisation.
+    """
+    global _CPU_GROUP
+    if not dist.is_initialized():
+        return flag
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+    return bool(t.item())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Optional, Union
 
@@ -84,6 +85,21 @@ def _tokens_at(steps: list[float], token_steps: list[float], tokens: list[float]
     return out
 
 
+def _kind(label: str, kind: str) -> str:
+    return f"{label} ({kind})" if label else kind
+
+
+def _short_labels(labels: list[str], run_dirs: list[Path]) -> tuple[list[str], str]:
+    """Legends keep only the overrides that differ between runs; the shared ones become the
+    figure title (a long override list in every legend entry would squeeze the axes away)."""
+    parts = [label.split(" ") for label in labels]
+    common = [p for p in parts[0] if all(p in q for q in parts[1:])] if len(parts) > 1 else parts[0]
+    short = [" ".join(p for p in q if p not in common) for q in parts]
+    if len(parts) == 1:  # one run: its overrides are the title, the legend says train / val
+        return [""], labels[0]
+    return [s or Path(d).name for s, d in zip(short, run_dirs)], " ".join(common)
+
+
 def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = None) -> Path:
     """Draw the training curves of `run_dirs` into the PNG `out` (parent folders are created)
     and return its path. labels default to each run's Hydra overrides (see run_label)."""
@@ -93,7 +109,10 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
     if labels is not None and len(labels) != len(run_dirs):
         raise UserError(f"plot: {len(labels)} labels for {len(run_dirs)} run directories")
     runs = [read_metrics(d) for d in run_dirs]  # fail on a missing file before importing
-    labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
+    title = ""
+    if labels is None:
+        labels, title = _short_labels([run_label(d) for d in run_dirs], run_dirs)
+    labels = list(labels)
 
     try:
         import matplotlib
@@ -113,23 +132,23 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
         tps_steps, tps = _series(records, "train/tokens_per_s")
 
         if tr_steps:
-            ax_step.plot(tr_steps, tr_loss, color=color, lw=1.2, label=f"{label} (train)")
+            ax_step.plot(tr_steps, tr_loss, color=color, lw=1.2, label=_kind(label, "train"))
         if va_steps:
             ax_step.plot(va_steps, va_loss, color=color, ls="--", marker="o", ms=3,
-                         label=f"{label} (val)")
+                         label=_kind(label, "val"))
         if tok_steps:
             tr_tok = _tokens_at(tr_steps, tok_steps, tokens)
             pts = [(t, v) for t, v in zip(tr_tok, tr_loss) if t is not None]
             if pts:
-                ax_tok.plot(*zip(*pts), color=color, lw=1.2, label=f"{label} (train)")
+                ax_tok.plot(*zip(*pts), color=color, lw=1.2, label=_kind(label, "train"))
             va_tok = _tokens_at(va_steps, tok_steps, tokens)
             pts = [(t, v) for t, v in zip(va_tok, va_loss) if t is not None]
             if pts:
-                ax_tok.plot(*zip(*pts), color=color, ls="--", marker="o", ms=3, label=f"{label} (val)")
+                ax_tok.plot(*zip(*pts), color=color, ls="--", marker="o", ms=3, label=_kind(label, "val"))
         if lr_steps:
-            ax_lr.plot(lr_steps, lr, color=color, lw=1.2, label=label)
+            ax_lr.plot(lr_steps, lr, color=color, lw=1.2, label=label or None)
         if tps_steps:
-            ax_tps.plot(tps_steps, tps, color=color, lw=1.0, label=label)
+            ax_tps.plot(tps_steps, tps, color=color, lw=1.0, label=label or None)
 
     ax_step.set(title="loss vs step", xlabel="step", ylabel="loss")
     ax_tok.set(title="loss vs tokens seen", xlabel="tokens", ylabel="loss")
@@ -139,6 +158,8 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(textwrap.fill(title, 160), fontsize=8)
     fig.tight_layout()
 
     out = Path(out)

@@ -46,7 +46,7 @@ class PairMaker:
         if not 0.0 <= nsp_prob <= 1.0:
             raise UserError(f"objective.nsp_prob must be in [0, 1], got {nsp_prob}")
         check_seq_len(seq_len, 3)
-        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.tokens = tokens  # kept as given (possibly a memory-mapped split); spans are read on demand
         self.starts, self.lengths = document_spans(tokens, tok.eos_id)
         if len(self.starts) < 2:
             raise UserError(f"next-sentence prediction needs at least 2 documents in the {split} split, found "
@@ -56,13 +56,15 @@ class PairMaker:
         self.tok, self.seq_len, self.nsp_prob = tok, seq_len, nsp_prob
         self.budget = seq_len - 3  # text tokens per pair: [CLS] A [SEP] B [SEP]
 
-    def doc(self, d: int) -> torch.Tensor:
-        s = int(self.starts[d])
-        return self.tokens[s : s + int(self.lengths[d])]
+    def span(self, d: int, start: int, n: int) -> torch.Tensor:
+        """Up to n tokens of document d from `start` (only these are read from a memory map)."""
+        s = int(self.starts[d]) + start
+        end = min(s + n, int(self.starts[d] + self.lengths[d]))
+        return torch.from_numpy(np.asarray(self.tokens[s:end], dtype=np.int64))
 
     def pair(self, d: int, start: int, n: int, g: torch.Generator):
         """(A, B, label) for the n-token span of document d at `start`, split at a random point."""
-        text = self.doc(d)[start : start + n]
+        text = self.span(d, start, n)
         n = len(text)
         cut = 1 + _randint(n - 1, g)  # 1 <= |A| <= n - 1
         a = text[:cut]
@@ -75,9 +77,8 @@ class PairMaker:
             pos += int(self.lengths[d])
         other = int(np.searchsorted(self.cum, pos, side="right") - 1)
         want = n - cut
-        text_b = self.doc(other)
-        s = _randint(max(len(text_b) - want, 0) + 1, g)
-        return a, text_b[s : s + want], 1
+        s = _randint(max(int(self.lengths[other]) - want, 0) + 1, g)
+        return a, self.span(other, s, want), 1
 
     def batch(self, spans: list[tuple[int, int, int]], g: torch.Generator) -> dict[str, torch.Tensor]:
         firsts, seconds, labels = [], [], []
@@ -139,7 +140,7 @@ def pair_val_batches(maker: PairMaker, batch_size: int, masker: Masker | None, m
 def nsp_terms(logits: torch.Tensor, labels: torch.Tensor):
     ce = F.cross_entropy(logits.float(), labels, reduction="sum")
     correct = (logits.argmax(-1) == labels).sum()
-    return ce, correct, torch.tensor(labels.numel(), device=labels.device)
+    return ce, correct, torch.ones_like(labels).sum()
 
 
 @register("objective", "nsp")

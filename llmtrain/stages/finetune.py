@@ -1,33 +1,201 @@
-"""finetune: continue training a checkpoint (init_from=PATH) on other data with the same trainer."""
+"""finetune: a checkpoint (init_from=PATH) + a task (task=lm|classification|instruction|
+extractive_qa|summarization) -> the shared trainer -> a fine-tuned checkpoint.
+
+Full fine-tuning by default; finetune.lora.r > 0 trains LoRA adapters (and new heads) on a
+frozen backbone; finetune.freeze_backbone=true trains the new head only. The final checkpoint
+holds merged weights (loadable like any other checkpoint) with meta["task"] = {config, state};
+with LoRA, `adapter.safetensors` next to it holds only what was trained (adapters + heads) and
+meta["init_from"] names the base. Task metrics (task.evaluate) are computed at the end and
+appended to metrics.jsonl as val/<name>.
+"""
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+from safetensors.torch import save_file
+
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
-from llmtrain.registry import get
-from llmtrain.stages.common import checkpoint_meta, load_checkpoint, load_corpus, setup_runtime
-from llmtrain.stages.pretrain import train_and_report
+from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
+from llmtrain.stages.common import (LoadedCheckpoint, checkpoint_meta, config_dict, hydra_overrides,
+                                    load_checkpoint, load_corpus, setup_runtime, write_run_files)
+from llmtrain.tasks import build_task, load_task_model, task_meta
+from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.tracking import MetricsLogger
+from llmtrain.train.trainer import Trainer
+
+ADAPTER = "adapter.safetensors"
+
+
+def load_init(path: str) -> tuple[LoadedCheckpoint, torch.nn.Module, dict[str, torch.Tensor]]:
+    """(checkpoint, its backbone, the full state of what was loaded). An earlier fine-tune is
+    loaded with its head (merged), so a head of the same task and shape can be reused."""
+    if not path.startswith("hf:"):
+        ck = ckpt.resolve_checkpoint(path)
+        if "task" in ckpt.load_meta(ck):
+            model, _, loaded = load_task_model(str(ck))
+            return loaded, getattr(model, "backbone", model), model.state_dict()
+    loaded = load_checkpoint(path)
+    return loaded, loaded.model, {}
 
 
 def run(cfg: RunConfig) -> float | None:
     if not cfg.init_from:
         raise UserError("finetune needs init_from=PATH (a checkpoint or run directory)")
     rt = setup_runtime(cfg)
-    loaded = load_checkpoint(cfg.init_from)
+    loaded, backbone, init_state = load_init(cfg.init_from)
+    tokenizer = loaded.tokenizer
     # The checkpoint decides architecture and tokenizer; dropout may be changed for fine-tuning.
     model_cfg = dataclasses.replace(loaded.model_cfg, dropout=cfg.model.dropout)
-    model = loaded.model
-    for module in model.modules():
-        if isinstance(module, __import__("torch").nn.Dropout):
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
             module.p = model_cfg.dropout
-    tokenizer, splits = load_corpus(cfg, tokenizer=loaded.tokenizer)
+    _check_tokenizer(cfg, loaded)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context "
                         f"({model_cfg.max_seq_len})")
+
+    task = build_task(cfg.task, tokenizer, model_cfg, cfg.data)
+    splits = load_corpus(cfg, tokenizer=tokenizer)[1] if cfg.task.name == "lm" else None
+    if splits is not None:
+        task.get_splits(splits)
+    summary = task.summary()  # reads and tokenizes the data: bad input fails here, before training
+    model = task.build_model(backbone)
+    heads, reused = _init_heads(model, backbone, init_state)
+    adapted = _setup_method(cfg, model, backbone, heads)
+    unused = _freeze_unused(cfg, model, task, splits)
+    if unused:
+        adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
+
     if rt.is_main:
-        print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')})", flush=True)
-    objective = get("objective", cfg.objective.name)(cfg.objective, tokenizer)
+        write_run_files(rt.run_dir, cfg)
+        print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
+        new = [f"{n} {list(p.shape)}" for n, p in heads.items() if n not in reused]
+        print(f"finetune: new heads (randomly initialised): {', '.join(new) or 'none'}"
+              + (f"; reused from the checkpoint: {', '.join(reused)}" if reused else ""), flush=True)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"finetune: {adapted}; {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%), device {rt.device} {rt.precision}, run dir {rt.run_dir}",
+              flush=True)
+
     meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-    meta["init_from"] = str(loaded.path)
-    return train_and_report(cfg, rt, model, objective, splits, meta)
+    meta.update(init_from=str(loaded.path), task=task_meta(task))
+    if cfg.finetune.lora.r > 0:
+        meta["lora"] = {**dataclasses.asdict(cfg.finetune.lora), "merged": False}
+        _check_resumable(cfg, rt.run_dir)
+    logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
+    try:
+        model.to(rt.device)
+        if cfg.trainer.resume == "never" or not ckpt.list_checkpoints(rt.run_dir / "checkpoints"):
+            before = task.val_loss(model, rt.device, cfg.trainer.eval_batches)
+            logger.log({"val/loss": before}, 0)
+            if rt.is_main:
+                print(f"finetune: val/loss before training {before:.4f}", flush=True)
+        trainer = Trainer(cfg, model, task, splits, rt.run_dir, rt.device, rt.precision, rt.dist, logger, meta)
+        result = trainer.fit()
+        if result.interrupted:
+            return result.metrics.get(cfg.optimize_metric)
+        if cfg.finetune.lora.r > 0:
+            _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
+        if not rt.is_main:
+            return result.metrics.get(cfg.optimize_metric)
+        metrics = {f"val/{k}": v for k, v in task.evaluate(model, rt.device, cfg.eval.max_examples).items()}
+        logger.log(metrics, result.step)
+    finally:
+        logger.close()
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in {**result.metrics, **metrics}.items())
+    print(f"done at step {result.step}: {shown}; checkpoint {result.checkpoint}", flush=True)
+    for where, hyp, refs in getattr(task, "samples", [])[:3]:
+        print(f"  {where}\n    generated: {hyp[:200]!r}\n    reference: {refs[0][:200]!r}", flush=True)
+    return {**result.metrics, **metrics}.get(cfg.optimize_metric)
+
+
+def _check_tokenizer(cfg: RunConfig, loaded: LoadedCheckpoint) -> None:
+    tok = loaded.tokenizer
+    chosen = [o for o in hydra_overrides() if o.lstrip("+~").startswith("tokenizer")]
+    if chosen and cfg.tokenizer.name != tok.name:
+        raise UserError(f"tokenizer={cfg.tokenizer.name} differs from the checkpoint's tokenizer ({tok.name}, "
+                        f"{loaded.path}); fine-tuning always uses the checkpoint's tokenizer")
+    if tok.vocab_size > loaded.model_cfg.vocab_size:
+        raise UserError(f"checkpoint {loaded.path}: its tokenizer has {tok.vocab_size} tokens but the model "
+                        f"only {loaded.model_cfg.vocab_size} embeddings (tokenizer/vocab mismatch)")
+
+
+def _init_heads(model, backbone, init_state) -> tuple[dict[str, torch.nn.Parameter], list[str]]:
+    """The task model's parameters outside the backbone; those the init checkpoint has with the
+    same name and shape (an earlier fine-tune of the same task) are copied from it."""
+    inside = {id(p) for p in backbone.parameters()}
+    heads = {n: p for n, p in model.named_parameters() if id(p) not in inside}
+    reused = []
+    with torch.no_grad():
+        for n, p in heads.items():
+            if n in init_state and init_state[n].shape == p.shape:
+                p.copy_(init_state[n])
+                reused.append(n)
+    return heads, reused
+
+
+def _setup_method(cfg: RunConfig, model, backbone, heads) -> str:
+    ft = cfg.finetune
+    if ft.lora.r > 0:
+        if cfg.trainer.strategy == "fsdp":
+            raise UserError("finetune.lora.r > 0 is not supported with trainer.strategy=fsdp (use ddp)")
+        if ft.freeze_backbone:
+            raise UserError("finetune.freeze_backbone=true and finetune.lora.r > 0 exclude each other")
+        wrapped = apply_lora(model, ft.lora)
+        for p in heads.values():  # new heads are trained in full
+            p.requires_grad_(True)
+        return (f"LoRA r={ft.lora.r} alpha={ft.lora.alpha} on {len(wrapped)} layers "
+                f"({', '.join(wrapped[:4])}{', ...' if len(wrapped) > 4 else ''})")
+    if ft.freeze_backbone:
+        if not heads:
+            raise UserError(f"finetune.freeze_backbone=true but task={cfg.task.name} adds no head to train")
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        return "frozen backbone, training the head only"
+    return "full fine-tuning"
+
+
+def _freeze_unused(cfg: RunConfig, model, task, splits) -> list[str]:
+    """Freeze trainable parameters that get no gradient from the task's loss (e.g. BERT's MLM/NSP
+    heads under a classification head): DDP requires every trainable parameter to be used."""
+    batch = task.train_source(splits, cfg.data, cfg.trainer.seed).batch(0)
+    task.loss(model, batch).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        p.grad = None
+        if n in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+def _prefixes(names: list[str]) -> str:
+    return ", ".join(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+
+
+def _check_resumable(cfg: RunConfig, run_dir) -> None:
+    found = ckpt.list_checkpoints(run_dir / "checkpoints") if cfg.trainer.resume == "auto" else []
+    if found and (ckpt.load_meta(found[-1]).get("lora") or {}).get("merged"):
+        raise UserError(f"{found[-1]} is the merged final checkpoint of a finished LoRA run; "
+                        "nothing to resume (start a new run with init_from=it)")
+
+
+def _save_merged(trainer: Trainer, model, meta: dict, metrics: dict) -> None:
+    """Replace the final LoRA checkpoint by merged weights; keep what was trained (adapters and
+    heads) on its own in adapter.safetensors."""
+    trained = lora_state_dict(model)
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    trained.update({n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()
+                    if n in trainable_names and n not in trained})
+    merge_lora(model)
+    meta["lora"]["merged"] = True
+    meta["adapter"] = ADAPTER
+    trainer.meta = meta
+    final = trainer.save(metrics)  # same step: atomically replaces the directory
+    if final is None:  # not rank 0
+        return
+    tmp = final / f".{ADAPTER}.tmp"
+    save_file(trained, str(tmp), metadata={"format": "llmtrain-lora-v1"})
+    tmp.replace(final / ADAPTER)

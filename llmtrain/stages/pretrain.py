@@ -38,4 +38,19 @@ def train_and_report(cfg, rt, model, objective, splits, meta) -> float | None:
     if rt.is_main and result.metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"done at step {result.step}: {shown}; checkpoint {result.checkpoint}", flush=True)
+    if rt.is_main:
+        write_curves(rt.run_dir)
     return result.metrics.get(cfg.optimize_metric)
+
+
+def write_curves(run_dir) -> None:
+    """RUN_DIR/curves.png from metrics.jsonl. A missing matplotlib (or any plotting problem)
+    costs one log line, never the run."""
+    try:
+        from llmtrain.eval.plot import plot_runs
+
+        plot_runs([run_dir], run_dir / "curves.png")
+    except ImportError as e:
+        print(f"no curves.png: {e}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the checkpoint is saved; a plot must not fail the run
+        print(f"no curves.png: {type(e).__name__}: {e}", flush=True)

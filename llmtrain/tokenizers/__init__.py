@@ -6,6 +6,7 @@ from typing import Any
 from llmtrain.tokenizers import char  # noqa: F401  (registers)
 from llmtrain.tokenizers import byte  # noqa: F401  (registers)
 from llmtrain.tokenizers import sentencepiece  # noqa: F401  (registers)
+from llmtrain.tokenizers import hf  # noqa: F401  (registers)
 from llmtrain.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "tokenizer_from_state"]

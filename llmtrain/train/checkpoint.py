@@ -1,12 +1,19 @@
 """Checkpoints: a directory per save, written under a temporary name and renamed when complete.
 
     RUN_DIR/checkpoints/step_000500/
-        model.safetensors   weights (no pickle)
+        model.safetensors   full (consolidated) weights, no pickle
         meta.json           model config, tokenizer state, step, metrics, the run config
-        train_state.pt      optimizer / scheduler / RNG state, loaded with weights_only=True
+        train_state.pt      optimizer / scheduler / per-rank RNG state, loaded with weights_only=True
+    RUN_DIR/best_checkpoint    "checkpoints/step_NNNNNNN": the one with the lowest val/loss (a pointer)
 
 A directory without meta.json is never considered complete, and a rename is atomic, so a kill
-during a save leaves the previous checkpoint as the newest complete one.
+during a save leaves the previous checkpoint as the newest complete one. The format is the same
+for every strategy: under FSDP the trainer gathers full weights and optimizer state to rank 0
+(see Trainer.save), so evaluate/generate/export and a resume with another strategy or world size
+read it unchanged. Only rank 0 writes; the other ranks wait at a barrier.
+
+Retention: the newest `keep_last` checkpoints, plus the best by validation loss (only checkpoints
+whose metrics were measured at their own step compete), are kept; older ones are deleted.
 """
 from __future__ import annotations
 
@@ -23,30 +30,71 @@ from safetensors.torch import load_file, save_file
 from llmtrain.errors import UserError
 
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "train_state.pt"
+BEST = "best_checkpoint"  # in the run directory, next to checkpoints/
 FORMAT = "llmtrain-checkpoint-v1"
 
 
-def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (tied embeddings)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
+def _contiguous_state(model: torch.nn.Module | dict[str, torch.Tensor],
+                      aliases: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage: keep one name per tensor (tied weights are re-tied on load).
+    state = model if isinstance(model, dict) else model.state_dict()
     out, seen = {}, set()
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
-        if key in seen:
+        if key in seen or name in aliases:
             continue
         seen.add(key)
         out[name] = t.detach().contiguous().cpu()
     return out
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, meta: dict[str, Any],
-                    train_state: dict[str, Any] | None = None, keep_last: int = 0) -> Path:
+def _val_loss(ckpt: Path) -> float | None:
+    """val/loss measured at this checkpoint's own step, else None."""
+    try:
+        meta = json.loads((ckpt / META).read_text())
+        metrics = meta.get("metrics") or {}
+        if meta.get("metrics_step") != meta.get("step") or "val/loss" not in metrics:
+            return None
+        return float(metrics["val/loss"])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def best_checkpoint(ckpt_root: Path) -> Path | None:
+    """The complete checkpoint with the lowest validation loss (ties: the older one)."""
+    scored = [(v, p) for p in list_checkpoints(ckpt_root) if (v := _val_loss(p)) is not None and v == v]
+    return min(scored, key=lambda vp: vp[0])[1] if scored else None
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints and the best one; update the `best` pointer."""
+    best = best_checkpoint(ckpt_root)
+    if best is not None:
+        tmp = ckpt_root.parent / f".{BEST}.tmp-{os.getpid()}"
+        tmp.write_text(f"{ckpt_root.name}/{best.name}\n")
+        os.replace(tmp, ckpt_root.parent / BEST)
+    if keep_last > 0:
+        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                    meta: dict[str, Any], train_state: dict[str, Any] | None = None, keep_last: int = 0,
+                    aliases: set[str] = frozenset()) -> Path:
+    """Write a checkpoint of `model` (a module, or a full state dict minus `aliases`) atomically."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
+    for stale in ckpt_root.glob(".tmp-step_*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-step_{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_contiguous_state(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    save_file(_contiguous_state(model, aliases), str(tmp / WEIGHTS), metadata={"format": FORMAT})
     if train_state is not None:
         torch.save(train_state, tmp / STATE)
     meta = {"format": FORMAT, "step": step, **meta}
@@ -58,9 +106,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, meta: di
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    if keep_last > 0:
-        for old in list_checkpoints(ckpt_root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(ckpt_root, keep_last)
     return final
 
 

@@ -9,6 +9,8 @@ from llmtrain.errors import UserError
 
 # Dense bf16/fp16 tensor-core peak FLOPS per device (no sparsity).
 PEAK_FLOPS = {
+    "B200": 2250e12,
+    "GH200": 989e12,
     "H200": 989e12,
     "H100 SXM": 989e12,
     "H100 80GB HBM3": 989e12,
@@ -18,6 +20,8 @@ PEAK_FLOPS = {
     "A100": 312e12,
     "A10G": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
+    "A6000": 155e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,

@@ -1,5 +1,11 @@
 """Where metrics go: metrics.jsonl in the run directory always, plus an optional tracker
-(wandb, tensorboard). Names are wandb-style (`train/loss`, `val/loss`) everywhere."""
+(wandb, tensorboard). Names are wandb-style (`train/loss`, `val/loss`) everywhere.
+
+Trackers are imported only when chosen. wandb gets the resolved config, run_info.json (git commit,
+package versions, devices) and the job's overrides; its files live under RUN_DIR/wandb, so an
+offline run (logger.mode=offline, or WANDB_MODE=offline) is synced later with
+`wandb sync RUN_DIR/wandb/offline-run-*`. In a sweep (-m) the runs are grouped by sweep.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +15,8 @@ from typing import Any
 
 from llmtrain.config.schema import LoggerConfig
 from llmtrain.errors import UserError
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def _clean(v: Any) -> Any:
@@ -27,8 +35,9 @@ class MetricsLogger:
                  enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        # The tracker first: a missing package or a bad logger.mode fails before any file is opened.
         self._backend = _make_backend(cfg, run_dir, config_dict) if enabled else None
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -48,17 +57,75 @@ class MetricsLogger:
             self._backend = None
 
 
+# --------------------------------------------------------------------------- run identity
+def _hydra():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get()
+    except (ValueError, ImportError):  # outside Hydra (tests, scripts)
+        return None
+
+
+def _display_path(path: Path) -> str:
+    """A path relative to the working directory when it is inside it (shorter, machine-independent)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def sweep_group() -> str | None:
+    """The sweep this job belongs to (its hydra.sweep.dir), or None for a single run."""
+    from hydra.types import RunMode
+
+    hc = _hydra()
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return None
+    return _display_path(Path(str(hc.sweep.dir)))
+
+
+def default_run_name(run_dir: Path) -> str:
+    """The run directory, e.g. outputs/pretrain/2026-11-23/12-00-00 or multirun/.../3."""
+    return _display_path(run_dir)
+
+
+def job_overrides() -> list[str]:
+    hc = _hydra()
+    return list(hc.overrides.task) if hc is not None else []
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------------ backends
 class _WandbBackend:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config_dict: dict | None):
+        if cfg.mode not in WANDB_MODES:
+            raise UserError(f"logger.mode={cfg.mode!r} is not one of {', '.join(WANDB_MODES)}")
         try:
             import wandb
         except ImportError:
             raise UserError("logger=wandb needs the wandb package: pip install wandb") from None
-        self._wandb = wandb
-        self.run = wandb.init(
-            project=cfg.project, name=cfg.run_name, group=cfg.group, tags=list(cfg.tags) or None,
-            mode=cfg.mode, dir=str(run_dir), config=config_dict, reinit=True,
-        )
+        config = dict(config_dict or {})
+        config["overrides"] = job_overrides()
+        if (info := _read_json(run_dir / "run_info.json")) is not None:  # written by the stage
+            config["run_info"] = info
+        stage = (config_dict or {}).get("stage")
+        try:
+            self.run = wandb.init(
+                project=cfg.project, name=cfg.run_name or default_run_name(run_dir),
+                group=cfg.group or sweep_group(), tags=list(cfg.tags) or None, job_type=stage,
+                mode=cfg.mode, dir=str(run_dir), config=config, reinit=True,
+            )
+        except Exception as e:  # noqa: BLE001 - login / network problems are the user's to fix
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"logger=wandb: wandb.init failed ({first}); run `wandb login`, "
+                            f"or use logger.mode=offline and `wandb sync` later") from None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -68,17 +135,22 @@ class _WandbBackend:
 
 
 class _TensorBoardBackend:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, config_dict: dict | None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if config_dict:  # the config as text, shown in TensorBoard's Text tab
+            from omegaconf import OmegaConf
+
+            self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(config_dict) + "\n```", 0)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for k, v in metrics.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(k, v, step)
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -90,5 +162,5 @@ def _make_backend(cfg: LoggerConfig, run_dir: Path, config_dict: dict | None):
     if cfg.name == "wandb":
         return _WandbBackend(cfg, run_dir, config_dict)
     if cfg.name == "tensorboard":
-        return _TensorBoardBackend(run_dir)
+        return _TensorBoardBackend(run_dir, config_dict)
     raise UserError(f"unknown logger.name {cfg.name!r}; available: console, tensorboard, wandb")

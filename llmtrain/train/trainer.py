@@ -4,6 +4,13 @@ Design points:
 - The loss is computed inside `LossModule.forward`, so DDP/FSDP/compile wrap a single forward.
 - Batches are a function of the step, so resume needs only the step and the RNG/optimizer state.
 - No host-device sync on steps that do not log: loss and grad-norm stay on device until then.
+- Global batch rule: micro-batch `micro` of optimizer step `step` on rank `rank` is the source's
+  batch(step * grad_accum + micro) for that rank, i.e. global window index
+  ((step * grad_accum + micro) * world_size + rank) * batch_size + i. Each optimizer step therefore
+  consumes the contiguous windows [step * A * W * B, (step + 1) * A * W * B): the same samples for any
+  grad_accum A and world size W with the same product, so 2 GPUs x accum 1 == 1 GPU x accum 2.
+- Checkpoints have one format for every strategy (full safetensors weights + train_state.pt);
+  under FSDP the full state is gathered to rank 0 for the save and re-sharded on load.
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ from tqdm import tqdm
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits
-from llmtrain.distributed import DistInfo, all_reduce_sum
-from llmtrain.distributed.wrap import wrap_model
+from llmtrain.distributed import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, any_rank,
+                                  barrier)
+from llmtrain.distributed.wrap import resolve_strategy, wrap_model
 from llmtrain.errors import UserError
 from llmtrain.objectives import Objective
 from llmtrain.train import checkpoint as ckpt
@@ -65,6 +73,17 @@ class Trainer:
         self.run_dir, self.device, self.precision, self.dist = run_dir, device, precision, dist
         self.logger, self.meta = logger, meta
         self.ckpt_root = run_dir / "checkpoints"
+        if self.tc.resume not in ("never", "auto"):
+            raise UserError(f"trainer.resume must be 'never' or 'auto', got {self.tc.resume!r}")
+        self.strategy = resolve_strategy(self.tc, dist)
+        self.aliases = ckpt.tied_aliases(model)  # names to drop from full state dicts
+        # Resume: weights go into the plain model before wrapping (FSDP then shards them);
+        # optimizer/scheduler/RNG state after the optimizer exists.
+        found = ckpt.list_checkpoints(self.ckpt_root) if self.tc.resume == "auto" else []
+        self.resumed_from: Path | None = found[-1] if found else None
+        if self.resumed_from is not None:
+            ckpt.load_meta(self.resumed_from)
+            ckpt.load_model_state(model, ckpt.load_weights(self.resumed_from), self.resumed_from)
         self.loss_module = wrap_model(LossModule(model, objective), cfg.trainer, device, precision, dist)
         self.optimizer = build_optimizer(model, cfg.optim, device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.tc.max_steps)
@@ -77,51 +96,96 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self._stop_signal: int | None = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bad_run = torch.zeros((), device=device)  # current streak of non-finite steps
+        self.bad_max = torch.zeros((), device=device)  # longest streak since the last check
+        self.grad_norm = torch.zeros((), device=device)
+        self._last_val_step: int | None = None
+        if self.resumed_from is not None:
+            self._load_train_state(self.resumed_from)
 
     # ----------------------------------------------------------------- state
+    def _state_options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # Full (unsharded) tensors; under FSDP gathered to rank 0's CPU (the others get {}).
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.strategy == "fsdp", **kw)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
     def train_state(self) -> dict[str, Any]:
+        """Everything but the weights; collective (every rank must call it), full on rank 0."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        # Keyed by parameter name, not position: loadable under another strategy or world size.
+        try:
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._state_options())
+        except (KeyError, RuntimeError, ValueError):
+            if self.strategy == "fsdp":
+                raise
+            # The model no longer holds every optimised parameter (e.g. LoRA merged for the
+            # final save): fall back to torch's positional format.
+            optim_state = self.optimizer.state_dict()
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            "rng": all_gather_object(self._rng_state()),  # one per rank: dropout streams differ
             "best_val": self.best_val,
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def save(self, metrics: dict[str, float] | None = None) -> Path | None:
-        if self.dist.rank != 0:
-            return None
-        meta = {**self.meta, "metrics": metrics or {}}
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, meta, self.train_state(),
-                                    keep_last=self.tc.keep_last)
+    def model_state(self) -> dict[str, torch.Tensor]:
+        if self.strategy != "fsdp":
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    def maybe_resume(self) -> None:
-        if self.tc.resume == "never":
-            return
-        if self.tc.resume != "auto":
-            raise UserError(f"trainer.resume must be 'never' or 'auto', got {self.tc.resume!r}")
-        found = ckpt.list_checkpoints(self.ckpt_root)
-        if not found:
-            return
-        path = found[-1]
-        ckpt.load_meta(path)
-        ckpt.load_model_state(self.model, ckpt.load_weights(path), path)
+        return get_model_state_dict(self.model, options=self._state_options())
+
+    def save(self, metrics: dict[str, float] | None = None, metrics_step: int | None = None) -> Path | None:
+        """Checkpoint the current step. Collective: every rank calls it; rank 0 writes and renames,
+        the others wait. `metrics` default to the last evaluation's, with the step it ran at."""
+        if metrics_step is None and metrics:
+            metrics_step = self._last_val_step
+        weights, state = self.model_state(), self.train_state()
+        path = None
+        if self.dist.rank == 0:
+            meta = {**self.meta, "metrics": metrics or {}, "metrics_step": metrics_step}
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, weights, meta, state,
+                                        keep_last=self.tc.keep_last, aliases=self.aliases)
+        barrier()
+        return path
+
+    def _load_train_state(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         state = ckpt.load_train_state(path)
         if state is None:
-            raise UserError(f"checkpoint {path} has no training state to resume from")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.best_val = int(state["step"]), float(state["best_val"])
+            raise UserError(f"checkpoint {path} has no training state ({ckpt.STATE}) to resume from")
+        try:
+            if all(isinstance(k, int) for k in state["optimizer"].get("state", {})):  # positional
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            self.scheduler.load_state_dict(state["scheduler"])
+            rngs = state["rng"]
+            if len(rngs) == self.dist.world_size:  # same layout: continue each rank's stream exactly
+                torch.set_rng_state(rngs[self.dist.rank]["cpu"])
+                if "cuda" in rngs[self.dist.rank] and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.best_val = int(state["step"]), float(state["best_val"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"training state {path / ckpt.STATE} does not fit this run: {first}") from None
         if self.dist.rank == 0:
             _truncate_metrics(self.logger.path, self.step)
             tqdm.write(f"resumed from {path} at step {self.step}")
@@ -135,14 +199,23 @@ class Trainer:
         extras: dict[str, torch.Tensor] = {}
         batches = self.objective.val_batches(self.splits, self.cfg.data, self.tc.eval_batches,
                                              self.dist.rank, self.dist.world_size, self.tc.seed)
-        for batch in batches:
+        # (batch, weight): under FSDP every forward is a collective, so ranks with fewer batches
+        # run extra forwards with weight 0 until all ranks have done the same number.
+        work = [(b, 1.0) for b in batches]
+        if self.strategy == "fsdp":
+            n_max = int(all_reduce_max(torch.tensor([len(work)], device=self.device)).item())
+            if len(work) < n_max:
+                filler = work[0][0] if work else next(iter(self.objective.val_batches(
+                    self.splits, self.cfg.data, 1, 0, 1, self.tc.seed)))
+                work += [(filler, 0.0)] * (n_max - len(work))
+        for batch, weight in work:
             with autocast(self.device, self.precision):
                 loss, n, ex = self.loss_module(move(batch, self.device))
-            total += loss.double() * n
-            count += n
+            total += loss.double() * n * weight
+            count += n * weight
             for k, (s, c) in ex.items():
                 acc = extras.setdefault(k, torch.zeros(2, dtype=torch.float64, device=self.device))
-                acc += torch.stack([s.double(), c.double()])
+                acc += torch.stack([s.double(), c.double()]) * weight
         self.loss_module.train()
         all_reduce_sum(total), all_reduce_sum(count)
         if count.item() == 0:
@@ -155,40 +228,47 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------- train
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean loss, on
+        device (no host sync). Also used by `llmtrain bench`."""
+        accum = self.tc.grad_accum
+        loss_step = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            # See the module docstring: identical global batches for equal world_size x grad_accum.
+            batch = move(self.source.batch(self.step * accum + micro), self.device)
+            with _no_sync(self.loss_module, micro == accum - 1), autocast(self.device, self.precision):
+                loss, _, _ = self.loss_module(batch)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_step += scaled.detach()
+        self.grad_norm = self._step_optimizer(self.params, loss_step, self.bad_run)
+        torch.maximum(self.bad_max, self.bad_run, out=self.bad_max)
+        self.step += 1
+        return loss_step
+
     def fit(self) -> TrainResult:
         tc = self.tc
-        self.maybe_resume()
         main = self.dist.rank == 0
+        start_step = self.step
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (main and tc.progress),
                    desc=self.cfg.stage, dynamic_ncols=True, leave=True)
         old_handlers = self._install_signal_handlers()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        bad_run = torch.zeros((), device=self.device)  # consecutive non-finite steps
         loss_acc = torch.zeros((), device=self.device)
         last_val: dict[str, float] = {}
         t_last, steps_since = time.perf_counter(), 0
         interrupted = False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.loss_module.train()
         try:
             while self.step < tc.max_steps:
-                loss_step = torch.zeros((), device=self.device)
-                for micro in range(tc.grad_accum):
-                    batch = move(self.source.batch(self.step * tc.grad_accum + micro), self.device)
-                    sync = micro == tc.grad_accum - 1
-                    with _no_sync(self.loss_module, sync), autocast(self.device, self.precision):
-                        loss, _, _ = self.loss_module(batch)
-                    scaled = loss / tc.grad_accum
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    loss_step += scaled.detach()
-                grad_norm = self._step_optimizer(params, loss_step, bad_run)
+                loss_step = self.train_step()
                 loss_acc += loss_step
-                self.step += 1
                 steps_since += 1
                 bar.update(1)
 
                 is_last = self.step == tc.max_steps
                 if self.step % tc.log_every == 0 or is_last:
-                    self._check_bad_steps(bad_run)
                     all_reduce_sum(loss_acc)
                     mean_loss = loss_acc.item() / (steps_since * self.dist.world_size)
                     elapsed = time.perf_counter() - t_last
@@ -196,12 +276,12 @@ class Trainer:
                     metrics = {
                         "train/loss": mean_loss,
                         "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm),
+                        "train/grad_norm": self.grad_norm.item(),
                         "train/tokens_per_s": tps,
                         "train/tokens": self.step * self.tokens_per_step,
                         "train/step_time_ms": 1000 * elapsed / steps_since,
                     }
-                    if self.peak and self.flops_per_token:
+                    if self.peak and self.flops_per_token:  # CUDA devices in the peak table only
                         metrics["train/mfu"] = tps * self.flops_per_token / (self.peak * self.dist.world_size)
                     if self.device.type == "cuda":
                         metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
@@ -210,24 +290,34 @@ class Trainer:
                                     tok_s=f"{tps:,.0f}", refresh=False)
                     loss_acc.zero_()
                     t_last, steps_since = time.perf_counter(), 0
+                    self._check_bad_steps()  # after logging, so the log shows the bad steps
 
                 if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or is_last:
-                    last_val = self.evaluate()
-                    if last_val:
-                        self.logger.log(last_val, self.step)
-                        bar.write(f"step {self.step}: val/loss {last_val['val/loss']:.4f}")
-                        self.best_val = min(self.best_val, last_val["val/loss"])
+                    val = self.evaluate()
+                    if val:
+                        last_val, self._last_val_step = val, self.step
+                        self.logger.log(val, self.step)
+                        bar.write(f"step {self.step}: val/loss {val['val/loss']:.4f}")
+                        self.best_val = min(self.best_val, val["val/loss"])
                     t_last = time.perf_counter()  # evaluation time is not training throughput
 
-                if self._stop_signal is not None:
+                # Every rank must stop at the same step (the save is collective).
+                if any_rank(self._stop_signal is not None):
                     interrupted = True
                     break
                 if tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0 and not is_last:
-                    self.save(last_val)
+                    self._check_bad_steps()  # never save a run that has already diverged
+                    if not bool(self.bad_run):  # nor a step whose update was skipped
+                        self.save(last_val)
+                    t_last = time.perf_counter()
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
-        path = self.save(last_val)
+        self._check_bad_steps()
+        if self.step == start_step and self.resumed_from is not None:
+            path = self.resumed_from  # resumed a finished run: nothing new to save
+        else:
+            path = self.save(last_val)
         if interrupted and main:
             print(f"stopped by signal at step {self.step}; checkpoint saved to {path} "
                   f"(continue with trainer.resume=auto hydra.run.dir={self.run_dir})", flush=True)
@@ -237,8 +327,15 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        # Under FSDP the grads are sharded DTensors: the norm is reduced over all shards (a
+        # replicated DTensor), so every rank clips by the same global norm.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        finite = torch.isfinite(loss_step) & torch.isfinite(grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        # The same decision on every rank: the grad norm is global already; the loss is made
+        # global with one small all-reduce (asynchronous under NCCL, so still no host sync).
+        loss_all = all_reduce_sum(loss_step.detach().clone()) if self.dist.enabled else loss_step
+        finite = torch.isfinite(loss_all) & torch.isfinite(grad_norm)
         if self.scaler is not None:  # the scaler skips non-finite steps itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -253,16 +350,20 @@ class Trainer:
         self.scheduler.step()
         return grad_norm
 
-    def _check_bad_steps(self, bad_run: torch.Tensor) -> None:
-        n = int(bad_run.item())
-        if n >= self.tc.max_bad_steps:
+    def _check_bad_steps(self) -> None:
+        n = int(self.bad_max.item())
+        self.bad_max.zero_()
+        if n >= self.tc.max_bad_steps > 0:
             raise UserError(
-                f"{n} consecutive steps with non-finite loss or gradients at step {self.step} "
-                f"(trainer.max_bad_steps={self.tc.max_bad_steps}); last good checkpoint kept in {self.ckpt_root}"
+                f"training diverged: {n} consecutive steps with non-finite loss or gradients by step "
+                f"{self.step} (trainer.max_bad_steps={self.tc.max_bad_steps}); stopped without saving, "
+                f"the last good checkpoint is kept in {self.ckpt_root}"
             )
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
             self._stop_signal = signum
 
         old = {}
@@ -288,13 +389,23 @@ def _no_sync(module: torch.nn.Module, sync: bool):
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` by the interrupted run, so the log reads as one run."""
+    """Drop records logged after `step` by the interrupted run, so the log reads as one run.
+
+    Records are in step order, so this cuts the file to a prefix, in place: the logger already
+    holds the file open for appending (a rename would leave it writing to the old file).
+    """
     import json
     import os
 
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                if line.strip() and json.loads(line).get("step", 0) > step:
+                    break
+            except ValueError:  # a line torn by the kill: drop it and what follows
+                break
+            keep += len(line)
+    os.truncate(path, keep)

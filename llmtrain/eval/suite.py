@@ -1,0 +1,465 @@
+"""The evaluation tasks of `llmtrain evaluate` (eval.tasks=[...]).
+
+Each task is `fn(ctx) -> TaskResult`: flat scalar metrics named "<task>/<metric>" (what the
+table, eval.json and sweeps read) plus optional nested details (per-class scores, confusion
+matrix, sample generations). Under torchrun every rank runs the task on its own shard; sums are
+all-reduced and per-example outputs gathered, so every example counts exactly once.
+
+    lm              loss, perplexity, bits per byte on a text source (data=... or the checkpoint's)
+    mlm, nsp        masked-LM / next-sentence accuracy of encoder checkpoints (their objective)
+    generation      BLEU, ROUGE-1/2/L, exact match of greedy generations against references
+    classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
+    qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
+from llmtrain.errors import UserError
+from llmtrain.eval import metrics
+from llmtrain.eval.dist import barrier, gather_indexed, shard_batches, sum_across_ranks, world
+from llmtrain.train.device import autocast
+from llmtrain.train.trainer import move
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    cfg: RunConfig
+    device: torch.device
+    precision: str
+    run_dir: Path
+    loader: Callable[[], Any]  # () -> (model, tokenizer, meta, task or None), loaded once on first use
+    _loaded: Any = None
+
+    def load(self):
+        if self._loaded is None:
+            self._loaded = self.loader()
+        return self._loaded
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.load()[0]
+
+    @property
+    def tokenizer(self):
+        return self.load()[1]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.load()[2]
+
+    def run_config(self, section: str) -> dict[str, Any]:
+        """A section of the config the checkpoint was trained with ({} if unknown)."""
+        return dict((self.meta.get("config") or {}).get(section) or {})
+
+
+EVAL_TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {}
+
+
+def eval_task(name: str):
+    def deco(fn):
+        EVAL_TASKS[name] = fn
+        return fn
+    return deco
+
+
+def task_config_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The TaskConfig dict a fine-tuned checkpoint stores (meta["task"]["config"]); {} if none."""
+    task = meta.get("task")
+    if not isinstance(task, dict):
+        return {}
+    return dict(task["config"]) if isinstance(task.get("config"), dict) else dict(task)
+
+
+def default_tasks(meta: dict[str, Any]) -> list[str]:
+    """What to evaluate when eval.tasks is empty: the checkpoint's own task or objective."""
+    by_task = {"classification": "classification", "extractive_qa": "qa", "instruction": "generation",
+               "summarization": "generation"}
+    task = task_config_of(meta).get("name")
+    if task in by_task:
+        return [by_task[task]]
+    objective = meta.get("objective", "clm")
+    return {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"]}.get(objective, ["lm"])
+
+
+# ----------------------------------------------------------------------------- lm / mlm / nsp
+def _data_config(ctx: EvalContext) -> DataConfig:
+    """data=... from the command line, else the data the checkpoint was trained on."""
+    data = ctx.cfg.data
+    if not data.path:
+        saved = ctx.run_config("data")
+        if not saved.get("path"):
+            raise UserError("evaluate: no data to score; pass data=text data.path=FILE")
+        data = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
+    max_len = int(getattr(getattr(ctx.model, "config", None), "max_seq_len", data.seq_len))
+    return DataConfig(**{**data.__dict__, "seq_len": min(data.seq_len, max_len)})
+
+
+def _val_splits(ctx: EvalContext, data: DataConfig):
+    from llmtrain.data.corpus import split_tokens
+    from llmtrain.data.sources import read_documents
+
+    docs = read_documents(data.path, data.text_field, data.encoding_errors, data.doc_pattern)
+    splits = split_tokens(docs, ctx.tokenizer, data.val_fraction)
+    if len(splits.val) < 2:
+        raise UserError(f"data {data.path}: the validation split is empty (data.val_fraction={data.val_fraction})")
+    return splits
+
+
+def _objective(ctx: EvalContext, name: str):
+    from llmtrain.registry import get
+
+    saved = {k: v for k, v in ctx.run_config("objective").items() if k in ObjectiveConfig.__dataclass_fields__}
+    ocfg = ObjectiveConfig(**{**saved, "name": name})
+    return get("objective", name)(ocfg, ctx.tokenizer)
+
+
+def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
+    """lm / mlm / nsp / generation score the language-model head; a classifier or a span model has none."""
+    task = ctx.load()[3]
+    if task is not None and getattr(task, "name", "") in ("classification", "extractive_qa"):
+        raise UserError(f"eval task {eval_name} needs a language model; checkpoint has a {task.name} head "
+                        f"(use eval.tasks=[{'qa' if task.name == 'extractive_qa' else task.name}])")
+
+
+@torch.no_grad()
+def score_objective(ctx: EvalContext, objective, splits, data: DataConfig) -> tuple[float, float, dict[str, float]]:
+    """(summed loss over targets, number of targets, {extra: mean}) over this rank's share of the
+    validation batches, summed over ranks."""
+    rank, world_size = world()
+    model = ctx.model.eval()
+    total, count, extra_sums = 0.0, 0.0, {}
+    for batch in objective.val_batches(splits, data, ctx.cfg.trainer.eval_batches, rank, world_size,
+                                       ctx.cfg.trainer.seed):
+        batch = move(batch, ctx.device)
+        with autocast(ctx.device, ctx.precision):
+            out = objective.loss(model, batch)
+        n = int(out.n_targets)
+        total += float(out.loss) * n  # the loss is a mean over its n targets
+        count += n
+        for k, (s, c) in out.extras.items():
+            prev = extra_sums.get(k, (0.0, 0.0))
+            extra_sums[k] = (prev[0] + float(s), prev[1] + float(c))
+    keys = sorted(extra_sums)
+    sums = sum_across_ranks([total, count] + [v for k in keys for v in extra_sums[k]])
+    total, count = sums[0], sums[1]
+    extras = {k: sums[2 + 2 * i] / max(sums[3 + 2 * i], 1.0) for i, k in enumerate(keys)}
+    return total, count, extras
+
+
+@eval_task("lm")
+def lm_task(ctx: EvalContext) -> TaskResult:
+    """Causal-LM loss on the validation split of a text source. Bits per byte divide the summed
+    NLL by the UTF-8 bytes of the scored text, so models with different tokenizers compare."""
+    _check_backbone_task(ctx, "lm")
+    if not getattr(ctx.model, "is_decoder", True):
+        raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
+    data = _data_config(ctx)
+    splits = _val_splits(ctx, data)
+    total, count, _ = score_objective(ctx, _objective(ctx, "clm"), splits, data)
+    if count == 0:
+        raise UserError(f"data {data.path}: no validation tokens to score")
+    # The validation windows are scored in order, so the scored targets are val[1 : 1 + count].
+    n_bytes = metrics.utf8_num_bytes(ctx.tokenizer.decode(splits.val[1:1 + int(count)].tolist()))
+    loss = total / count
+    return TaskResult({
+        "val/loss": loss,
+        "val/ppl": metrics.perplexity(total, int(count)),
+        "val/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
+        "val/tokens": int(count),
+    }, {"data": data.path})
+
+
+def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
+    _check_backbone_task(ctx, want)
+    if getattr(ctx.model, "is_decoder", False):
+        raise UserError(f"eval task {want} needs an encoder (bert) checkpoint")
+    trained = ctx.meta.get("objective", "")
+    name = trained if want in trained.split("_") else want  # mlm_nsp scores both heads at once
+    data = _data_config(ctx)
+    splits = _val_splits(ctx, data)
+    total, count, extras = score_objective(ctx, _objective(ctx, name), splits, data)
+    out: dict[str, float | int] = {f"{want}/accuracy": extras.get(f"{want}_accuracy", math.nan)}
+    if name == want:  # the loss is this head's own
+        out[f"{want}/loss"] = total / max(count, 1.0)
+    return TaskResult(out, {"data": data.path, "objective": name})
+
+
+@eval_task("mlm")
+def mlm_task(ctx: EvalContext) -> TaskResult:
+    return _encoder_task(ctx, "mlm")
+
+
+@eval_task("nsp")
+def nsp_task(ctx: EvalContext) -> TaskResult:
+    return _encoder_task(ctx, "nsp")
+
+
+# ----------------------------------------------------------------------------- generation
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(v.strip() for v in value)  # SciTLDR: a source is a list of sentences
+    raise UserError(f"{what} must be a string or a list of strings")
+
+
+def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[dict[str, Any]]:
+    """[{"prompt" or "messages", "references": [str, ...]}] from a .jsonl (or .json list) file.
+
+    Fields: task.source_field / task.target_field (SciTLDR: `source` list of sentences, joined;
+    `target` list of alternative summaries, all kept as references); records without them may use
+    prompt/response, or chat `messages` whose last (assistant) turn is the reference."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"generation references file not found: {path} (task.val_path)")
+    raw = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            records = [(i + 1, r) for i, r in enumerate(json.loads(raw))]
+        else:
+            records = [(i + 1, json.loads(line)) for i, line in enumerate(raw.splitlines()) if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    out = []
+    for line, rec in records:
+        where = f"{path} record {line}"
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        if task.source_field in rec:
+            src, tgt = task.source_field, task.target_field
+        elif "prompt" in rec:
+            src, tgt = "prompt", "response"
+        elif "messages" in rec:
+            msgs = rec["messages"]
+            if not (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict)
+                    and msgs[-1].get("role") == "assistant"):
+                raise UserError(f"{where}: messages must end with an assistant turn (the reference)")
+            out.append({"messages": msgs[:-1], "references": [_text(msgs[-1].get("content"), where)]})
+            continue
+        else:
+            raise UserError(f"{where}: no field {task.source_field!r} (task.source_field)")
+        if tgt not in rec:
+            raise UserError(f"{where}: no field {tgt!r} (task.target_field)")
+        target = rec[tgt]
+        refs = [target] if isinstance(target, str) else target
+        if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
+            raise UserError(f"{where}: {tgt!r} must be a string or a non-empty list of strings")
+        out.append({"prompt": _text(rec[src], f"{where} field {src!r}"), "references": refs})
+        if max_examples and len(out) >= max_examples:
+            break
+    if not out:
+        raise UserError(f"{path}: no examples")
+    return out[:max_examples] if max_examples else out
+
+
+def chat_template_name(meta: dict[str, Any]) -> str | None:
+    """The chat template of an instruction-tuned checkpoint (None: a plain LM)."""
+    task = task_config_of(meta)
+    if task.get("name") != "instruction":
+        return None
+    return task.get("chat_template") or "default"
+
+
+def prompt_ids(example: dict[str, Any], tokenizer, template: str | None, prompt_format: str | None) -> list[int]:
+    """Token ids of an example's prompt: a chat template (tokenized per segment, as in training),
+    eval.options.prompt_format ("{source} TL;DR:"), or the raw source text."""
+    if template is not None and not prompt_format:
+        from llmtrain.tasks.chat_template import encode_chat
+
+        msgs = example.get("messages") or [{"role": "user", "content": example["prompt"]}]
+        return encode_chat(msgs, template, tokenizer, add_generation_prompt=True)[0]
+    if "messages" in example:
+        text = "\n".join(m.get("content", "") for m in example["messages"]) + "\n"
+    else:
+        text = example["prompt"]
+    ids = tokenizer.encode(prompt_format.format(source=text) if prompt_format else text)
+    return ids or [tokenizer.bos_id]
+
+
+def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None, stop_strings: list[str] | None = None,
+                   generator: torch.Generator | None = None):
+    """Batched, left-padded generation from token-id prompts; texts cut at eos and at stop strings."""
+    from llmtrain.generation import _trim_at_stop, generate
+
+    stops = [s for s in (stop_strings or []) if s]
+    stop_fn = (lambda _row, new: _trim_at_stop(tokenizer.decode(new), stops)[1]) if stops else None
+    res = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
+                   generator=generator, stop_fn=stop_fn)
+    texts = [_trim_at_stop(tokenizer.decode(t), stops)[0] for t in res.tokens]
+    return texts, res
+
+
+def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[str]], list[str]]:
+    """(prompt ids, references, stop strings). A checkpoint fine-tuned on a generative task uses
+    its task's validation examples (prompts formatted as in training; task.val_path=FILE picks
+    other data); a plain LM reads prompt/reference records from task.val_path."""
+    cfg, opts = ctx.cfg, dict(ctx.cfg.eval.options)
+    task = ctx.load()[3]
+    stops = list(opts.get("stop", []))
+    if task is not None and hasattr(task, "generate_responses"):
+        examples = [e for e in task.val_examples() if e.get("prompt")]
+        if cfg.eval.max_examples:
+            examples = examples[:cfg.eval.max_examples]
+        return [list(e["prompt"]) for e in examples], [list(e["refs"]) for e in examples], \
+            stops + list(task.stop_strings())
+    path = cfg.task.val_path
+    if not path:
+        raise UserError("eval task generation needs task.val_path=FILE.jsonl (prompt/response or source/target)")
+    examples = read_references(path, _task_config(ctx), cfg.eval.max_examples)
+    template = chat_template_name(ctx.meta)
+    fmt = opts.get("prompt_format")
+    if template is not None and not fmt:
+        from llmtrain.tasks.chat_template import stop_strings
+
+        stops += stop_strings(template)
+    return [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples], \
+        [ex["references"] for ex in examples], stops
+
+
+@eval_task("generation")
+def generation_task(ctx: EvalContext) -> TaskResult:
+    cfg, opts = ctx.cfg, dict(ctx.cfg.eval.options)
+    _check_backbone_task(ctx, "generation")
+    if not getattr(ctx.model, "is_decoder", True):
+        raise UserError("eval task generation needs a decoder checkpoint")
+    prompts, refs, stops = _generation_examples(ctx)
+    rank, world_size = world()
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed + rank)
+    pairs, n_tokens, seconds = [], 0, 0.0
+    for batch in shard_batches(prompts, cfg.eval.batch_size, rank, world_size):
+        texts, res = generate_texts(ctx.model, ctx.tokenizer, [p for _, p in batch],
+                                    max_new_tokens=cfg.eval.max_new_tokens,
+                                    temperature=float(opts.get("temperature", 0.0)),  # greedy by default
+                                    top_k=opts.get("top_k"), top_p=opts.get("top_p"), stop_strings=stops,
+                                    generator=gen)
+        pairs += [(i, t.strip()) for (i, _), t in zip(batch, texts)]
+        n_tokens, seconds = n_tokens + res.num_generated, seconds + res.seconds
+    hyps = gather_indexed(pairs)
+    n_tokens, seconds = sum_across_ranks([n_tokens, seconds])
+    rouge = metrics.rouge(hyps, refs)
+    out = {
+        "generation/bleu": metrics.bleu(hyps, refs),
+        "generation/rouge1": rouge["rouge1"],
+        "generation/rouge2": rouge["rouge2"],
+        "generation/rougeL": rouge["rougeL"],
+        "generation/exact_match": metrics.exact_match(hyps, refs),
+        "generation/examples": len(hyps),
+        "generation/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,  # per process
+    }
+    samples = [{"prompt": ctx.tokenizer.decode(p), "generated": h, "references": r}
+               for p, h, r in zip(prompts, hyps, refs)]
+    return TaskResult(out, {"samples": samples})
+
+
+# ----------------------------------------------------------------------------- fine-tuning tasks
+def task_overrides(cfg: TaskConfig) -> dict[str, Any]:
+    """task.* keys given on the command line (those that differ from the schema defaults)."""
+    default = TaskConfig()
+    return {k: v for k, v in cfg.__dict__.items() if k != "name" and v != getattr(default, k)}
+
+
+def _task_config(ctx: EvalContext) -> TaskConfig:
+    """task.* from the command line over the checkpoint's own task config (fine-tuned checkpoints)."""
+    saved = {k: v for k, v in task_config_of(ctx.meta).items() if k in TaskConfig.__dataclass_fields__}
+    return TaskConfig(**{**saved, **task_overrides(ctx.cfg.task)})
+
+
+def report_task_output(prefix: str, out: dict[str, Any]) -> TaskResult:
+    """Split a task's evaluate() dict into flat scalar metrics and nested details."""
+    scalars, details = {}, {}
+    for k, v in out.items():
+        name = k.split("/", 1)[1] if k.startswith(prefix + "/") or k.startswith("val/") else k
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            details[name] = v
+        else:
+            scalars[f"{prefix}/{name}"] = v
+    return TaskResult(scalars, details)
+
+
+def _require_task(ctx: EvalContext, eval_name: str, task_name: str):
+    task = ctx.load()[3]
+    if task is None:
+        raise UserError(f"eval task {eval_name} needs a checkpoint fine-tuned on task {task_name} "
+                        f"(this one has no task)")
+    if getattr(task, "name", task_name) != task_name:
+        raise UserError(f"eval task {eval_name} needs a {task_name} checkpoint; this one is {task.name}")
+    return task
+
+
+def _rank0_evaluate(ctx: EvalContext, task, eval_name: str) -> TaskResult:
+    """The contract's single-process Task.evaluate: rank 0 scores every example, the others wait."""
+    out: dict[str, Any] = {}
+    if world()[0] == 0:
+        out = task.evaluate(ctx.model, ctx.device, max_examples=ctx.cfg.eval.max_examples)
+    barrier()
+    return report_task_output(eval_name, out)
+
+
+def classification_result(preds: list[int], labels: list[int], names: list[str]) -> TaskResult:
+    m = metrics.classification_metrics(preds, labels, names)
+    out: dict[str, float | int] = {"classification/accuracy": m["accuracy"],
+                                   "classification/macro_f1": m["macro_f1"], "classification/n": m["n"]}
+    for name, s in m["per_class"].items():
+        out[f"classification/precision[{name}]"] = s["precision"]
+        out[f"classification/recall[{name}]"] = s["recall"]
+    return TaskResult(out, {k: m[k] for k in ("labels", "per_class", "confusion_matrix")})
+
+
+@eval_task("classification")
+def classification_task(ctx: EvalContext) -> TaskResult:
+    task = _require_task(ctx, "classification", "classification")
+    if not hasattr(task, "predict"):
+        return _rank0_evaluate(ctx, task, "classification")
+    examples = task.val_examples()
+    if ctx.cfg.eval.max_examples:
+        examples = examples[:ctx.cfg.eval.max_examples]
+    rank, world_size = world()
+    pairs = []
+    for batch in shard_batches(examples, ctx.cfg.eval.batch_size, rank, world_size):
+        preds = task.predict(ctx.model, [e for _, e in batch], ctx.device)
+        pairs += [(i, int(p)) for (i, _), p in zip(batch, preds)]
+    preds = gather_indexed(pairs)
+    return classification_result(preds, [int(e["label"]) for e in examples], list(task.labels))
+
+
+@eval_task("qa")
+def qa_task(ctx: EvalContext) -> TaskResult:
+    """SQuAD EM/F1 (official normalisation). Questions (with all their doc-stride features) are
+    sharded over ranks; the answers are gathered and scored once."""
+    task = _require_task(ctx, "qa", "extractive_qa")
+    if not (hasattr(task, "predict") and hasattr(task, "val_examples")):
+        return _rank0_evaluate(ctx, task, "qa")
+    feats = task.val_examples()
+    by_q: dict[str, list] = {}
+    for f in feats:
+        by_q.setdefault(f["qid"], []).append(f)
+    qids = list(by_q)
+    if ctx.cfg.eval.max_examples:
+        qids = qids[:ctx.cfg.eval.max_examples]
+    rank, world_size = world()
+    pairs = []
+    for batch in shard_batches(qids, ctx.cfg.eval.batch_size, rank, world_size):
+        preds = task.predict(ctx.model, [f for _, q in batch for f in by_q[q]], ctx.device)
+        pairs += [(i, (q, preds.get(q, ""))) for i, q in batch]
+    preds = dict(gather_indexed(pairs))
+    refs = {q: [a["text"] for a in task.val_questions[q]["answers"]] or [""] for q in qids}
+    res = report_task_output("qa", metrics.squad_metrics(preds, refs))
+    res.details["samples"] = [{"prompt": task.val_questions[q]["question"], "generated": preds[q],
+                               "references": refs[q]} for q in qids[:5]]
+    return res

@@ -1,0 +1,155 @@
+"""Our tokenizers as Hugging Face fast tokenizers (a `tokenizers` pipeline that gives the same
+ids), and the side file that lets an exported directory round-trip our tokenizer exactly.
+
+- char: WordLevel over the characters, a pre-tokenizer that isolates every character.
+- byte: ByteLevel (GPT-2's byte -> printable-char map, no regex split) + a BPE with no merges
+  whose vocabulary is the 256 byte symbols at ids 7..262: every byte becomes one token.
+- sentencepiece: the pieces and scores of the model proto as a BPE (merges ordered by piece
+  score, as sentencepiece merges) or Unigram model with byte fallback; " " -> "▁" and words
+  split as sentencepiece's SplitIntoWords does with allow_whitespace_only_pieces.
+
+Special tokens (<pad> <unk> <s> </s> [CLS] [SEP] [MASK]) are registered as HF special tokens.
+char/byte exports set split_special_tokens=True so that, as in ours, "[CLS]" typed in text is
+ordinary characters. sentencepiece matches its user-defined [CLS]/[SEP]/[MASK] in text and so
+does the export; the one known difference: "<pad>", "<unk>", "<s>", "</s>" typed literally in
+text become the special id in HF but characters in sentencepiece.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmtrain.errors import UserError
+from llmtrain.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+
+SIDE_FILE = "llmtrain_tokenizer.json"  # our tokenizer state, preferred on import
+
+
+def _special_kwargs() -> dict[str, str]:
+    s = SPECIAL_TOKENS
+    return dict(pad_token=s["pad"], unk_token=s["unk"], bos_token=s["bos"], eos_token=s["eos"],
+                cls_token=s["cls"], sep_token=s["sep"], mask_token=s["mask"])
+
+
+def _char_pipeline(tok) -> Any:
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as TkTokenizer
+
+    vocab = {t: i for i, t in enumerate(tok.itos)}
+    t = TkTokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    # [\s\S]: every code point, newlines included (Python str indexes code points too)
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    return t
+
+
+def _byte_pipeline(tok) -> Any:
+    from tokenizers import decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as TkTokenizer
+
+    # byte b -> the printable stand-in ByteLevel maps it to (GPT-2's bytes_to_unicode)
+    b2u = _bytes_to_unicode()
+    offset = len(SPECIAL_TOKENS)
+    vocab = {v: i for i, v in enumerate(SPECIAL_TOKENS.values())}
+    vocab.update({b2u[b]: offset + b for b in range(256)})
+    t = TkTokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    return t
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> unicode map (printable bytes map to themselves)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _sentencepiece_pipeline(tok) -> Any:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as TkTokenizer
+
+    m = pb.ModelProto()
+    m.ParseFromString(tok.model_proto)
+    ts, ns = m.trainer_spec, m.normalizer_spec
+    where = tok.path or "sentencepiece model"
+    if ns.add_dummy_prefix or ns.remove_extra_whitespaces or ns.precompiled_charsmap:
+        raise UserError(f"{where}: only sentencepiece models trained by llmtrain (identity normalization, "
+                        "no dummy prefix) can be exported with an equivalent HF tokenizer")
+    if ts.treat_whitespace_as_suffix or not ts.split_by_whitespace:
+        raise UserError(f"{where}: sentencepiece whitespace-suffix / no-split models have no exact HF equivalent")
+    NORMAL, USER = 1, 4  # sentencepiece piece types
+    pieces = [(p.piece, p.score, p.type) for p in m.pieces]
+    unk = SPECIAL_TOKENS["unk"]
+    if ts.model_type == pb.TrainerSpec.BPE:
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        # sentencepiece merges the adjacent pair whose concatenation has the highest score: a
+        # merge's rank is its result's score order (ties: lower id first, as in HF's extractor)
+        order = sorted(((-s, i, p) for i, (p, s, ty) in enumerate(pieces) if ty == NORMAL and len(p) > 1))
+        merges = []
+        for _, _, p in order:  # per piece, its splits in (left id, right id) order
+            splits = [(vocab[p[:k]], vocab[p[k:]]) for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+            merges.extend((pieces[a][0], pieces[b][0]) for a, b in sorted(splits))
+        model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=ts.byte_fallback)
+    elif ts.model_type == pb.TrainerSpec.UNIGRAM:
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=tok.unk_id, byte_fallback=ts.byte_fallback)
+    else:
+        raise UserError(f"{where}: sentencepiece model type {ts.model_type} has no HF export (bpe and unigram do)")
+    t = TkTokenizer(model)
+    t.normalizer = normalizers.Replace(" ", "▁")
+    # sentencepiece's SplitIntoWords (allow_whitespace_only_pieces): a word is a run of "▁" and
+    # the non-space text after it
+    split = r"▁*[^▁]+|▁+" if ts.allow_whitespace_only_pieces else r"▁[^▁]*|[^▁]+"
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="isolated")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # user-defined pieces ([CLS] ... "\n" "\t") are matched in raw text by both, before splitting
+    from tokenizers import AddedToken
+
+    user = [AddedToken(p, special=False, normalized=False, single_word=False) for p, _, ty in pieces
+            if ty == USER and p not in SPECIAL_TOKENS.values()]
+    if user:
+        t.add_tokens(user)
+    return t
+
+
+PIPELINES = {"char": _char_pipeline, "byte": _byte_pipeline, "sentencepiece": _sentencepiece_pipeline}
+
+
+def to_hf_tokenizer(tok: Tokenizer):
+    """A transformers fast tokenizer that gives the same ids as `tok` (UserError if impossible)."""
+    from transformers import PreTrainedTokenizerFast
+
+    build = PIPELINES.get(tok.name)
+    if build is None:
+        if tok.name == "hf":  # imported from HF: hand back the pipeline it came with
+            pipeline = tok.hf_pipeline()
+        else:
+            raise UserError(f"tokenizer {tok.name!r} has no Hugging Face equivalent "
+                            f"(exportable: {', '.join(sorted(PIPELINES))}, hf)")
+    else:
+        pipeline = build(tok)
+    kwargs = _special_kwargs() if tok.name != "hf" else tok.hf_special_kwargs()
+    # char/byte encode "[CLS]" typed in text as characters: tell HF not to match special tokens in
+    # text. sentencepiece does match its user-defined [CLS]/[SEP]/[MASK], so HF must too.
+    split = tok.name in ("char", "byte")
+    hf = PreTrainedTokenizerFast(tokenizer_object=pipeline, clean_up_tokenization_spaces=False,
+                                 split_special_tokens=split, **kwargs)
+    hf.add_bos_token = False  # ours never adds bos/eos; the data pipeline does
+    hf.add_eos_token = False
+    return hf
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int | None = None) -> None:
+    hf = to_hf_tokenizer(tok)
+    if max_len:
+        hf.model_max_length = max_len
+    hf.save_pretrained(str(out_dir))
+    (out_dir / SIDE_FILE).write_text(json.dumps(tok.state()))

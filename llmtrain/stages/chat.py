@@ -1,0 +1,80 @@
+"""chat: talk to an instruction-tuned checkpoint. Each stdin line is a user turn; the reply is
+generated from the whole conversation rendered with the chat template used in fine-tuning, and
+stops at eos or where the template would start the next turn.
+
+    /reset   forget the conversation        /exit (or end of input)   quit
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from llmtrain.config.schema import RunConfig, TaskConfig
+from llmtrain.errors import UserError
+from llmtrain.eval.suite import generate_texts
+from llmtrain.stages.common import load_checkpoint, setup_runtime
+from llmtrain.train import checkpoint as ckpt
+
+
+def template_of(meta: dict, override: str) -> str:
+    """task.chat_template from the command line, else the checkpoint's own, else "default"."""
+    if override != TaskConfig().chat_template:
+        return override
+    task = meta.get("task") if isinstance(meta.get("task"), dict) else {}
+    task_cfg = task.get("config") if isinstance(task.get("config"), dict) else task
+    return task_cfg.get("chat_template") or "default"
+
+
+def load_model(path: str, device: torch.device):
+    meta = ckpt.load_meta(ckpt.resolve_checkpoint(path))
+    if meta.get("task"):
+        from llmtrain.tasks import load_task_model
+
+        model, _task, loaded = load_task_model(path, device)
+        return model.to(device), loaded.tokenizer, loaded.meta
+    loaded = load_checkpoint(path, device)
+    return loaded.model, loaded.tokenizer, loaded.meta
+
+
+def run(cfg: RunConfig) -> None:
+    if not cfg.checkpoint:
+        raise UserError("chat needs checkpoint=PATH (an instruction-tuned checkpoint or run directory)")
+    from llmtrain.tasks.chat_template import encode_chat, get_template, stop_strings
+
+    rt = setup_runtime(cfg)
+    model, tok, meta = load_model(cfg.checkpoint, rt.device)
+    if not getattr(model, "is_decoder", True):
+        raise UserError(f"checkpoint {cfg.checkpoint} is an encoder; chat needs a decoder")
+    template = template_of(meta, cfg.task.chat_template)
+    get_template(template)  # unknown name -> UserError before reading input
+    stops = stop_strings(template)
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
+    interactive = sys.stdin.isatty()
+    print(f"chat: {cfg.checkpoint} (template {template}); /reset clears the conversation, /exit quits",
+          file=sys.stderr, flush=True)
+    history: list[dict] = []
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr, flush=True)
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = encode_chat(history, template, tok, add_generation_prompt=True)[0]
+        texts, _ = generate_texts(model, tok, [ids], max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                  stop_strings=stops, generator=gen)
+        reply = texts[0].strip()
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)

@@ -1,0 +1,263 @@
+"""The task contract: a fine-tuning task is a data format + a head/loss + metrics.
+
+    task = build_task(cfg.task, tokenizer, model_cfg, cfg.data)       # registry kind "task"
+    model = task.build_model(backbone)        # backbone + new head (or the backbone itself)
+    # the trainer treats the task as an Objective (llmtrain/objectives/base.py):
+    source = task.train_source(None, data_cfg, seed, rank, world)    # .batch(step) -> dict
+    for batch in task.val_batches(None, data_cfg): out = task.loss(model, batch)
+    task.evaluate(model, device) -> {"accuracy": ..., "f1": ...}     # llmtrain/eval/metrics.py
+    task.state()                              # JSON (e.g. label names), stored in meta["task"]
+
+Tasks read their own files (task.train_path / task.val_path); `splits` is ignored except by
+the `lm` task. Examples are tokenized once; batches are a pure function of (seed, step, rank).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
+from llmtrain.data.loader import step_generator
+from llmtrain.data.sources import read_text
+from llmtrain.errors import UserError
+from llmtrain.objectives.base import LossOutput  # noqa: F401  (re-exported for tasks)
+from llmtrain.tokenizers import Tokenizer
+
+
+class Task:
+    name = "base"
+    needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
+
+    def __init__(self, cfg: TaskConfig, tokenizer: Tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
+                 state: dict | None = None):
+        self.cfg, self.tokenizer, self.model_cfg, self.data_cfg = cfg, tokenizer, model_cfg, data_cfg
+        self._state = dict(state or {})
+        from llmtrain.registry import get
+
+        model_cls = get("model", model_cfg.name)
+        self.is_decoder = bool(getattr(model_cls, "is_decoder", True))
+        if self.needs_decoder is True and not self.is_decoder:
+            raise UserError(f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
+                            f"but the checkpoint is a {model_cfg.name!r} encoder")
+        if self.needs_decoder is False and self.is_decoder:
+            raise UserError(f"task={self.name} needs an encoder checkpoint (bert), "
+                            f"but the checkpoint is a {model_cfg.name!r} decoder")
+        self.seq_len = min(data_cfg.seq_len, model_cfg.max_seq_len)
+        self.report: dict[str, int] = {}  # counts worth telling the user (truncated, unk tokens)
+        self._train: list | None = None
+        self._val: list | None = None
+
+    # -------------------------------------------------------------------- contract
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        return backbone
+
+    def train_source(self, splits, data_cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
+        return ExampleSource(self.train_examples(), data_cfg.batch_size, seed, self.collate, rank, world_size)
+
+    def val_batches(self, splits, data_cfg: DataConfig, max_batches: int = 0, rank: int = 0,
+                    world_size: int = 1, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        return sequential_batches(self.val_examples(), data_cfg.batch_size, self.collate, max_batches,
+                                  rank, world_size)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, device: torch.device | str | None = None,
+                 max_examples: int = 0) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+    def val_loss(self, model, device=None, max_batches: int = 0) -> float:
+        """Mean loss of the validation set (on response tokens for generative tasks) (before/after reports)."""
+        device = device or model_device(model)
+        total, count = 0.0, 0
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.val_batches(None, self.data_cfg, max_batches):
+                    out = self.loss(model, {k: v.to(device) for k, v in batch.items()})
+                    total += float(out.loss) * int(out.n_targets)
+                    count += int(out.n_targets)
+        finally:
+            model.train(was)
+        return total / max(count, 1)
+
+    # -------------------------------------------------------------------- data
+    def load(self) -> tuple[list, list]:
+        """(train examples, val examples), tokenized; each task implements this."""
+        raise NotImplementedError
+
+    def _ensure_loaded(self) -> None:
+        if self._train is None:
+            self._train, self._val = self.load()
+            if not self._train:
+                raise UserError(f"task {self.name}: no training examples in {self.cfg.train_path}")
+            if not self._val:
+                raise UserError(f"task {self.name}: no validation examples (set task.val_path or "
+                                "data.val_fraction > 0)")
+
+    def train_examples(self) -> list:
+        self._ensure_loaded()
+        return self._train  # type: ignore[return-value]
+
+    def val_examples(self) -> list:
+        self._ensure_loaded()
+        return self._val  # type: ignore[return-value]
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.report[key] = self.report.get(key, 0) + n
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        unk = sum(1 for i in ids if i == self.tokenizer.unk_id)
+        if unk:  # chars the checkpoint's vocabulary lacks: kept as unk, and reported
+            self.count("unk_tokens", unk)
+        self.count("tokens", len(ids))
+        return ids
+
+    def summary(self) -> str:
+        n_train, n_val = len(self.train_examples()), len(self.val_examples())
+        parts = [f"task {self.name}: {n_train:,} train / {n_val:,} val examples"]
+        for k, v in self.report.items():
+            if k != "tokens" and v:
+                parts.append(f"{k.replace('_', ' ')} {v:,}")
+        if self.report.get("unk_tokens"):
+            parts[-1] += f" ({100 * self.report['unk_tokens'] / max(self.report['tokens'], 1):.2f}% of tokens)"
+        return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------ batching
+class ExampleSource:
+    """Epoch-shuffled batches of examples; batch(step) depends only on (seed, step, rank)."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int, collate: Callable,
+                 rank: int = 0, world_size: int = 1):
+        self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
+        self.rank, self.world_size = rank, world_size
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(len(self.examples), generator=step_generator(self.seed, 0x7A5C, epoch)))
+        return self._perm[1]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        first = (step * self.world_size + self.rank) * self.batch_size
+        picked = []
+        for g in range(first, first + self.batch_size):
+            epoch, idx = divmod(g, len(self.examples))
+            picked.append(self.examples[int(self._epoch(epoch)[idx])])
+        return self.collate(picked)
+
+
+def sequential_batches(examples: list, batch_size: int, collate: Callable, max_batches: int = 0,
+                       rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    if max_batches > 0:
+        chunks = chunks[:max_batches]
+    for bi in range(rank, len(chunks), world_size):
+        yield collate(chunks[bi])
+
+
+def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """Right-pad lists of ids into a [B, max_len] tensor."""
+    T = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), T), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:T], dtype=torch.long)
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------ files
+def read_records(path: str | None, what: str = "task.train_path") -> list[dict[str, Any]]:
+    """Records of a .json (list, or {"data": [...]}), .jsonl, .csv or .tsv (header row) file."""
+    if not path:
+        raise UserError(f"{what} is not set (the task's data file)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    text = read_text(p)
+    suffix = p.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
+                                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+        rows = [dict(r) for r in reader]
+        if reader.fieldnames is None:
+            raise UserError(f"{p}: empty file (a header row is needed)")
+        return rows
+    if suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}: record {n} is not valid JSON: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{p}: record {n} is not a JSON object")
+            out.append(rec)
+        return out
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}: not valid JSON: {e.msg} (line {e.lineno})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise UserError(f"{p}: expected a JSON list of objects")
+        return data
+    raise UserError(f"{what}: unsupported file type {p.suffix!r} (use .json, .jsonl, .csv or .tsv): {path}")
+
+
+def field_of(rec: dict, key: str, path: str | None, n: int, required: bool = True) -> Any:
+    if key not in rec or rec[key] is None:
+        if not required:
+            return None
+        raise UserError(f"{path}: record {n} has no field {key!r} (fields: {', '.join(map(str, rec))}); "
+                        f"set the task's *_field option")
+    return rec[key]
+
+
+def split_off(records: list, val_fraction: float, what: str) -> tuple[list, list]:
+    """Deterministic (seed-independent) shuffle by record, the last val_fraction validates."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"{what} has no task.val_path and data.val_fraction={val_fraction} is not in (0, 1)")
+    perm = np.random.default_rng(0).permutation(len(records))
+    n_val = max(1, int(round(val_fraction * len(records))))
+    if n_val >= len(records):
+        raise UserError(f"{what}: {len(records)} records are too few to split off a validation part")
+    return [records[i] for i in perm[:-n_val]], [records[i] for i in perm[-n_val:]]
+
+
+def cap(records: list, n: int) -> list:
+    return records[:n] if n > 0 else records
+
+
+def train_val_records(cfg: TaskConfig, data_cfg: DataConfig) -> tuple[list, list, str, str]:
+    """Train and validation records as (record number in its file, record), with the file each
+    came from (for error messages)."""
+    train = list(enumerate(read_records(cfg.train_path, "task.train_path"), 1))
+    if cfg.val_path:
+        val = list(enumerate(read_records(cfg.val_path, "task.val_path"), 1))
+        return cap(train, cfg.max_examples), cap(val, cfg.max_examples), cfg.train_path, cfg.val_path
+    train, val = split_off(train, data_cfg.val_fraction, str(cfg.train_path))
+    return cap(train, cfg.max_examples), cap(val, cfg.max_examples), cfg.train_path, cfg.train_path

@@ -1,0 +1,107 @@
+"""Shared by the generative tasks (instruction tuning, summarization): prompt -> response
+examples for decoders, loss only on response tokens, optional packing, and evaluation by
+generating responses (llmtrain/generation.py) scored with ROUGE/BLEU."""
+from __future__ import annotations
+
+import torch
+
+from llmtrain.errors import UserError
+from llmtrain.eval.metrics import bleu, rouge
+from llmtrain.generation import generate
+from llmtrain.objectives.base import LossOutput, token_cross_entropy
+from llmtrain.tasks.base import Task, model_device, pad_rows
+
+
+class GenerativeTask(Task):
+    needs_decoder = True
+
+    def make_example(self, ids: list[int], target: list[bool], prompt: list[int], refs: list[str],
+                     where: str) -> dict | None:
+        """Shifted (input, label) pair with labels only on target tokens. An over-long example
+        (counted as truncated) first loses the start of its prompt, down to half the window, so
+        the prompt's end (the assistant header) and the response start stay; then the end of the
+        response. One left with no target token is dropped (counted; all dropped is an error)."""
+        budget = self.seq_len + 1
+        if len(ids) > budget:
+            self.count("truncated")
+            first = target.index(True) if True in target else len(ids)
+            drop = max(0, min(first - budget // 2, len(ids) - budget))
+            ids, target = ids[drop:][:budget], target[drop:][:budget]
+        labels = [t if m else -100 for t, m in zip(ids[1:], target[1:])]
+        if all(x == -100 for x in labels):
+            self.count("dropped_no_response_left")
+            return None
+        return {"ids": ids[:-1], "labels": labels, "prompt": prompt, "refs": refs, "where": where}
+
+    def check_kept(self, examples: list, n_records: int, path: str) -> list:
+        if n_records and not examples:
+            raise UserError(f"{path}: every example was truncated to nothing at data.seq_len={self.seq_len} "
+                            "(the response starts after the context); raise data.seq_len")
+        return examples
+
+    def pack(self, examples: list[dict]) -> list[dict]:
+        """Concatenate consecutive short examples into rows of at most seq_len tokens. Packed
+        examples attend to earlier ones in the row (no block-diagonal mask), as in most SFT
+        recipes; labels stay on each example's response only."""
+        rows: list[dict] = []
+        cur: dict | None = None
+        for e in examples:
+            if cur is not None and len(cur["ids"]) + len(e["ids"]) <= self.seq_len:
+                cur["ids"] = cur["ids"] + e["ids"]
+                cur["labels"] = cur["labels"] + e["labels"]
+            else:
+                cur = {"ids": list(e["ids"]), "labels": list(e["labels"])}
+                rows.append(cur)
+        self.report["packed_rows"] = len(rows)
+        return rows
+
+    def collate(self, examples):
+        ids = pad_rows([e["ids"] for e in examples], self.tokenizer.pad_id)
+        return {"input_ids": ids, "labels": pad_rows([e["labels"] for e in examples], -100, ids.shape[1])}
+
+    def loss(self, model, batch):
+        # right padding under causal attention: real tokens never see the pads, no mask needed
+        loss, n = token_cross_entropy(model(batch["input_ids"]), batch["labels"])
+        return LossOutput(loss=loss, n_targets=n)
+
+    # ------------------------------------------------------------------ evaluation
+    def stop_strings(self) -> list[str]:
+        return []
+
+    def generate_responses(self, model, examples: list[dict], device=None) -> list[str]:
+        opts = self.cfg.options
+        max_new = int(opts.get("max_new_tokens", 64))
+        stops = self.stop_strings()
+        tok = self.tokenizer
+        model = model.to(device) if device is not None else model
+        outs: list[str] = []
+        bs = max(1, self.data_cfg.batch_size)
+        for i in range(0, len(examples), bs):
+            chunk = examples[i : i + bs]
+
+            def stop_fn(_row: int, new: list[int]) -> bool:
+                text = tok.decode(new)
+                return any(s in text for s in stops)
+
+            res = generate(model, [e["prompt"] for e in chunk], max_new_tokens=max_new,
+                           temperature=float(opts.get("temperature", 0.0)), eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, stop_fn=stop_fn if stops else None)
+            for new in res.tokens:
+                text = tok.decode(new)
+                for s in stops:
+                    text = text.split(s)[0]
+                outs.append(text.strip())
+        return outs
+
+    def evaluate(self, model, device=None, max_examples=0):
+        examples = [e for e in self.val_examples() if e.get("prompt")]
+        n = max_examples if max_examples > 0 else len(examples)
+        examples = examples[:n]
+        device = device or model_device(model)
+        hyps = self.generate_responses(model, examples, device)
+        refs = [e["refs"] for e in examples]
+        self.samples = list(zip([e["where"] for e in examples], hyps, refs))
+        out = {f"{k}": v for k, v in rouge(hyps, refs).items()}
+        out["bleu"] = bleu(hyps, refs)
+        out["n"] = float(len(hyps))
+        return out

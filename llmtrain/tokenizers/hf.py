@@ -1,0 +1,114 @@
+"""A Hugging Face `tokenizers` pipeline (e.g. GPT-2's byte-level BPE, BERT's WordPiece) used as
+one of ours, for models imported with init_from=hf:DIR / checkpoint=hf:DIR.
+
+Ids are the HF tokenizer's, without its post-processor (no [CLS]/[SEP] or bos added: our data
+pipeline adds document boundaries itself). Our special-token ids map to the HF tokenizer's own
+special tokens; one it lacks borrows a related one (GPT-2 has only <|endoftext|>, which then
+serves as bos, eos, pad and unk alike) - see FALLBACKS.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from llmtrain.errors import UserError
+from llmtrain.registry import register
+from llmtrain.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+
+# our special key -> keys to borrow from, in order, when the HF tokenizer has no such token
+FALLBACKS = {
+    "eos": ("sep", "bos", "pad", "unk"),
+    "bos": ("cls", "eos", "pad", "unk"),
+    "pad": ("eos", "unk", "bos"),
+    "unk": ("pad", "eos", "bos"),
+    "cls": ("bos", "eos", "unk"),
+    "sep": ("eos", "bos", "unk"),
+    "mask": ("unk", "pad", "eos"),
+}
+
+
+@register("tokenizer", "hf")
+class HFTokenizer(Tokenizer):
+    name = "hf"
+
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None]):
+        from tokenizers import Tokenizer as TkTokenizer
+
+        try:
+            self.tk = TkTokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the tokenizers library raises plain Exceptions on bad JSON
+            raise UserError(f"tokenizer state: not a valid Hugging Face tokenizer.json ({str(e)[:200]})") from None
+        self.tokenizer_json = tokenizer_json
+        self.special_tokens = {k: special_tokens.get(k) for k in SPECIAL_TOKENS}
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        ids = {k: (self.tk.token_to_id(t) if t is not None else None) for k, t in self.special_tokens.items()}
+        for key in SPECIAL_TOKENS:
+            i = ids[key]
+            for other in FALLBACKS[key]:
+                if i is None:
+                    i = ids[other]
+            if i is None:
+                raise UserError("Hugging Face tokenizer has none of eos/bos/pad/unk special tokens; "
+                                "llmtrain needs at least one (to mark document ends)")
+            setattr(self, f"{key}_id", i)
+        self._special = frozenset(self.special_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "HFTokenizer":
+        """Any tokenizer transformers.AutoTokenizer loads as a fast (tokenizers-backed) one."""
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # missing / corrupt files surface as many exception types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{path}: cannot load the Hugging Face tokenizer ({first})") from None
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise UserError(f"{path}: the Hugging Face tokenizer is not a fast (tokenizers) one; "
+                            "save it with a tokenizer.json")
+        special = {k: _token_str(getattr(hf, f"{k}_token", None)) for k in SPECIAL_TOKENS}
+        return cls(backend.to_str(), special)
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        # as our other tokenizers: special tokens and ids past the vocabulary are dropped
+        keep = [i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self._special]
+        return self.tk.decode(keep, skip_special_tokens=True)
+
+    # -- serialisation ---------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"name": self.name, "tokenizer_json": self.tokenizer_json, "special_tokens": self.special_tokens}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "HFTokenizer":
+        try:
+            return cls(state["tokenizer_json"], state.get("special_tokens") or {})
+        except KeyError:
+            raise UserError("tokenizer state: missing tokenizer_json for tokenizer 'hf'") from None
+
+    # for export back to HF format (llmtrain.hf.tokenizer)
+    def hf_pipeline(self):
+        from tokenizers import Tokenizer as TkTokenizer
+
+        return TkTokenizer.from_str(self.tokenizer_json)
+
+    def hf_special_kwargs(self) -> dict[str, str]:
+        return {f"{k}_token": t for k, t in self.special_tokens.items() if t is not None}
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers / spawn
+        return self.state()
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(d["tokenizer_json"], d["special_tokens"])  # type: ignore[misc]
+
+
+def _token_str(t: Any) -> str | None:
+    return None if t is None else str(t)
