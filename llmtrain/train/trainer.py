@@ -100,6 +100,7 @@ class Trainer:
         self.bad_run = torch.zeros((), device=device)  # current streak of non-finite steps
         self.bad_max = torch.zeros((), device=device)  # longest streak since the last check
         self.grad_norm = torch.zeros((), device=device)
+        self.train_extras = {}
         self._last_val_step: int | None = None
         if self.resumed_from is not None:
             self._load_train_state(self.resumed_from)
@@ -228,6 +229,8 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------- train
+    train_extras: dict[str, torch.Tensor]  # objective extras as (sum, count), since the last log
+
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean loss, on
         device (no host sync). Also used by `llmtrain bench`."""
@@ -237,7 +240,10 @@ class Trainer:
             # See the module docstring: identical global batches for equal world_size x grad_accum.
             batch = move(self.source.batch(self.step * accum + micro), self.device)
             with _no_sync(self.loss_module, micro == accum - 1), autocast(self.device, self.precision):
-                loss, _, _ = self.loss_module(batch)
+                loss, _, extras = self.loss_module(batch)
+            for k, (num, den) in extras.items():  # e.g. mlm_accuracy: summed on device until a log step
+                acc = self.train_extras.setdefault(k, torch.zeros(2, dtype=torch.float64, device=self.device))
+                acc += torch.stack([num.detach().double(), den.detach().double()])
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_step += scaled.detach()
@@ -281,6 +287,10 @@ class Trainer:
                         "train/tokens": self.step * self.tokens_per_step,
                         "train/step_time_ms": 1000 * elapsed / steps_since,
                     }
+                    for k, acc in self.train_extras.items():
+                        num, den = all_reduce_sum(acc).tolist()
+                        metrics[f"train/{k}"] = num / max(den, 1.0)
+                        acc.zero_()
                     if self.peak and self.flops_per_token:  # CUDA devices in the peak table only
                         metrics["train/mfu"] = tps * self.flops_per_token / (self.peak * self.dist.world_size)
                     if self.device.type == "cuda":
