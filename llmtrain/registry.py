@@ -33,6 +33,7 @@ def _load_builtins() -> None:
     # Importing the packages runs their @register decorators.
     import llmtrain.models  # noqa: F401
     import llmtrain.objectives  # noqa: F401
+    import llmtrain.tasks  # noqa: F401
     import llmtrain.tokenizers  # noqa: F401
 
 

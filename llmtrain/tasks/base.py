@@ -77,7 +77,8 @@ class Task:
         return dict(self._state)
 
     def val_loss(self, model, device=None, max_batches: int = 0) -> float:
-        """Mean loss of the validation set (on response tokens for generative tasks) (before/after reports)."""
+        """Mean loss over the validation set (response tokens only for generative tasks); used for
+        the before/after-training report."""
         device = device or model_device(model)
         total, count = 0.0, 0
         was = model.training
@@ -134,8 +135,8 @@ class Task:
         for k, v in self.report.items():
             if k != "tokens" and v:
                 parts.append(f"{k.replace('_', ' ')} {v:,}")
-        if self.report.get("unk_tokens"):
-            parts[-1] += f" ({100 * self.report['unk_tokens'] / max(self.report['tokens'], 1):.2f}% of tokens)"
+                if k == "unk_tokens":  # characters the checkpoint's vocabulary lacks
+                    parts[-1] += f" ({100 * v / max(self.report.get('tokens', 0), 1):.2f}% of tokens)"
         return ", ".join(parts)
 
 
