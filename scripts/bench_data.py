@@ -1,7 +1,8 @@
 """Data pipeline benchmark: preparation throughput against the Hugging Face run_clm.py approach,
 and CLM loader throughput. Writes a markdown results section.
 
-    .venv/bin/python scripts/bench_data.py --repeats 3 --out docs/benchmarks_data.md
+    .venv/bin/python scripts/bench_data.py --repeats 3 --out /tmp/bench_data.md
+    (writes a Markdown section; paste it into docs/benchmarks.md)
 
 Preparation (text files -> packed tokens, same sentencepiece model on both sides):
 - llmtrain: `llmtrain.data.prepare.prepare` (read, tokenize in chunks, append eos, write
@@ -188,7 +189,7 @@ def main() -> None:
         "",
         "```",
         f".venv/bin/python scripts/bench_data.py --repeats {args.repeats}"
-        + (f" --vocab-size {args.vocab_size}" if args.vocab_size != 8000 else "") + " --out docs/benchmarks_data.md",
+        + (f" --vocab-size {args.vocab_size}" if args.vocab_size != 8000 else "") + " --out /tmp/bench_data.md",
         "```",
         "",
         f"**Preparation** of WikiText-2 valid + Tiny Shakespeare ({text_bytes / 1e6:.2f} MB of text) into packed "

@@ -231,11 +231,12 @@ def test_bert_mlm_nsp_pretrain_cli(tmp_path):
     for key in ("val/mlm_loss", "val/nsp_loss", "val/mlm_accuracy", "val/nsp_accuracy"):
         assert key in vals[-1], vals[-1]
     assert 0.0 <= vals[-1]["val/mlm_accuracy"] <= 1.0 and 0.0 <= vals[-1]["val/nsp_accuracy"] <= 1.0
-    # training logs the objective's components too, and they add up to the logged loss
+    # training logs the objective's components too; they add up to the logged loss (up to how
+    # steps are weighted: components by their target counts, the loss by step)
     last_train = [r for r in records if "train/loss" in r][-1]
     for key in ("train/mlm_loss", "train/nsp_loss", "train/mlm_accuracy", "train/nsp_accuracy"):
         assert key in last_train, last_train
-    assert abs(last_train["train/mlm_loss"] + last_train["train/nsp_loss"] - last_train["train/loss"]) < 2e-3
+    assert abs(last_train["train/mlm_loss"] + last_train["train/nsp_loss"] - last_train["train/loss"]) < 0.02 * last_train["train/loss"]
 
 
 def test_llama_clm_pretrain_cli(tmp_path):

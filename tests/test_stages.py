@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import SHARED, TINY, assert_user_error, run_cli
+from conftest import TINY, assert_user_error, run_cli
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -129,6 +129,3 @@ def test_bad_data_keeps_existing_run_outputs(pretrained, tmp_path):
 def test_finetune_needs_init_from(tmp_path):
     assert_user_error(run_cli("finetune", f"hydra.run.dir={tmp_path}"), "init_from")
 
-
-def test_shared_data_is_there():
-    assert (SHARED / "wikitext2" / "valid.txt").is_file()
