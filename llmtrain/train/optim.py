@@ -28,7 +28,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    kwargs = {"fused": True} if fused else {"foreach": device_type == "cuda"}
+    # foreach batches the update over all tensors: faster than a per-parameter loop on CPU too
+    kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
