@@ -24,8 +24,22 @@ os.environ.setdefault("LLMTRAIN_CACHE_DIR", _CACHE)
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    if cwd is None:  # from the repository root: keep outputs out of it
+        args = _with_output_dir(list(args))
     return subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def _with_output_dir(args: list[str]) -> list[str]:
+    """A Hydra stage run from the repository without an explicit output directory gets a fresh
+    temporary one, so tests never write into the repository."""
+    if not args or args[0] in ("--help", "plot") or any(a in ("--help", "--cfg", "-c", "--info") for a in args):
+        return args  # nothing is written
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(a.startswith(key + "=") for a in args):
+        return args
+    return [*args, f"{key}={tempfile.mkdtemp(prefix='llmtrain-test-out-')}"]
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
