@@ -1,6 +1,7 @@
 """torch.distributed setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -26,7 +27,15 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # A process group left alive at interpreter exit can abort the process while its
+        # threads are torn down ("terminate called without an active exception").
+        atexit.register(_shutdown)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
