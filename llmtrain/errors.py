@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint). Message must name the key or file."""
 
 
-def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)

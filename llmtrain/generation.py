@@ -165,7 +165,6 @@ def generate(
     B = len(prompts)
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    cut = [None] * B  # final length of new[i] once a stop sequence was trimmed
 
     if use_cache:
         # leave room for the new tokens, but keep at least half the context of each prompt

@@ -13,7 +13,7 @@ import gzip
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llmtrain.errors import UserError
 
@@ -196,3 +196,16 @@ def read_documents(path: str | None, text_field: str = "text", errors: str = "st
     if not docs:
         raise UserError(f"data {path} is empty (no non-whitespace text)")
     return docs
+
+
+def document_reader(cfg) -> Callable[[], list[str]]:
+    """A zero-argument function returning data.path's documents, read on the first call only
+    (so loading a cached tokenizer or prepared shards never reads the corpus)."""
+    docs: list[str] = []
+
+    def read() -> list[str]:
+        if not docs:
+            docs.extend(read_documents(cfg.path, cfg.text_field, cfg.encoding_errors, cfg.doc_pattern))
+        return docs
+
+    return read

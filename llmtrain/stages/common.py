@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from llmtrain.config.schema import ModelConfig, RunConfig
 from llmtrain.data.corpus import TokenSplits
-from llmtrain.data.sources import read_documents
+from llmtrain.data.sources import document_reader
 from llmtrain.distributed import DistInfo, barrier, broadcast_str, init_distributed, is_main
 from llmtrain.errors import UserError
 from llmtrain.hf import HF_PREFIX
@@ -156,13 +156,7 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     """
     from llmtrain.data.prepare import prepare
 
-    docs: list[str] = []
-
-    def read() -> list[str]:
-        if not docs:
-            docs.extend(read_documents(cfg.data.path, cfg.data.text_field, cfg.data.encoding_errors,
-                                       cfg.data.doc_pattern))
-        return docs
+    read = document_reader(cfg.data)
 
     for main_turn in (True, False):
         if is_main() == main_turn:
@@ -242,6 +236,18 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
 
 
+def read_checkpoint(path: str) -> tuple[Path, dict[str, Any], ModelConfig, Tokenizer]:
+    """A checkpoint (or run dir) -> its directory, metadata, model config and tokenizer (no weights)."""
+    ck = ckpt.resolve_checkpoint(path)
+    meta = ckpt.load_meta(ck)
+    try:
+        model_cfg = ModelConfig(**meta["model"])
+        tokenizer = tokenizer_from_state(meta["tokenizer"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint metadata {ck / ckpt.META} is incomplete or foreign: {e}") from None
+    return ck, meta, model_cfg, tokenizer
+
+
 def load_checkpoint(path: str, device: torch.device | None = None) -> LoadedCheckpoint:
     """A checkpoint (or run dir) -> model with weights, its config and tokenizer.
     hf:DIR (or a Hub id) loads a transformers GPT-2 / LLaMA / BERT directory instead."""
@@ -250,13 +256,7 @@ def load_checkpoint(path: str, device: torch.device | None = None) -> LoadedChec
 
         hf_dir, model, model_cfg, tokenizer, meta = load_hf(str(path), device)
         return LoadedCheckpoint(path=hf_dir, model=model, model_cfg=model_cfg, tokenizer=tokenizer, meta=meta)
-    ck = ckpt.resolve_checkpoint(path)
-    meta = ckpt.load_meta(ck)
-    try:
-        model_cfg = ModelConfig(**meta["model"])
-        tokenizer = tokenizer_from_state(meta["tokenizer"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint metadata {ck / ckpt.META} is incomplete or foreign: {e}") from None
+    ck, meta, model_cfg, tokenizer = read_checkpoint(path)
     model = build_model(model_cfg)
     ckpt.load_model_state(model, ckpt.load_weights(ck), ck)
     if device is not None:

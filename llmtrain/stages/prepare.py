@@ -7,19 +7,12 @@ from __future__ import annotations
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.prepare import prepare
-from llmtrain.data.sources import read_documents
+from llmtrain.data.sources import document_reader
 from llmtrain.stages.common import build_tokenizer
 
 
 def run(cfg: RunConfig) -> None:
-    docs: list[str] = []
-
-    def read() -> list[str]:
-        if not docs:
-            docs.extend(read_documents(cfg.data.path, cfg.data.text_field, cfg.data.encoding_errors,
-                                       cfg.data.doc_pattern))
-        return docs
-
+    read = document_reader(cfg.data)
     tok = build_tokenizer(cfg, read)
     prepared = prepare(cfg.data, tok, docs=read)
     m = prepared.meta

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from llmtrain.config.schema import DataConfig, LoraConfig, ModelConfig, TaskConfig
-from llmtrain.errors import UserError
 from llmtrain.tasks import classification, instruction, lm, qa, summarization  # noqa: F401  (registers)
 from llmtrain.tasks.base import Task
 from llmtrain.tasks.chat_template import encode_chat, format_chat, render_prompt, stop_strings
@@ -47,17 +46,10 @@ def load_task_model(checkpoint_path: str, device: torch.device | str | None = No
     tokenizer, meta)."""
     from llmtrain.models import build_model
     from llmtrain.models.lora import apply_lora, merge_lora
-    from llmtrain.stages.common import LoadedCheckpoint
-    from llmtrain.tokenizers import tokenizer_from_state
+    from llmtrain.stages.common import LoadedCheckpoint, read_checkpoint
     from llmtrain.train import checkpoint as ckpt
 
-    path = ckpt.resolve_checkpoint(checkpoint_path)
-    meta = ckpt.load_meta(path)
-    try:
-        model_cfg = ModelConfig(**meta["model"])
-        tokenizer = tokenizer_from_state(meta["tokenizer"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint metadata {path / ckpt.META} is incomplete or foreign: {e}") from None
+    path, meta, model_cfg, tokenizer = read_checkpoint(checkpoint_path)
     run_cfg = meta.get("config") or {}
     data_cfg = DataConfig(**_fields(DataConfig, run_cfg.get("data", {})))
     task_info = meta.get("task") or {"config": {"name": "lm"}, "state": {}}

@@ -31,6 +31,28 @@ from llmtrain.objectives.base import LossOutput  # noqa: F401  (re-exported for 
 from llmtrain.tokenizers import Tokenizer
 
 
+
+class HeadModel(nn.Module):
+    """A backbone plus one new linear head (`head`) on its hidden states; task models subclass it."""
+
+    def __init__(self, backbone: nn.Module, out_features: int):
+        super().__init__()
+        self.backbone = backbone
+        self.is_decoder = bool(getattr(backbone, "is_decoder", True))
+        self.head = nn.Linear(backbone.config.d_model, out_features)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def hidden(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        # Decoders see right padding only after the real tokens, so they need no mask.
+        if self.is_decoder:
+            return self.backbone.encode(input_ids)
+        return self.backbone.encode(input_ids, attention_mask, token_type_ids)
+
 class Task:
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any

@@ -15,34 +15,23 @@ from llmtrain.errors import UserError
 from llmtrain.eval.metrics import classification_metrics
 from llmtrain.objectives.base import LossOutput
 from llmtrain.registry import register
-from llmtrain.tasks.base import Task, field_of, model_device, pad_rows, sequential_batches, train_val_records
+from llmtrain.tasks.base import HeadModel, Task, field_of, model_device, pad_rows, sequential_batches, train_val_records
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(HeadModel):
     """backbone + a linear head on the pooled representation."""
 
     def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.0):
-        super().__init__()
-        self.backbone = backbone
-        self.is_decoder = bool(getattr(backbone, "is_decoder", True))
-        d = backbone.config.d_model
+        super().__init__(backbone, n_labels)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(d, n_labels)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    @property
-    def config(self):
-        return self.backbone.config
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        if self.is_decoder:
-            hidden = self.backbone.encode(input_ids)  # right padding: real tokens never see pads
+        hidden = self.hidden(input_ids, attention_mask, token_type_ids)
+        if self.is_decoder:  # the last real token (right padding: real tokens never see pads)
             last = attention_mask.sum(1) - 1 if attention_mask is not None else input_ids.new_full(
                 (input_ids.shape[0],), input_ids.shape[1] - 1)
             pooled = hidden[torch.arange(input_ids.shape[0], device=hidden.device), last]
         else:
-            hidden = self.backbone.encode(input_ids, attention_mask, token_type_ids)
             pooled = self.backbone.pooled(hidden) if hasattr(self.backbone, "pooled") else hidden[:, 0]
         return self.head(self.dropout(pooled))
 

@@ -3,8 +3,6 @@ examples for decoders, loss only on response tokens, optional packing, and evalu
 generating responses (llmtrain/generation.py) scored with ROUGE/BLEU."""
 from __future__ import annotations
 
-import torch
-
 from llmtrain.errors import UserError
 from llmtrain.eval.metrics import bleu, rouge
 from llmtrain.generation import generate

@@ -30,32 +30,19 @@ from llmtrain.errors import UserError
 from llmtrain.eval.metrics import squad_metrics
 from llmtrain.objectives.base import LossOutput
 from llmtrain.registry import register
-from llmtrain.tasks.base import Task, model_device, pad_rows, sequential_batches
+from llmtrain.tasks.base import HeadModel, Task, model_device, pad_rows, sequential_batches
 
 _PIECE = re.compile(r"\s*(?:\w+|[^\w\s])")
 
 
-class SpanModel(nn.Module):
+class SpanModel(HeadModel):
     """backbone + a linear layer giving start and end logits per token."""
 
     def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.is_decoder = bool(getattr(backbone, "is_decoder", True))
-        self.head = nn.Linear(backbone.config.d_model, 2)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    @property
-    def config(self):
-        return self.backbone.config
+        super().__init__(backbone, 2)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        if self.is_decoder:
-            hidden = self.backbone.encode(input_ids)
-        else:
-            hidden = self.backbone.encode(input_ids, attention_mask, token_type_ids)
-        start, end = self.head(hidden).float().unbind(-1)
+        start, end = self.head(self.hidden(input_ids, attention_mask, token_type_ids)).float().unbind(-1)
         return start, end
 
 
