@@ -212,7 +212,9 @@ def main() -> None:
         f"{'met' if hf_s / best >= 2 else 'NOT met'} ({hf_s / best:.1f}×).",
         "",
         "Where the time goes: the last row (the raw encoder on every line) bounds any pipeline that encodes "
-        "every line, as run_clm.py does; llmtrain encodes each distinct space-led word once and gathers the ids of every occurrence with numpy "
+        "every line, as run_clm.py does; llmtrain finds word boundaries on the UTF-8 bytes with numpy, groups equal "
+        "words with Arrow's hash table (no Python object per word), encodes each distinct space-led word once and "
+        "gathers the ids of every occurrence with numpy "
         "(exact for sentencepiece BPE models with whitespace-split pieces and identity normalization, as "
         "llmtrain trains them; tested against whole-text encoding; other tokenizers are encoded line by line), "
         "and skips the Arrow conversion, the two `map` passes and the Python-list packing. data.num_proc "

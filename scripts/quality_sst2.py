@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "valid.txt"
 
 
 def cli(*args: str) -> float:
@@ -44,6 +45,9 @@ def main() -> None:
     ap.add_argument("--init-from", help="skip pretraining: fine-tune this checkpoint")
     ap.add_argument("--pretrain-args", default="", help="extra pretrain overrides, space separated "
                     "(e.g. 'model=bert_tiny model.max_seq_len=128 data.seq_len=128')")
+    ap.add_argument("--with-task-text", action="store_true",
+                    help="pretrain on WikiText-2 plus the SST-2 training sentences as unlabeled text "
+                    "(task-adaptive pretraining; labels unused, dev never seen)")
     ap.add_argument("overrides", nargs="*", help="extra finetune overrides (after --)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -56,9 +60,19 @@ def main() -> None:
     init = args.init_from
     if init is None:
         init = str(args.out / "pretrain")
+        corpus = []
+        if args.with_task_text:
+            # One directory, read in name order: WikiText-2 articles, then SST-2 sentences (one
+            # document each). The last 10% of documents (SST-2 train sentences) validate the MLM.
+            d = args.out / "corpus"
+            d.mkdir(exist_ok=True)
+            for name, src in (("1_wikitext2.txt", WIKITEXT), ("2_sst2_train.tsv", SST2 / "train.tsv")):
+                if not (d / name).exists():
+                    (d / name).symlink_to(src.resolve())
+            corpus = [f"data.path={d}", "data.text_field=sentence"]
         pre_s = cli("pretrain", "+experiment=bert_small", f"trainer.max_steps={args.pretrain_steps}",
                     f"trainer.eval_every={args.pretrain_steps}", "trainer.progress=false",
-                    f"hydra.run.dir={init}", *args.pretrain_args.split())
+                    f"hydra.run.dir={init}", *corpus, *args.pretrain_args.split())
     ft = args.out / "finetune"
     ft_s = cli("finetune", "+experiment=finetune_sst2", f"init_from={init}", f"trainer.max_steps={args.finetune_steps}",
                f"trainer.eval_every={max(args.finetune_steps // 2, 1)}", "trainer.eval_batches=0",
@@ -76,6 +90,7 @@ def main() -> None:
         "pretrain_seconds": round(pre_s, 1),
         "finetune_seconds": round(ft_s, 1),
         "pretrain_overrides": args.pretrain_args.split(),
+        "pretrain_with_task_text": args.with_task_text,
         "finetune_overrides": args.overrides,
     }
     (args.out / "quality_sst2.json").write_text(json.dumps(result, indent=2))

@@ -204,6 +204,31 @@ def test_mlm_nsp_masks_pairs_but_not_specials(tok):
     assert (b["labels"] != -100).any()
 
 
+def test_mlm_loss_on_selected_positions_equals_dense_loss(tok):
+    """The MLM head runs on the selected positions only; loss, accuracy and count must equal the
+    dense computation (logits at every position, ignore_index -100), for mlm and mlm_nsp batches."""
+    from llmtrain.config.schema import ModelConfig
+    from llmtrain.models.bert import Bert
+    from llmtrain.objectives.mlm import masked_lm_terms
+
+    torch.manual_seed(0)
+    model = Bert(ModelConfig(name="bert", vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=48)).eval()
+    splits, data = splits_of(unique_token_docs(tok)), DataConfig(seq_len=48, batch_size=8)
+    for name in ("mlm", "mlm_nsp"):
+        b = objective(name, tok).train_source(splits, data, seed=3).batch(2)
+        assert torch.equal(b["mlm_positions"], (b["labels"].view(-1) != -100).nonzero().squeeze(1))
+        with torch.no_grad():
+            hidden = model.encode(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            ce, correct, n = masked_lm_terms(model, hidden, b)
+            dense = model.lm_logits(hidden)
+        labels = b["labels"]
+        want = torch.nn.functional.cross_entropy(dense.reshape(-1, dense.size(-1)), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        assert int(n) == int((labels != -100).sum()) > 0
+        assert torch.allclose(ce, want, rtol=1e-5), (ce, want)
+        assert int(correct) == int(((dense.argmax(-1) == labels) & (labels != -100)).sum())
+
+
 def test_nsp_needs_several_documents(tok):
     obj = objective("nsp", tok)
     one_doc = splits_of(unique_token_docs(tok, n_docs=1))

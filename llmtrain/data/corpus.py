@@ -82,29 +82,47 @@ def split_lines(text: str) -> list[str]:
     return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
-# A newline, or a run of spaces with the non-space characters after it (sentencepiece's words).
-_WORD = re.compile(r"\n| *[^ \n]+| +")
 # Distinct words -> ids, per tokenizer (fingerprint), bounded: most text reuses few words.
 _word_cache: dict[str, list[int]] = {}
 _word_cache_owner: list[str] = [""]
 _WORD_CACHE_MAX = 2_000_000
+_NL, _SPACE = ord("\n"), ord(" ")
 
 
 def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
-    """Encode each distinct word once and gather the ids of every occurrence with numpy."""
+    """Encode each distinct word once and gather the ids of every occurrence with numpy.
+
+    Words are sentencepiece's: a newline, or a run of spaces with the non-space characters after
+    it (a trailing run of spaces alone). Their boundaries are found on the UTF-8 bytes with numpy
+    (a space or newline byte is never inside a multi-byte character) and the words are grouped by
+    Arrow's exact hash table over zero-copy views of those bytes: no Python object per word.
+    """
+    import pyarrow as pa  # a dependency of `datasets`; imported here to keep start-up light
+
     if _word_cache_owner[0] != tok.fingerprint() or len(_word_cache) > _WORD_CACHE_MAX:
         _word_cache.clear()
         _word_cache_owner[0] = tok.fingerprint()
+    encoded = [t.encode("utf-8") for t in texts]
+    data = b"".join(encoded)
+    b = np.frombuffer(data, dtype=np.uint8)
+    n = len(b)
+    text_lens = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    text_starts = np.cumsum(text_lens) - text_lens
+    prev = np.empty(n, dtype=np.uint8)
+    prev[:1] = _NL
+    prev[1:] = b[:-1]
+    is_start = (b == _NL) | (prev == _NL) | ((b == _SPACE) & (prev != _SPACE))
+    is_start[text_starts[text_starts < n]] = True  # a word never spans two texts
+    word_starts = np.flatnonzero(is_start)
+    offsets = np.append(word_starts, n)
+    if n < 2**31:
+        words = pa.StringArray.from_buffers(len(word_starts), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
+    else:
+        words = pa.LargeStringArray.from_buffers(len(word_starts), pa.py_buffer(offsets), pa.py_buffer(data))
+    grouped = words.dictionary_encode()
+    codes = grouped.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    uniques = grouped.dictionary.to_pylist()
     cache = _word_cache
-    words: list[str] = []
-    counts = []
-    for t in texts:
-        w = _WORD.findall(t)
-        words += w
-        counts.append(len(w))
-    uniques = list(dict.fromkeys(words))
-    index = {w: i for i, w in enumerate(uniques)}
-    codes = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
     missing = [u for u in uniques if u not in cache]
     if missing:
         cache.update(zip(missing, tok.encode_batch(missing)))
@@ -116,8 +134,8 @@ def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
     ends = np.cumsum(n_occ)
     total = int(ends[-1]) if len(ends) else 0
     out = flat[np.repeat(starts[codes] - (ends - n_occ), n_occ) + np.arange(total)]
-    word_ends = np.cumsum(counts)
-    cuts = [int(ends[e - 1]) if e > 0 else 0 for e in word_ends[:-1]]
+    first_word = np.searchsorted(word_starts, text_starts[1:])  # each later text's first word
+    cuts = [int(ends[w - 1]) if w > 0 else 0 for w in first_word]
     return np.split(out, cuts)
 
 

@@ -72,7 +72,7 @@ class Bert(nn.Module):
         return x
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """MLM logits [B,T,V] (compute on the masked positions only to save memory)."""
+        """MLM logits [..., V] for hidden states [..., D] (the objectives pass the masked positions only)."""
         return self.mlm_decoder(self.mlm_norm(F.gelu(self.mlm_dense(hidden))))
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,13 @@ class Masker:
         labels = torch.where(selected, input_ids, -100)
         return out, labels
 
+    def apply(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+        """Mask batch["input_ids"] in place of the batch; add "labels" and "mlm_positions" (the
+        flat indices of the selected tokens, found here on the host so the device never waits)."""
+        batch["input_ids"], batch["labels"] = self(batch["input_ids"], g)
+        batch["mlm_positions"] = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        return batch
+
 
 def frame(firsts: list[torch.Tensor], seconds: list[torch.Tensor] | None, seq_len: int,
           tok: Tokenizer) -> dict[str, torch.Tensor]:
@@ -77,13 +84,19 @@ def check_seq_len(seq_len: int, specials: int) -> None:
                         f"and at least 2 text tokens")
 
 
-def masked_lm_terms(logits: torch.Tensor, labels: torch.Tensor):
-    """(sum of cross-entropy, correct predictions, number of targets) over labels != -100."""
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                         ignore_index=-100, reduction="sum")
-    targets = labels != -100
-    correct = ((logits.argmax(-1) == labels) & targets).sum()
-    return ce, correct, targets.sum()
+def masked_lm_terms(model, hidden: torch.Tensor, batch: dict[str, torch.Tensor]):
+    """(sum of cross-entropy, correct predictions, number of targets) over the selected tokens.
+
+    Only the selected positions (batch["mlm_positions"], from Masker.apply) go through the MLM
+    head: the vocabulary projection of every position would otherwise be most of a small
+    model's step, for the ~85% of positions that have no target.
+    """
+    pos = batch["mlm_positions"]
+    target = batch["labels"].reshape(-1).index_select(0, pos)
+    logits = model.lm_logits(hidden.reshape(-1, hidden.size(-1)).index_select(0, pos))
+    ce = F.cross_entropy(logits.float(), target, reduction="sum")
+    correct = (logits.argmax(-1) == target).sum()
+    return ce, correct, torch.full((), pos.numel(), device=pos.device)
 
 
 def keep_params_in_graph(model, hidden: torch.Tensor, loss: torch.Tensor, head: str) -> torch.Tensor:
@@ -112,8 +125,7 @@ class MaskedWindows:
         body = torch.cat([w["input_ids"], w["labels"][:, -1:]], dim=1)
         batch = frame(list(body), None, self.seq_len, self.tok)
         g = step_generator(self.seed, TRAIN_MASK_KEY, step, self.rank)
-        batch["input_ids"], batch["labels"] = self.masker(batch["input_ids"], g)
-        return batch
+        return self.masker.apply(batch, g)
 
 
 @register("objective", "mlm")
@@ -139,11 +151,10 @@ class MaskedLM(Objective):
             batch = frame(bodies, None, data.seq_len, self.tokenizer)
             # Keyed by the global batch index, so the masks do not depend on the world size.
             g = step_generator(seed, VAL_MASK_KEY, rank + i * world_size)
-            batch["input_ids"], batch["labels"] = self.masker(batch["input_ids"], g)
-            yield batch
+            yield self.masker.apply(batch, g)
 
     def loss(self, model, batch):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        ce, correct, n = masked_lm_terms(model.lm_logits(hidden), batch["labels"])
+        ce, correct, n = masked_lm_terms(model, hidden, batch)
         loss = keep_params_in_graph(model, hidden, ce / n.clamp(min=1), "nsp")
         return LossOutput(loss=loss, n_targets=n, extras={"mlm_accuracy": (correct.detach(), n)})

@@ -119,7 +119,7 @@ class PairSource:
         batch = self.maker.batch(self.maker.random_spans(self.batch_size, g), g)
         if self.masker is not None:
             mg = step_generator(self.seed, TRAIN_MASK_KEY, step, self.rank)
-            batch["input_ids"], batch["labels"] = self.masker(batch["input_ids"], mg)
+            self.masker.apply(batch, mg)
         return batch
 
 
@@ -133,7 +133,7 @@ def pair_val_batches(maker: PairMaker, batch_size: int, masker: Masker | None, m
     for bi in range(rank, len(chunks), world_size):
         batch = maker.batch(chunks[bi], step_generator(seed, VAL_PAIR_KEY, bi))
         if masker is not None:
-            batch["input_ids"], batch["labels"] = masker(batch["input_ids"], step_generator(seed, VAL_MASK_KEY, bi))
+            masker.apply(batch, step_generator(seed, VAL_MASK_KEY, bi))
         yield batch
 
 
@@ -179,7 +179,7 @@ class MaskedLMNextSentence(NextSentence):
 
     def loss(self, model, batch):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        mlm_ce, mlm_correct, n_mlm = masked_lm_terms(model.lm_logits(hidden), batch["labels"])
+        mlm_ce, mlm_correct, n_mlm = masked_lm_terms(model, hidden, batch)
         nsp_ce, nsp_correct, n_pairs = nsp_terms(model.nsp_logits(hidden), batch["next_sentence_label"])
         loss = mlm_ce / n_mlm.clamp(min=1) + nsp_ce / n_pairs
         extras = {  # (sum, count): the trainer reports sum / count over the whole validation set
