@@ -322,13 +322,15 @@ def _cfg(tmp_path: Path, data_path, **tok) -> RunConfig:
                    tokenizer=replace(TokenizerConfig(), **tok))
 
 
-@pytest.mark.parametrize("case", ["missing", "whitespace", "non_utf8", "jsonl_field", "csv_field"])
+@pytest.mark.parametrize("case", ["missing", "whitespace", "non_utf8", "jsonl_field", "csv_field", "surrogate"])
 def test_bad_sources(tmp_path, case):
     files = {
         "whitespace": ("ws.txt", b"  \n\t\n  \n"),
         "non_utf8": ("bad.txt", b"hello\n\xff\xfe world"),
         "jsonl_field": ("d.jsonl", b'{"body": "x"}\n'),
         "csv_field": ("d.csv", b"body,label\nhello,1\n"),
+        # valid UTF-8 and valid JSON, but the escape is half a surrogate pair: not text
+        "surrogate": ("s.jsonl", b'{"text": "fine"}\n{"text": "bad \\ud800 half"}\n'),
     }
     path = tmp_path / "missing.txt"
     if case in files:
@@ -336,7 +338,8 @@ def test_bad_sources(tmp_path, case):
         path = tmp_path / name
         path.write_bytes(blob)
     needle = {"missing": "not found", "whitespace": "empty", "non_utf8": "byte offset 6",
-              "jsonl_field": "'text'", "csv_field": "'text'"}[case]
+              "jsonl_field": "'text'", "csv_field": "'text'",
+              "surrogate": r"s.jsonl: line 2 holds an unpaired surrogate \\ud800"}[case]
     for name in ("char", "sentencepiece"):
         with pytest.raises(UserError, match=needle):
             load_corpus(_cfg(tmp_path, path, name=name, vocab_size=300))
@@ -350,6 +353,15 @@ def test_encoding_errors_replace_accepts_bad_bytes(tmp_path):
     cfg = replace(cfg, data=replace(cfg.data, encoding_errors="replace"))
     tok, splits = load_corpus(cfg)
     assert "\ufffd" in tok.decode(np.asarray(splits.train).tolist())
+
+
+def test_encoding_errors_replace_accepts_unpaired_surrogates(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "half \\udc80 a pair and more text"}\n' * 20)
+    cfg = _cfg(tmp_path, path, name="char")
+    cfg = replace(cfg, data=replace(cfg.data, encoding_errors="replace"))
+    tok, splits = load_corpus(cfg)
+    assert "half \ufffd a pair" in tok.decode(np.asarray(splits.train).tolist())
 
 
 def test_vocab_too_large_via_cli_writes_nothing(tmp_path):

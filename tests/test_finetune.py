@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,21 @@ def test_empty_prompt_or_response_names_the_record(tmp_path, content, bad):
     f.write_text(content)
     task, _ = _task("instruction", train_path=str(f), val_path=str(f))
     with pytest.raises(UserError, match=f"a.json: record 1: {bad}"):
+        task.train_examples()
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("a.json", r'[{"instruction": "Hi", "output": "ok"}, {"instruction": "x \ud83d y", "output": "z"}]',
+     "record 2 field 'instruction'"),
+    ("c.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n'
+                r'{"messages": [{"role": "user", "content": "\udfff"}]}', "record 2 field 'messages[0].content'"),
+])
+def test_unpaired_surrogate_names_the_record(tmp_path, name, content, where):
+    """A JSON escape that spells half a surrogate pair is not text: named, not a crash later."""
+    f = tmp_path / name
+    f.write_text(content)
+    task, _ = _task("instruction", train_path=str(f), val_path=str(f))
+    with pytest.raises(UserError, match=re.escape(f"{name}: {where} holds an unpaired surrogate")):
         task.train_examples()
 
 

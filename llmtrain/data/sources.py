@@ -67,13 +67,33 @@ def _stem_suffix(path: Path) -> str:
     return suffixes[-1].lower() if suffixes else ""
 
 
-def _field(record: object, field: str, path: Path, where: str) -> str:
+# JSON's \uXXXX escapes can spell half of a surrogate pair: a Python string, but not text
+# (UTF-8 cannot encode it, so every tokenizer would fail on it later, far from the file).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACE_HINT = " (set data.encoding_errors=replace to accept it)"
+
+
+def valid_text(value: str, path: object, where: str, errors: str = "strict", hint: str = REPLACE_HINT) -> str:
+    """`value`, or a UserError naming the file and record if it holds an unpaired surrogate
+    (with errors="replace": those become U+FFFD, as undecodable bytes do)."""
+    if value.isascii():
+        return value
+    m = _SURROGATE.search(value)
+    if m is None:
+        return value
+    if errors == "replace":
+        return _SURROGATE.sub("\ufffd", value)
+    raise UserError(f"{path}: {where} holds an unpaired surrogate \\u{ord(m.group()):04x} at character "
+                    f"{m.start()}, which is not valid Unicode{hint}")
+
+
+def _field(record: object, field: str, path: Path, where: str, errors: str = "strict") -> str:
     if not isinstance(record, dict) or field not in record:
         raise UserError(f"{path}: {where} has no field {field!r} (set data.text_field)")
     value = record[field]
     if isinstance(value, list):  # e.g. SciTLDR's list of sentences
         value = " ".join(map(str, value))
-    return str(value)
+    return valid_text(str(value), path, where, errors)
 
 
 def iter_documents(path: Path, text_field: str = "text", errors: str = "strict") -> Iterator[str]:
@@ -86,7 +106,7 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "strict")
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-                yield _field(record, text_field, path, f"line {i}")
+                yield _field(record, text_field, path, f"line {i}", errors)
     elif kind == ".json":
         try:
             data = json.loads(read_text(path, errors))
@@ -94,7 +114,7 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "strict")
             raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         records = data if isinstance(data, list) else data.get("data", [data])
         for i, record in enumerate(records):
-            yield _field(record, text_field, path, f"record {i}")
+            yield _field(record, text_field, path, f"record {i}", errors)
     elif kind in (".csv", ".tsv"):
         text = read_text(path, errors)
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if kind == ".tsv" else ",")

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
 from llmtrain.data.loader import step_generator
-from llmtrain.data.sources import read_text
+from llmtrain.data.sources import read_text, valid_text
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput  # noqa: F401  (re-exported for tasks)
 from llmtrain.tokenizers import Tokenizer
@@ -236,7 +236,7 @@ def read_records(path: str | None, what: str = "task.train_path") -> list[dict[s
                 raise UserError(f"{p}: record {n} is not valid JSON: {e.msg}") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{p}: record {n} is not a JSON object")
-            out.append(rec)
+            out.append(valid_strings(rec, p, f"record {n}"))
         return out
     if suffix == ".json":
         try:
@@ -247,8 +247,22 @@ def read_records(path: str | None, what: str = "task.train_path") -> list[dict[s
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UserError(f"{p}: expected a JSON list of objects")
-        return data
+        return [valid_strings(rec, p, f"record {n}") for n, rec in enumerate(data, 1)]
     raise UserError(f"{what}: unsupported file type {p.suffix!r} (use .json, .jsonl, .csv or .tsv): {path}")
+
+
+def valid_strings(obj: Any, path: Path, where: str, key: str = "") -> Any:
+    """`obj` with every string checked to be real text (JSON escapes can spell an unpaired
+    surrogate, which no tokenizer can encode): a UserError names the record and field."""
+    if isinstance(obj, str):
+        return valid_text(obj, path, f"{where} field {key!r}" if key else where, hint="")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            valid_strings(v, path, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            valid_strings(v, path, where, f"{key}[{i}]")
+    return obj
 
 
 def field_of(rec: dict, key: str, path: str | None, n: int, required: bool = True) -> Any:

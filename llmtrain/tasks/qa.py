@@ -30,7 +30,7 @@ from llmtrain.errors import UserError
 from llmtrain.eval.metrics import squad_metrics
 from llmtrain.objectives.base import LossOutput
 from llmtrain.registry import register
-from llmtrain.tasks.base import HeadModel, Task, model_device, pad_rows, sequential_batches
+from llmtrain.tasks.base import HeadModel, Task, model_device, pad_rows, sequential_batches, valid_strings
 
 _PIECE = re.compile(r"\s*(?:\w+|[^\w\s])")
 
@@ -58,7 +58,7 @@ def read_squad(path: str | None, what: str) -> list[dict]:
         raise UserError(f"{p}: not valid JSON: {e.msg} (line {e.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise UserError(f"{p}: not SQuAD JSON (expected {{'data': [articles]}})")
-    return data["data"]
+    return [valid_strings(art, p, f"article {i}") for i, art in enumerate(data["data"])]
 
 
 def questions(articles: list[dict], path: str) -> list[dict]:
