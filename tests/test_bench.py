@@ -12,7 +12,7 @@ def test_bench_writes_consistent_results(tmp_path):
                    "bench.steps=3", "bench.warmup=1", f"bench.out={out}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
-    assert (r["batch_size"], r["seq_len"], r["grad_accum"], r["steps"]) == (4, 32, 2, 3)
+    assert (r["batch_size"], r["seq_len"], r["grad_accum"], r["steps"], r["rounds"]) == (4, 32, 2, 3, 3)
     # tokens/s is the step's tokens over the measured step time (not a separate estimate)
     assert abs(r["tokens_per_s"] - 4 * 32 * 2 / (r["step_ms"] / 1000)) < 1e-6 * r["tokens_per_s"]
     assert abs(r["baseline_tokens_per_s"] - 4 * 2 * 32 / (r["baseline_step_ms"] / 1000)) < 1e-6 * r["baseline_tokens_per_s"]
@@ -23,3 +23,4 @@ def test_bench_writes_consistent_results(tmp_path):
 
 def test_bench_rejects_bad_steps(tmp_path):
     assert_user_error(run_cli("bench", "model=gpt_tiny", "bench.steps=0", f"hydra.run.dir={tmp_path}"), "bench.steps")
+    assert_user_error(run_cli("bench", "model=gpt_tiny", "bench.rounds=0", f"hydra.run.dir={tmp_path}"), "bench.rounds")

@@ -164,6 +164,7 @@ class BenchConfig:
     warmup: int = 5
     out: Optional[str] = None  # JSON results file; default RUN_DIR/bench.json
     baseline: bool = True  # also time a plain PyTorch loop of the same model
+    rounds: int = 5  # steps are timed in this many rounds, taking turns with the baseline; best round counts
 
 
 @dataclass
