@@ -64,7 +64,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | muon
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -72,6 +72,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     fused: Optional[bool] = None  # None = fused on CUDA
+    # optim=muon: Muon on the blocks' weight matrices (lr muon_lr), AdamW (lr) on everything else
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
 
 
 @dataclass

@@ -349,8 +349,10 @@ class Trainer:
         if self.scaler is not None:  # the scaler skips non-finite steps itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.device.type == "cuda" and self.optimizer.defaults.get("fused"):
-            # The fused kernel skips the update on device when found_inf is set: no host sync.
+        elif getattr(self.optimizer, "skips_on_found_inf", False) or (
+                self.device.type == "cuda" and self.optimizer.defaults.get("fused")):
+            # The fused kernel (and MuonAdamW) skips the update on device when found_inf is set:
+            # no host sync.
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
         elif bool(finite):  # on CPU reading a flag costs nothing
