@@ -66,6 +66,14 @@ def test_unknown_model_preset_exits_2():
     assert_user_error(run_cli("pretrain", "model=nope"), "model/nope")
 
 
+def test_unknown_optimizer_and_muon_under_fsdp_exit_2(tmp_path):
+    assert_user_error(run_cli("pretrain", "optim.name=sgd"), "optim.name 'sgd'", "adamw, muon")
+    run = tmp_path / "run"
+    assert_user_error(run_cli("pretrain", "optim=muon", "trainer.strategy=fsdp", f"hydra.run.dir={run}"),
+                      "optim=muon", "trainer.strategy=ddp")
+    assert not run.exists()  # refused before anything is written
+
+
 def test_seq_len_longer_than_context_exits_2():
     assert_user_error(run_cli("pretrain", "model=gpt_tiny", "data.seq_len=1000"), "data.seq_len")
 
