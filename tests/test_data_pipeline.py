@@ -346,22 +346,17 @@ def test_bad_sources(tmp_path, case):
     assert not (tmp_path / "cache").exists() or not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
 
 
-def test_encoding_errors_replace_accepts_bad_bytes(tmp_path):
-    path = tmp_path / "bad.txt"
-    path.write_bytes(b"hello there\n\xff world of text\n" * 20)
+@pytest.mark.parametrize("name, blob, want", [
+    ("bad.txt", b"hello there\n\xff world of text\n" * 20, "\ufffd world"),  # undecodable bytes
+    ("s.jsonl", b'{"text": "half \\udc80 a pair and more text"}\n' * 20, "half \ufffd a pair"),  # half a surrogate pair
+])
+def test_encoding_errors_replace_accepts_bad_text(tmp_path, name, blob, want):
+    path = tmp_path / name
+    path.write_bytes(blob)
     cfg = _cfg(tmp_path, path, name="char")
     cfg = replace(cfg, data=replace(cfg.data, encoding_errors="replace"))
     tok, splits = load_corpus(cfg)
-    assert "\ufffd" in tok.decode(np.asarray(splits.train).tolist())
-
-
-def test_encoding_errors_replace_accepts_unpaired_surrogates(tmp_path):
-    path = tmp_path / "s.jsonl"
-    path.write_text('{"text": "half \\udc80 a pair and more text"}\n' * 20)
-    cfg = _cfg(tmp_path, path, name="char")
-    cfg = replace(cfg, data=replace(cfg.data, encoding_errors="replace"))
-    tok, splits = load_corpus(cfg)
-    assert "half \ufffd a pair" in tok.decode(np.asarray(splits.train).tolist())
+    assert want in tok.decode(np.asarray(splits.train).tolist())
 
 
 def test_vocab_too_large_via_cli_writes_nothing(tmp_path):

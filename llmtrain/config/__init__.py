@@ -41,6 +41,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 def validate_config(cfg: RunConfig) -> None:
     """Checks that need more than types: registry names, sizes, objective/model compatibility."""
     from llmtrain import registry
+    from llmtrain.train.optim import check_optimizer
 
     model_cls = registry.get("model", cfg.model.name)
     if cfg.stage == "pretrain":
@@ -55,11 +56,7 @@ def validate_config(cfg: RunConfig) -> None:
                             f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)")
     registry.get("tokenizer", cfg.tokenizer.name)
     m, d, t = cfg.model, cfg.data, cfg.trainer
-    if cfg.optim.name not in ("adamw", "muon"):
-        raise UserError(f"unknown optim.name {cfg.optim.name!r}; available: adamw, muon")
-    if cfg.optim.name == "muon" and t.strategy == "fsdp":
-        raise UserError("optim=muon orthogonalises whole weight matrices, which FSDP shards: "
-                        "use trainer.strategy=ddp (or optim=adamw)")
+    check_optimizer(cfg.optim, sharded=t.strategy == "fsdp")
     if cfg.stage != "pretrain":  # the checkpoint decides the architecture; checked when loaded
         m = ModelConfig(max_seq_len=max(d.seq_len, 1))
     if m.d_model % m.n_head:

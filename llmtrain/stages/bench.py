@@ -49,7 +49,6 @@ def _time(fns: dict, steps: int, warmup: int, rounds: int, device: torch.device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    rounds = max(1, min(rounds, steps))
     sizes = [steps // rounds + (i < steps % rounds) for i in range(rounds)]
     best = {k: float("inf") for k in fns}
     for n in sizes:
@@ -87,8 +86,9 @@ def run(cfg: RunConfig) -> float:
     peak_mem = _peak_mem_gb(rt.device)
     fns = {"llmtrain": trainer.train_step}
     if b.baseline:
-        fns["baseline"] = _baseline(cfg, model_cfg, tokens, rt)
-    times = _time(fns, b.steps, b.warmup, b.rounds, rt.device)
+        fns["baseline"], baseline_tokens = _baseline(cfg, model_cfg, tokens, rt)
+    rounds = min(b.rounds, b.steps)
+    times = _time(fns, b.steps, b.warmup, rounds, rt.device)
     step_s = times["llmtrain"]
     tokens_per_step = trainer.tokens_per_step
     results = {
@@ -104,16 +104,15 @@ def run(cfg: RunConfig) -> float:
         "warmup": b.warmup,
         "step_ms": 1000 * step_s,
         "tokens_per_s": tokens_per_step / step_s,
-        "rounds": max(1, min(b.rounds, b.steps)),
+        "rounds": rounds,
         "peak_mem_gb": peak_mem,
     }
     peak = peak_flops(rt.device)
     if peak:
         results["mfu"] = results["tokens_per_s"] * model.flops_per_token(cfg.data.seq_len) / peak
     if b.baseline:
-        B, T = cfg.data.batch_size * cfg.trainer.grad_accum, cfg.data.seq_len
         results["baseline_step_ms"] = 1000 * times["baseline"]
-        results["baseline_tokens_per_s"] = B * T / times["baseline"]
+        results["baseline_tokens_per_s"] = baseline_tokens / times["baseline"]
         results["speedup_vs_baseline"] = results["tokens_per_s"] / results["baseline_tokens_per_s"]
 
     if rt.is_main:
@@ -127,7 +126,8 @@ def run(cfg: RunConfig) -> float:
 
 
 def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt):
-    """The textbook loop's step: forward, cross-entropy, backward, AdamW (same model, batch, precision)."""
+    """(The textbook loop's step: forward, cross-entropy, backward, AdamW; its tokens per step),
+    same model, batch and precision."""
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(model_cfg).to(rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -143,4 +143,4 @@ def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return step, B * T

@@ -15,9 +15,20 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "emb" in name or name.endswith(("wte.weight", "wpe.weight"))
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def check_optimizer(cfg: OptimConfig, sharded: bool) -> None:
+    """The optimizer exists and suits the parameters (`sharded`: FSDP splits the matrices)."""
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"unknown optim.name {cfg.name!r}; available: {', '.join(OPTIMIZERS)}")
+    if cfg.name == "muon" and sharded:
+        raise UserError("optim=muon orthogonalises whole weight matrices, which FSDP shards: "
+                        "use trainer.strategy=ddp (or optim=adamw)")
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    if cfg.name not in ("adamw", "muon"):
-        raise UserError(f"unknown optim.name {cfg.name!r}; available: adamw, muon")
+    check_optimizer(cfg, sharded=any(hasattr(p, "full_tensor") for p in model.parameters()))
     decay, no_decay, hidden, seen = [], [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
@@ -32,9 +43,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.name == "muon":
-        if any(hasattr(p, "full_tensor") for p in hidden):
-            raise UserError("optim=muon orthogonalises whole weight matrices, which FSDP shards: "
-                            "use trainer.strategy=ddp (or optim=adamw)")
         groups.append({"params": hidden, "weight_decay": cfg.weight_decay, "lr": cfg.muon_lr, "muon": True})
         return MuonAdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                          momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
@@ -80,11 +88,13 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        keep = None  # 1, or 0 to skip the step: one tensor for the whole step
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                keep = torch.ones((), device=p.device) if self.found_inf is None else 1 - self.found_inf.to(p.device)
+                if keep is None:
+                    keep = torch.ones((), device=p.device) if self.found_inf is None else 1 - self.found_inf.to(p.device)
                 grad = torch.where(keep > 0, p.grad, 0)  # a skipped step must not poison the state
                 lr, state = group["lr"], self.state[p]
                 p.mul_(1 - lr * group["weight_decay"] * keep)
