@@ -18,7 +18,8 @@ def _find_conf_dir() -> Path:
     env = os.environ.get("LLMTRAIN_CONF")
     if env:
         return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2] / "conf").resolve()
+    # conf/ ships inside the package, so an installed wheel finds it as well as a checkout.
+    return Path(str(resources.files("llmtrain") / "conf")).resolve()
 
 
 CONF_DIR = _find_conf_dir()

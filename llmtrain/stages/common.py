@@ -8,79 +8,26 @@ import dataclasses
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from llmtrain.config.schema import ModelConfig, RunConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.data.sources import document_reader
-from llmtrain.distributed import DistInfo, barrier, broadcast_str, init_distributed, is_main
+from llmtrain.distributed import barrier, is_main
 from llmtrain.errors import UserError
+from llmtrain.files import atomic_write
+from llmtrain.runtime import Runtime, hydra_overrides, hydra_run_dir, seed_everything, setup_runtime  # noqa: F401
 from llmtrain.hf import HF_PREFIX
 from llmtrain.models import build_model
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
 from llmtrain.train import checkpoint as ckpt
-from llmtrain.train.device import pick_device, pick_precision
-
-
-@dataclass
-class Runtime:
-    run_dir: Path
-    device: torch.device
-    precision: str
-    dist: DistInfo
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.rank == 0
-
-
-def hydra_run_dir() -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # called outside Hydra (tests, scripts)
-        return Path.cwd()
-
-
-def hydra_overrides() -> list[str]:
-    """The command-line overrides of this job (for sweep summaries and plot legends)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
-def setup_runtime(cfg: RunConfig, run_dir: Path | None = None) -> Runtime:
-    device = pick_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(device.type)
-    # Every rank must use rank 0's run directory (Hydra's ${now:} differs between processes).
-    run_dir = Path(broadcast_str(str(run_dir or hydra_run_dir())))
-    if dist.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    precision = pick_precision(cfg.trainer.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.trainer.seed + dist.rank)
-    return Runtime(run_dir=run_dir, device=device, precision=precision, dist=dist)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -138,12 +85,6 @@ def run_info() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------- tokenizer and data
