@@ -60,9 +60,9 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-# Keys whose values are free text: `prompt="ROMEO:"` reaches us as prompt=ROMEO: (the shell ate the
-# quotes), which Hydra's grammar would reject; quote such values for Hydra.
-FREE_TEXT_KEYS = ("prompt",)
+# Keys whose values are free text: `generate.prompt="ROMEO:"` reaches us as generate.prompt=ROMEO: (the
+# shell ate the quotes), which Hydra's grammar would reject; quote such values for Hydra.
+FREE_TEXT_KEYS = ("generate.prompt",)
 
 
 def _quote_free_text(args: list[str]) -> list[str]:
@@ -136,7 +136,9 @@ def _check_overrides(stage: str, overrides: list[str], config_name: str) -> None
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from llmtrain.config import CONF_DIR, to_run_config, validate_config
+    from llmtrain.config.moved_keys import refuse_moved_keys
 
+    refuse_moved_keys(stage, overrides)  # old flat spellings: one line naming the new key
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad syntax

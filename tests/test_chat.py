@@ -25,7 +25,7 @@ def chat_cli(*args: str, input: str) -> subprocess.CompletedProcess:
 
 def test_chat_session_with_reset_and_exit(pretrained, tmp_path):
     turns = ["Good morrow, cousin.", "What news?", "/reset", "Good morrow, cousin.", "/exit", "never answered"]
-    proc = chat_cli(f"checkpoint={pretrained}", "max_new_tokens=12", "temperature=1.0", "top_k=null",
+    proc = chat_cli(f"checkpoint={pretrained}", "chat.max_new_tokens=12", "chat.temperature=1.0", "chat.top_k=null",
                    f"hydra.run.dir={tmp_path}", input="\n".join(turns) + "\n")
     assert proc.returncode == 0, proc.stderr
     assert "/reset" in proc.stderr and "(conversation cleared)" in proc.stderr
@@ -48,17 +48,18 @@ def test_chat_session_with_reset_and_exit(pretrained, tmp_path):
 
 
 def test_chat_ends_at_end_of_input_and_rejects_bad_template(pretrained, tmp_path):
-    proc = chat_cli(f"checkpoint={pretrained}", "max_new_tokens=3", f"hydra.run.dir={tmp_path}",
+    proc = chat_cli(f"checkpoint={pretrained}", "chat.max_new_tokens=3", f"hydra.run.dir={tmp_path}",
                    input="hello\n")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip("\n").split("\n")) <= 3  # one short reply, then EOF ends the loop
-    assert_user_error(chat_cli(f"checkpoint={pretrained}", "task.chat_template=nope",
+    assert_user_error(chat_cli(f"checkpoint={pretrained}", "chat.template=nope",
                               f"hydra.run.dir={tmp_path / 'b'}", input="hi\n"), "nope")
 
 
 def test_generate_samples_with_top_p_and_reports_speed(pretrained, tmp_path):
-    proc = run_cli("generate", f"checkpoint={pretrained}", "prompt=ROMEO:", "max_new_tokens=15", "num_samples=3",
-                   "temperature=0.9", "top_k=null", "top_p=0.8", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("generate", f"checkpoint={pretrained}", "generate.prompt=ROMEO:", "generate.max_new_tokens=15",
+                   "generate.num_samples=3", "generate.temperature=0.9", "generate.top_k=null",
+                   "generate.top_p=0.8", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"generate: (\d+) tokens in [\d.]+s \(([\d.]+) tokens/s", proc.stderr)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0, proc.stderr
@@ -70,5 +71,5 @@ def test_generate_samples_with_top_p_and_reports_speed(pretrained, tmp_path):
     want = "".join(f"--- sample {i + 1} ---\nROMEO:{tok.decode(t)}\n" for i, t in enumerate(res.tokens))
     assert proc.stdout == want
     assert int(m.group(1)) == res.num_generated
-    assert_user_error(run_cli("generate", f"checkpoint={pretrained}", "top_p=1.5", f"hydra.run.dir={tmp_path / 'b'}"),
-                      "top_p")
+    assert_user_error(run_cli("generate", f"checkpoint={pretrained}", "generate.top_p=1.5",
+                              f"hydra.run.dir={tmp_path / 'b'}"), "top_p")

@@ -268,17 +268,18 @@ def test_sft_and_summarization_end_to_end(pretrained, tmp_path):
     run = tmp_path / "sft"
     proc = run_cli("finetune", "+experiment=sft_dolly", f"init_from={pretrained}", *FAST, "data.seq_len=64",
                    "task.max_examples=24", "trainer.max_steps=3", "trainer.eval_every=3", "eval.max_examples=2",
-                   "task.options.max_new_tokens=8", f"hydra.run.dir={run}")
+                   "task.max_new_tokens=8", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"val/rougeL", "val/bleu"} <= set(_metrics(run)[-1]) and "generated:" in proc.stdout
     # a plain decoder checkpoint (no head): loadable by every stage, e.g. generate
-    gen = run_cli("generate", f"checkpoint={run}", "prompt=### User:", "max_new_tokens=5", f"hydra.run.dir={tmp_path / 'g'}")
+    gen = run_cli("generate", f"checkpoint={run}", "generate.prompt=### User:", "generate.max_new_tokens=5",
+                  f"hydra.run.dir={tmp_path / 'g'}")
     assert gen.returncode == 0, gen.stderr[-2000:]
 
     run2 = tmp_path / "sum"
     proc = run_cli("finetune", "+experiment=summarize_scitldr", f"init_from={pretrained}", *FAST, "data.seq_len=64",
                    "task.max_examples=16", "trainer.max_steps=2", "trainer.eval_every=2", "eval.max_examples=2",
-                   "task.options.max_new_tokens=8", f"hydra.run.dir={run2}")
+                   "task.max_new_tokens=8", f"hydra.run.dir={run2}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "truncated" in proc.stdout and {"val/rouge1", "val/rouge2"} <= set(_metrics(run2)[-1])
 

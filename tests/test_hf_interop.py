@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import SHARED, TINY, assert_user_error, run_cli  # noqa: E402
-from llmtrain.config.schema import ModelConfig, RunConfig, TokenizerConfig  # noqa: E402
+from llmtrain.config.schema import ExportConfig, ModelConfig, RunConfig, TokenizerConfig  # noqa: E402
 from llmtrain.errors import UserError  # noqa: E402
 from llmtrain.hf.export import export_hf  # noqa: E402
 from llmtrain.models import build_model  # noqa: E402
@@ -177,7 +177,7 @@ def test_export_fine_tuned_task_model(tmp_path, task_name):
     ck = save_checkpoint(tmp_path / "ft" / "checkpoints", 3, model, meta)
 
     out = tmp_path / "export"
-    export_stage.run(RunConfig(checkpoint=str(ck), out=str(out)))
+    export_stage.run(RunConfig(checkpoint=str(ck), export=ExportConfig(out=str(out))))
     hf, info = getattr(transformers, hf_cls).from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info
     x = torch.tensor([tok.encode(shakespeare(20000)[i:i + 30]) for i in (0, 500)])
@@ -317,7 +317,7 @@ def test_cli_export_then_finetune_and_evaluate_from_hf(tmp_path):
     tok = CharTokenizer.train([shakespeare(100000)])
     ck = our_checkpoint(tmp_path, "gpt2", tok)
     out = tmp_path / "export"
-    p = run_cli("export", f"checkpoint={ck.parents[1]}", f"out={out}")  # a run dir -> its newest checkpoint
+    p = run_cli("export", f"checkpoint={ck.parents[1]}", f"export.out={out}")  # a run dir -> its newest checkpoint
     assert p.returncode == 0, p.stderr[-2000:]
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info
@@ -351,6 +351,7 @@ def test_export_stage_and_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="someorg/somemodel.*not a local directory"):
         load_checkpoint("hf:someorg/somemodel")
     with pytest.raises(UserError, match="format='onnx'"):
-        export_stage.run(RunConfig(checkpoint=str(tmp_path), out=str(tmp_path / "x"), format="onnx"))
+        export_stage.run(RunConfig(checkpoint=str(tmp_path),
+                                   export=ExportConfig(out=str(tmp_path / "x"), format="onnx")))
     with pytest.raises(UserError, match="out=DIR"):
         export_stage.run(RunConfig(checkpoint=str(tmp_path)))

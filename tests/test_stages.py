@@ -57,8 +57,8 @@ def test_evaluate_on_other_text(pretrained, tmp_path):
 
 
 def test_generate_samples_text(pretrained, tmp_path):
-    proc = run_cli("generate", f"checkpoint={pretrained}", "prompt=ROMEO:", "max_new_tokens=40",
-                   "temperature=0.8", "top_k=20", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("generate", f"checkpoint={pretrained}", "generate.prompt=ROMEO:", "generate.max_new_tokens=40",
+                   "generate.temperature=0.8", "generate.top_k=20", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.strip()
     assert out.startswith("ROMEO:") and len(out) > len("ROMEO:") + 10

@@ -3,7 +3,7 @@ misspelled key or a wrong type is rejected while the config is composed, before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 
 @dataclass
@@ -28,9 +28,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "text"  # text | classification | instruction | ...
     path: Optional[str] = None  # file, directory or glob (text); dataset files for tasks
-    val_path: Optional[str] = None
     text_field: str = "text"
     # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
     # " = Title = " headings); None = one document per file (or per record).
@@ -39,7 +37,6 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16
     encoding_errors: str = "strict"  # strict | replace
-    num_workers: int = 0
     cache_dir: Optional[str] = None
     num_proc: int = 1
 
@@ -105,7 +102,6 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5
     progress: bool = True
-    sample_every: int = 0  # >0: print a short sample at these steps (decoders)
 
 
 @dataclass
@@ -144,7 +140,12 @@ class TaskConfig:
     doc_stride: int = 64
     max_answer_len: int = 30
     max_examples: int = 0  # 0 = all
-    options: dict[str, Any] = field(default_factory=dict)
+    # generative tasks (instruction, summarization): validation answers generated while fine-tuning
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
+    all_targets: bool = False  # summarization: one training example per target (else the first)
+    null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
 
 
 @dataclass
@@ -154,12 +155,46 @@ class FinetuneConfig:
 
 
 @dataclass
-class EvalConfig:
+class SamplingConfig:
+    """How text is sampled; generate, chat and eval's generation task each set their own defaults."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: Optional[int] = 200  # None = no top-k cut
+    top_p: Optional[float] = None  # nucleus sampling; None = off
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    prompt: str = "\n"
+    num_samples: int = 1  # continuations of the prompt, sampled as one batch
+
+
+@dataclass
+class ChatConfig(SamplingConfig):
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: Optional[int] = 50
+    template: Optional[str] = None  # chat template name; None = the checkpoint's own
+
+
+@dataclass
+class ExportConfig:
+    out: Optional[str] = None  # the directory to write
+    format: str = "hf"
+
+
+@dataclass
+class EvalConfig(SamplingConfig):
     tasks: list[str] = field(default_factory=lambda: ["lm"])  # lm | classification | qa | generation | mlm | nsp
     max_examples: int = 0  # 0 = all
-    max_new_tokens: int = 64
     batch_size: int = 16
-    options: dict[str, Any] = field(default_factory=dict)
+    # generation task: greedy unless set
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    stop: list[str] = field(default_factory=list)  # more strings that end a generation
+    prompt_format: Optional[str] = None  # e.g. "{source} TL;DR:" for a plain LM; None = template or raw text
 
 
 @dataclass
@@ -173,7 +208,8 @@ class BenchConfig:
 
 @dataclass
 class RunConfig:
-    """Keys shared by every stage."""
+    """The whole run: groups shared by every stage, and each stage's own group (generate, chat,
+    export, eval, bench). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,22 +223,15 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
     init_from: Optional[str] = None  # checkpoint to start from (finetune)
-    checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, export)
-    out: Optional[str] = None  # output directory (export) or file
-    format: str = "hf"  # export format
-    # generation
-    prompt: str = "\n"
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: Optional[int] = 200
-    top_p: Optional[float] = None
-    num_samples: int = 1
+    checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, chat, export)
     # what a sweep optimises: the stage returns this metric
     optimize_metric: str = "val/loss"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

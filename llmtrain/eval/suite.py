@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from llmtrain.config.moved_keys import known_fields
 from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
 from llmtrain.errors import UserError
 from llmtrain.eval import metrics
@@ -103,7 +104,7 @@ def _data_config(ctx: EvalContext) -> DataConfig:
         saved = ctx.run_config("data")
         if not saved.get("path"):
             raise UserError("evaluate: no data to score; pass data=text data.path=FILE")
-        data = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
+        data = DataConfig(**known_fields(DataConfig, saved))
     max_len = int(getattr(getattr(ctx.model, "config", None), "max_seq_len", data.seq_len))
     return DataConfig(**{**data.__dict__, "seq_len": min(data.seq_len, max_len)})
 
@@ -122,8 +123,7 @@ def _val_splits(ctx: EvalContext, data: DataConfig):
 def _objective(ctx: EvalContext, name: str):
     from llmtrain.registry import get
 
-    saved = {k: v for k, v in ctx.run_config("objective").items() if k in ObjectiveConfig.__dataclass_fields__}
-    ocfg = ObjectiveConfig(**{**saved, "name": name})
+    ocfg = ObjectiveConfig(**{**known_fields(ObjectiveConfig, ctx.run_config("objective")), "name": name})
     return get("objective", name)(ocfg, ctx.tokenizer)
 
 
@@ -276,7 +276,7 @@ def chat_template_name(meta: dict[str, Any]) -> str | None:
 
 def prompt_ids(example: dict[str, Any], tokenizer, template: str | None, prompt_format: str | None) -> list[int]:
     """Token ids of an example's prompt: a chat template (tokenized per segment, as in training),
-    eval.options.prompt_format ("{source} TL;DR:"), or the raw source text."""
+    eval.prompt_format ("{source} TL;DR:"), or the raw source text."""
     if template is not None and not prompt_format:
         from llmtrain.tasks.chat_template import encode_chat
 
@@ -309,9 +309,9 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
     """(prompt ids, references, stop strings). A checkpoint fine-tuned on a generative task uses
     its task's validation examples (prompts formatted as in training; task.val_path=FILE picks
     other data); a plain LM reads prompt/reference records from task.val_path."""
-    cfg, opts = ctx.cfg, dict(ctx.cfg.eval.options)
+    cfg = ctx.cfg
     task = ctx.load()[3]
-    stops = list(opts.get("stop", []))
+    stops = list(cfg.eval.stop)
     if task is not None and hasattr(task, "generate_responses"):
         examples = [e for e in task.val_examples() if e.get("prompt")]
         if cfg.eval.max_examples:
@@ -323,7 +323,7 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
         raise UserError("eval task generation needs task.val_path=FILE.jsonl (prompt/response or source/target)")
     examples = read_references(path, _task_config(ctx), cfg.eval.max_examples)
     template = chat_template_name(ctx.meta)
-    fmt = opts.get("prompt_format")
+    fmt = cfg.eval.prompt_format
     if template is not None and not fmt:
         from llmtrain.tasks.chat_template import stop_strings
 
@@ -334,7 +334,7 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
 
 @eval_task("generation")
 def generation_task(ctx: EvalContext) -> TaskResult:
-    cfg, opts = ctx.cfg, dict(ctx.cfg.eval.options)
+    cfg = ctx.cfg
     _check_backbone_task(ctx, "generation")
     if not getattr(ctx.model, "is_decoder", True):
         raise UserError("eval task generation needs a decoder checkpoint")
@@ -344,9 +344,8 @@ def generation_task(ctx: EvalContext) -> TaskResult:
     pairs, n_tokens, seconds = [], 0, 0.0
     for batch in shard_batches(prompts, cfg.eval.batch_size, rank, world_size):
         texts, res = generate_texts(ctx.model, ctx.tokenizer, [p for _, p in batch],
-                                    max_new_tokens=cfg.eval.max_new_tokens,
-                                    temperature=float(opts.get("temperature", 0.0)),  # greedy by default
-                                    top_k=opts.get("top_k"), top_p=opts.get("top_p"), stop_strings=stops,
+                                    max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                                    top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, stop_strings=stops,
                                     generator=gen)
         pairs += [(i, t.strip()) for (i, _), t in zip(batch, texts)]
         n_tokens, seconds = n_tokens + res.num_generated, seconds + res.seconds
@@ -376,8 +375,7 @@ def task_overrides(cfg: TaskConfig) -> dict[str, Any]:
 
 def _task_config(ctx: EvalContext) -> TaskConfig:
     """task.* from the command line over the checkpoint's own task config (fine-tuned checkpoints)."""
-    saved = {k: v for k, v in task_config_of(ctx.meta).items() if k in TaskConfig.__dataclass_fields__}
-    return TaskConfig(**{**saved, **task_overrides(ctx.cfg.task)})
+    return TaskConfig(**{**known_fields(TaskConfig, task_config_of(ctx.meta)), **task_overrides(ctx.cfg.task)})
 
 
 def report_task_output(prefix: str, out: dict[str, Any]) -> TaskResult:

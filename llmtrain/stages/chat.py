@@ -10,16 +10,16 @@ import sys
 
 import torch
 
-from llmtrain.config.schema import RunConfig, TaskConfig
+from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.eval.suite import generate_texts
 from llmtrain.stages.common import load_checkpoint, setup_runtime
 from llmtrain.train import checkpoint as ckpt
 
 
-def template_of(meta: dict, override: str) -> str:
-    """task.chat_template from the command line, else the checkpoint's own, else "default"."""
-    if override != TaskConfig().chat_template:
+def template_of(meta: dict, override: str | None) -> str:
+    """chat.template from the command line, else the checkpoint's own, else "default"."""
+    if override is not None:
         return override
     task = meta.get("task") if isinstance(meta.get("task"), dict) else {}
     task_cfg = task.get("config") if isinstance(task.get("config"), dict) else task
@@ -46,8 +46,8 @@ def run(cfg: RunConfig) -> None:
     model, tok, meta = load_model(cfg.checkpoint, rt.device)
     if not getattr(model, "is_decoder", True):
         raise UserError(f"checkpoint {cfg.checkpoint} is an encoder; chat needs a decoder")
-    template = template_of(meta, cfg.task.chat_template)
-    get_template(template)  # unknown name -> UserError before reading input
+    template = template_of(meta, cfg.chat.template)
+    get_template(template, "chat.template")  # unknown name -> UserError before reading input
     stops = stop_strings(template)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     interactive = sys.stdin.isatty()
@@ -72,8 +72,9 @@ def run(cfg: RunConfig) -> None:
             continue
         history.append({"role": "user", "content": text})
         ids = encode_chat(history, template, tok, add_generation_prompt=True)[0]
-        texts, _ = generate_texts(model, tok, [ids], max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        c = cfg.chat
+        texts, _ = generate_texts(model, tok, [ids], max_new_tokens=c.max_new_tokens,
+                                  temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                                   stop_strings=stops, generator=gen)
         reply = texts[0].strip()
         history.append({"role": "assistant", "content": reply})

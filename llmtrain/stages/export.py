@@ -1,4 +1,4 @@
-"""export: write a checkpoint (checkpoint=PATH, or hf:DIR) to out=DIR in Hugging Face format.
+"""export: write a checkpoint (checkpoint=PATH, or hf:DIR) to export.out=DIR in Hugging Face format.
 
 Fine-tuned checkpoints are rebuilt through their task (LoRA adapters merged); a classification
 or span (QA) head becomes the matching transformers class where one computes the same thing.
@@ -39,14 +39,14 @@ def load_for_export(path: str):
 def run(cfg: RunConfig) -> None:
     if not cfg.checkpoint:
         raise UserError("export needs checkpoint=PATH (a checkpoint or run directory)")
-    if not cfg.out:
-        raise UserError("export needs out=DIR (the directory to write)")
-    if cfg.format not in FORMATS:
-        raise UserError(f"format={cfg.format!r} is not supported (choose from: {', '.join(FORMATS)})")
+    if not cfg.export.out:
+        raise UserError("export needs export.out=DIR (the directory to write)")
+    if cfg.export.format not in FORMATS:
+        raise UserError(f"export.format={cfg.export.format!r} is not supported (choose from: {', '.join(FORMATS)})")
     from llmtrain.hf.export import export_hf
 
     loaded, model, labels = load_for_export(cfg.checkpoint)
-    out = export_hf(loaded, cfg.out, model=model, labels=labels)
+    out = export_hf(loaded, cfg.export.out, model=model, labels=labels)
     n = sum(p.numel() for p in model.parameters())
     print(f"export: {type(model).__name__} ({loaded.model_cfg.name}, {n / 1e6:.2f}M params, vocab "
           f"{loaded.model_cfg.vocab_size}, tokenizer {loaded.tokenizer.name} with {loaded.tokenizer.vocab_size} "

@@ -1,4 +1,4 @@
-"""generate: sample text from a checkpoint (num_samples continuations of one prompt, in one batch)."""
+"""generate: sample text from a checkpoint (generate.num_samples continuations of generate.prompt, in one batch)."""
 from __future__ import annotations
 
 import sys
@@ -14,27 +14,28 @@ from llmtrain.stages.common import load_checkpoint, setup_runtime
 def run(cfg: RunConfig) -> None:
     if not cfg.checkpoint:
         raise UserError("generate needs checkpoint=PATH (a checkpoint or run directory)")
-    if cfg.num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
-    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {cfg.temperature}")
+    g = cfg.generate
+    if g.num_samples < 1:
+        raise UserError(f"generate.num_samples must be >= 1, got {g.num_samples}")
+    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
+        raise UserError(f"generate.top_p must be in (0, 1], got {g.top_p}")
+    if g.temperature < 0:
+        raise UserError(f"generate.temperature must be >= 0, got {g.temperature}")
     rt = setup_runtime(cfg)
     loaded = load_checkpoint(cfg.checkpoint, rt.device)
     if not getattr(loaded.model, "is_decoder", True):
         raise UserError(f"checkpoint {loaded.path} is an encoder ({loaded.model_cfg.name}); generate needs a decoder")
     tok = loaded.tokenizer
-    ids = tok.encode(cfg.prompt) or [tok.bos_id]  # an empty prompt starts from <s>
+    ids = tok.encode(g.prompt) or [tok.bos_id]  # an empty prompt starts from <s>
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     # The samples are rows of one batch: same prompt, independent draws.
-    res = generate(loaded.model, [ids] * cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tok.eos_id,
+    res = generate(loaded.model, [ids] * g.num_samples, max_new_tokens=g.max_new_tokens,
+                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, eos_id=tok.eos_id,
                    pad_id=tok.pad_id or 0, generator=gen)
     for i, new in enumerate(res.tokens):
-        if cfg.num_samples > 1:
+        if g.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(cfg.prompt + tok.decode(new), flush=True)
+        print(g.prompt + tok.decode(new), flush=True)
     print(f"generate: {res.num_generated} tokens in {res.seconds:.2f}s ({res.tokens_per_second:.1f} tokens/s, "
-          f"{cfg.num_samples} sample{'s' if cfg.num_samples > 1 else ''}, device {rt.device})",
+          f"{g.num_samples} sample{'s' if g.num_samples > 1 else ''}, device {rt.device})",
           file=sys.stderr, flush=True)

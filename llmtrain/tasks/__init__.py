@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from llmtrain.config.moved_keys import known_fields
 from llmtrain.config.schema import DataConfig, LoraConfig, ModelConfig, TaskConfig
 from llmtrain.tasks import classification, instruction, lm, qa, summarization  # noqa: F401  (registers)
 from llmtrain.tasks.base import Task
@@ -32,11 +33,6 @@ def task_meta(task: Task) -> dict[str, Any]:
     return {"config": dataclasses.asdict(task.cfg), "state": task.state()}
 
 
-def _fields(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in (d or {}).items() if k in names}
-
-
 def load_task_model(checkpoint_path: str, device: torch.device | str | None = None, merge: bool = True):
     """A checkpoint written by finetune (or pretrain: task lm) -> (model, task, loaded).
 
@@ -51,14 +47,15 @@ def load_task_model(checkpoint_path: str, device: torch.device | str | None = No
 
     path, meta, model_cfg, tokenizer = read_checkpoint(checkpoint_path)
     run_cfg = meta.get("config") or {}
-    data_cfg = DataConfig(**_fields(DataConfig, run_cfg.get("data", {})))
+    # known_fields: a checkpoint from before the typed config stores `options` and dead keys
+    data_cfg = DataConfig(**known_fields(DataConfig, run_cfg.get("data", {})))
     task_info = meta.get("task") or {"config": {"name": "lm"}, "state": {}}
-    task = build_task(TaskConfig(**_fields(TaskConfig, task_info.get("config", {}))), tokenizer, model_cfg,
+    task = build_task(TaskConfig(**known_fields(TaskConfig, task_info.get("config", {}))), tokenizer, model_cfg,
                       data_cfg, task_info.get("state"))
     model = task.build_model(build_model(model_cfg))
     lora = meta.get("lora")
     if lora and not lora.get("merged", False):
-        apply_lora(model, LoraConfig(**_fields(LoraConfig, lora)))
+        apply_lora(model, LoraConfig(**known_fields(LoraConfig, lora)))
     ckpt.load_model_state(model, ckpt.load_weights(path), path)
     if merge:
         merge_lora(model)

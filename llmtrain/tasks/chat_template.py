@@ -44,9 +44,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-def get_template(name: str) -> ChatTemplate:
+def get_template(name: str, key: str = "task.chat_template") -> ChatTemplate:
+    """The template called `name`; an unknown one is a UserError naming the config `key` that chose it."""
     if name not in TEMPLATES:
-        raise UserError(f"unknown task.chat_template {name!r}; available: {', '.join(TEMPLATES)}")
+        raise UserError(f"unknown {key} {name!r}; available: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 

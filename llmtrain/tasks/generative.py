@@ -67,8 +67,7 @@ class GenerativeTask(Task):
         return []
 
     def generate_responses(self, model, examples: list[dict], device=None) -> list[str]:
-        opts = self.cfg.options
-        max_new = int(opts.get("max_new_tokens", 64))
+        max_new = self.cfg.max_new_tokens
         stops = self.stop_strings()
         tok = self.tokenizer
         model = model.to(device) if device is not None else model
@@ -82,7 +81,7 @@ class GenerativeTask(Task):
                 return any(s in text for s in stops)
 
             res = generate(model, [e["prompt"] for e in chunk], max_new_tokens=max_new,
-                           temperature=float(opts.get("temperature", 0.0)), eos_id=tok.eos_id,
+                           temperature=self.cfg.temperature, eos_id=tok.eos_id,
                            pad_id=tok.pad_id, stop_fn=stop_fn if stops else None)
             for new in res.tokens:
                 text = tok.decode(new)

@@ -6,7 +6,7 @@ in tokens (HF's meaning; at most half a window). A window that does not contain 
 and every window of an unanswerable (v2) question, is labelled with the span (0, 0) = [CLS].
 Prediction per question: the best span (start <= end, at most task.max_answer_len tokens) over
 all its windows, or "" (no answer) when the [CLS] score beats it by more than
-options.null_threshold (v2 data only). Scores: squad_metrics (official normalisation; HasAns /
+task.null_threshold (v2 data only). Scores: squad_metrics (official normalisation; HasAns /
 NoAns groups).
 
 Token -> character offsets come from tokenizing the context word by word (a word with its
@@ -236,7 +236,7 @@ class ExtractiveQA(Task):
                 i0 += score.shape[0]
         finally:
             model.train(was)
-        threshold = float(self.cfg.options.get("null_threshold", 0.0))
+        threshold = self.cfg.null_threshold
         preds = {}
         for qid in null:
             score, text = best.get(qid, (float("-inf"), ""))

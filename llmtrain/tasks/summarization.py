@@ -2,7 +2,7 @@
 
 Records are JSON/JSONL/CSV/TSV with task.source_field and task.target_field; a field may be a
 list (SciTLDR: `source` = the abstract's sentences, joined with spaces; `target` = several
-one-sentence TLDRs). Training uses the FIRST target of each record (options.all_targets=true:
+one-sentence TLDRs). Training uses the FIRST target of each record (task.all_targets=true:
 one example per target); evaluation scores generated summaries with ROUGE/BLEU against ALL
 targets (best match). Long sources are cut at the end so the prompt suffix and target fit in
 data.seq_len; targets are capped at half of it (both counted as truncated)."""
@@ -27,7 +27,7 @@ class Summarization(GenerativeTask):
 
     @property
     def suffix(self) -> str:
-        return str(self.cfg.options.get("prompt_suffix", "\nTL;DR: "))
+        return self.cfg.prompt_suffix
 
     def stop_strings(self):
         return ["\n"]
@@ -40,7 +40,7 @@ class Summarization(GenerativeTask):
 
     def _examples(self, records, path, train: bool) -> list[dict]:
         c, tok = self.cfg, self.tokenizer
-        all_targets = bool(c.options.get("all_targets", False))
+        all_targets = c.all_targets
         suffix = self.encode(self.suffix)
         out = []
         for n, rec in records:
