@@ -131,11 +131,10 @@ def _old_style(run: Path, dest: Path) -> Path:
 
 
 def test_checkpoint_with_old_config_loads(pretrained, tmp_path):
-    from llmtrain.tasks import load_task_model
+    from llmtrain import checkpoints
 
     ck = _old_style(pretrained, tmp_path / "old")
-    _model, task, _loaded = load_task_model(str(ck))
-    assert task.cfg.max_new_tokens == 8
+    assert checkpoints.load(str(ck)).task.cfg.max_new_tokens == 8
     proc = run_cli("evaluate", f"checkpoint={ck}", "trainer.eval_batches=2",
                    f"hydra.run.dir={tmp_path / 'ev'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
