@@ -9,7 +9,7 @@ import pytest
 
 from conftest import assert_user_error, run_cli
 from llmtrain.config.schema import TaskConfig, TrainerConfig
-from llmtrain.help import VERBS, expand_keys, experiments_for
+from llmtrain.help import KEYS, VERBS, expand_keys, experiments_for
 
 
 def _help(verb: str) -> str:
@@ -30,6 +30,11 @@ def test_every_verb_lists_its_keys(verb):
     out = _help(verb)
     keys = expand_keys(verb)
     assert keys and _section(out, "Main keys") == keys
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_listed_key_has_a_description(verb):
+    assert [k for k in expand_keys(verb) if k not in KEYS] == []
 
 
 def test_verbs_list_their_own_keys_not_others():
