@@ -273,6 +273,8 @@ def _show(value: Any) -> str:
         return "[" + ",".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and (not value.strip() or value != value.strip() or "\n" in value):
+        return repr(value)  # e.g. generate.prompt's "\n", which printed raw would break the line
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 

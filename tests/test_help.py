@@ -30,6 +30,8 @@ def test_every_verb_lists_its_keys(verb):
     out = _help(verb)
     keys = expand_keys(verb)
     assert keys and _section(out, "Main keys") == keys
+    block = out.split("\nMain keys", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert len(block) == len(keys)  # one line per key, even for a default like generate.prompt's "\n"
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
