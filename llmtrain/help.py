@@ -231,16 +231,12 @@ def _summary(experiment: str) -> str:
 
 
 def _composed(verb: str) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from llmtrain.config import compose
 
     register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=verb.replace(" ", "_"))
-    finally:
-        GlobalHydra.instance().clear()
+    name = verb.replace(" ", "_")
+    with compose.hydra_session(name):
+        cfg = compose.job_config(compose.compose_run(name, []))
     return OmegaConf.to_container(cfg, resolve=False)  # interpolations shown as written
 
 

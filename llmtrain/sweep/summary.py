@@ -11,12 +11,13 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtrain.files import atomic_write
+from llmtrain.train.tracking import METRICS_FILE, read_records
 from llmtrain.sweep.job import ERROR_FILE, STATUS_FILE, direction as metric_direction
 
 SUMMARY_CSV = "summary.csv"
@@ -51,13 +52,7 @@ def read_last_metrics(path: Path) -> tuple[int | None, dict[str, float]]:
     step, last = None, {}
     if not path.exists():
         return step, last
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
+    for rec in read_records(path):
         step = rec.get("step", step)
         for k, v in rec.items():
             if k != "step" and (f := _float(v)) is not None:
@@ -84,7 +79,7 @@ def read_job(job_dir: Path) -> JobRow:
             status = json.loads((job_dir / STATUS_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             status = {}
-    step, metrics = read_last_metrics(job_dir / "metrics.jsonl")
+    step, metrics = read_last_metrics(job_dir / METRICS_FILE)
     row = JobRow(dir=job_dir, status=status.get("status", "incomplete"),
                  overrides=list(status.get("overrides") or _read_overrides(job_dir)),
                  step=step, metrics=metrics, error=status.get("error"))
@@ -109,7 +104,7 @@ def collect(sweep_dir: Path, since: float | None = None) -> list[JobRow]:
     """
     rows = []
     for d in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_key):
-        markers = [d / f for f in (STATUS_FILE, "metrics.jsonl", "config.yaml") if (d / f).exists()]
+        markers = [d / f for f in (STATUS_FILE, METRICS_FILE, "config.yaml") if (d / f).exists()]
         if not markers or (since is not None and max(m.stat().st_mtime for m in markers) < since):
             continue
         rows.append(read_job(d))
@@ -202,13 +197,6 @@ def build_summary(rows: list[JobRow], metric: str, direction: str) -> Summary:
     return Summary(header, table, fixed, varying, metric, direction, best)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Not llmtrain.stages.common.atomic_write: the sweep's parent process need not import torch.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str | None = None,
                   since: float | None = None) -> Summary | None:
     """Collect the jobs of `sweep_dir`, write summary.csv and summary.md there; None if no jobs."""
@@ -220,8 +208,8 @@ def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str | No
     writer = csv.writer(buf)
     writer.writerow(summary.header)
     writer.writerows([["" if v is None else v for v in row] for row in summary.rows])
-    _atomic_write(sweep_dir / SUMMARY_CSV, buf.getvalue())
-    _atomic_write(sweep_dir / SUMMARY_MD, "# Sweep summary\n\n" + summary.text())
+    atomic_write(sweep_dir / SUMMARY_CSV, buf.getvalue())
+    atomic_write(sweep_dir / SUMMARY_MD, "# Sweep summary\n\n" + summary.text())
     return summary
 
 
