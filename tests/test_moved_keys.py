@@ -71,7 +71,8 @@ def test_cli_refuses_old_spelling_before_writing(tmp_path, stage, override, new)
 
 
 def test_typed_task_and_eval_fields_compose():
-    proc = run_cli("finetune", "task=extractive_qa", "task.null_threshold=0.5", "eval.stop=[END]", "--cfg", "job")
+    proc = run_cli("finetune", "task=extractive_qa", "task.train_path=squad.json", "task.null_threshold=0.5",
+                   "eval.stop=[END]", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["task"]["null_threshold"] == 0.5 and cfg["eval"]["stop"] == ["END"]
