@@ -47,7 +47,7 @@ def validate_config(cfg: RunConfig) -> None:
     model_cls = registry.get("model", cfg.model.name)
     if cfg.stage == "pretrain":
         objective_cls = registry.get("objective", cfg.objective.name)
-        needs = getattr(objective_cls, "decoder_only", None)
+        needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
         if needs is True and not is_decoder:
             raise UserError(f"objective={cfg.objective.name} needs a causal decoder, but model "

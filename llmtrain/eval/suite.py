@@ -23,10 +23,9 @@ import torch
 
 from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
 from llmtrain.errors import UserError
+from llmtrain.distributed import barrier, gather_indexed, sum_across_ranks, world
 from llmtrain.eval import metrics
-from llmtrain.eval.dist import barrier, gather_indexed, shard_batches, sum_across_ranks, world
-from llmtrain.train.device import autocast
-from llmtrain.train.trainer import move
+from llmtrain.train.validation import shard, sum_losses
 
 
 @dataclass
@@ -119,12 +118,12 @@ def _val_splits(ctx: EvalContext, data: DataConfig):
     return splits
 
 
-def _objective(ctx: EvalContext, name: str):
-    from llmtrain.registry import get
+def _objective(ctx: EvalContext, name: str, splits, data: DataConfig):
+    from llmtrain.objectives import build_objective
 
     saved = {k: v for k, v in ctx.run_config("objective").items() if k in ObjectiveConfig.__dataclass_fields__}
     ocfg = ObjectiveConfig(**{**saved, "name": name})
-    return get("objective", name)(ocfg, ctx.tokenizer)
+    return build_objective(ocfg, ctx.tokenizer, splits, data, ctx.cfg.trainer.seed)
 
 
 def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
@@ -135,29 +134,14 @@ def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
                         f"(use eval.tasks=[{'qa' if task.name == 'extractive_qa' else task.name}])")
 
 
-@torch.no_grad()
-def score_objective(ctx: EvalContext, objective, splits, data: DataConfig) -> tuple[float, float, dict[str, float]]:
+def score_objective(ctx: EvalContext, objective) -> tuple[float, float, dict[str, float]]:
     """(summed loss over targets, number of targets, {extra: mean}) over this rank's share of the
     validation batches, summed over ranks."""
     rank, world_size = world()
     model = ctx.model.eval()
-    total, count, extra_sums = 0.0, 0.0, {}
-    for batch in objective.val_batches(splits, data, ctx.cfg.trainer.eval_batches, rank, world_size,
-                                       ctx.cfg.trainer.seed):
-        batch = move(batch, ctx.device)
-        with autocast(ctx.device, ctx.precision):
-            out = objective.loss(model, batch)
-        n = int(out.n_targets)
-        total += float(out.loss) * n  # the loss is a mean over its n targets
-        count += n
-        for k, (s, c) in out.extras.items():
-            prev = extra_sums.get(k, (0.0, 0.0))
-            extra_sums[k] = (prev[0] + float(s), prev[1] + float(c))
-    keys = sorted(extra_sums)
-    sums = sum_across_ranks([total, count] + [v for k in keys for v in extra_sums[k]])
-    total, count = sums[0], sums[1]
-    extras = {k: sums[2 + 2 * i] / max(sums[3 + 2 * i], 1.0) for i, k in enumerate(keys)}
-    return total, count, extras
+    batches = objective.val_batches(ctx.cfg.trainer.eval_batches, rank, world_size)
+    sums = sum_losses(lambda batch: objective.loss(model, batch), batches, ctx.device, ctx.precision).all_reduce()
+    return float(sums.total), float(sums.count), sums.extra_means()
 
 
 @eval_task("lm")
@@ -169,7 +153,7 @@ def lm_task(ctx: EvalContext) -> TaskResult:
         raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
     data = _data_config(ctx)
     splits = _val_splits(ctx, data)
-    total, count, _ = score_objective(ctx, _objective(ctx, "clm"), splits, data)
+    total, count, _ = score_objective(ctx, _objective(ctx, "clm", splits, data))
     if count == 0:
         raise UserError(f"data {data.path}: no validation tokens to score")
     # The validation windows are scored in order, so the scored targets are val[1 : 1 + count].
@@ -191,7 +175,7 @@ def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
     name = trained if want in trained.split("_") else want  # mlm_nsp scores both heads at once
     data = _data_config(ctx)
     splits = _val_splits(ctx, data)
-    total, count, extras = score_objective(ctx, _objective(ctx, name), splits, data)
+    total, count, extras = score_objective(ctx, _objective(ctx, name, splits, data))
     out: dict[str, float | int] = {f"{want}/accuracy": extras.get(f"{want}_accuracy", math.nan)}
     if name == want:  # the loss is this head's own
         out[f"{want}/loss"] = total / max(count, 1.0)
@@ -342,7 +326,7 @@ def generation_task(ctx: EvalContext) -> TaskResult:
     rank, world_size = world()
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed + rank)
     pairs, n_tokens, seconds = [], 0, 0.0
-    for batch in shard_batches(prompts, cfg.eval.batch_size, rank, world_size):
+    for _, batch in shard(list(enumerate(prompts)), cfg.eval.batch_size, rank=rank, world=world_size):
         texts, res = generate_texts(ctx.model, ctx.tokenizer, [p for _, p in batch],
                                     max_new_tokens=cfg.eval.max_new_tokens,
                                     temperature=float(opts.get("temperature", 0.0)),  # greedy by default
@@ -431,7 +415,7 @@ def classification_task(ctx: EvalContext) -> TaskResult:
         examples = examples[:ctx.cfg.eval.max_examples]
     rank, world_size = world()
     pairs = []
-    for batch in shard_batches(examples, ctx.cfg.eval.batch_size, rank, world_size):
+    for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
         preds = task.predict(ctx.model, [e for _, e in batch], ctx.device)
         pairs += [(i, int(p)) for (i, _), p in zip(batch, preds)]
     preds = gather_indexed(pairs)
@@ -454,7 +438,7 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         qids = qids[:ctx.cfg.eval.max_examples]
     rank, world_size = world()
     pairs = []
-    for batch in shard_batches(qids, ctx.cfg.eval.batch_size, rank, world_size):
+    for _, batch in shard(list(enumerate(qids)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
         preds = task.predict(ctx.model, [f for _, q in batch for f in by_q[q]], ctx.device)
         pairs += [(i, (q, preds.get(q, ""))) for i, q in batch]
     preds = dict(gather_indexed(pairs))
