@@ -11,7 +11,7 @@ Batches are functions of (seed, step, rank) so runs are deterministic and resume
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -32,6 +32,7 @@ class BatchSource(Protocol):
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...
 
 
+@runtime_checkable
 class Trainee(Protocol):
     """What the trainer trains: an Objective (pretrain) or a Task (finetune, llmtrain/tasks)."""
 
