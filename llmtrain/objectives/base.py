@@ -54,10 +54,10 @@ class Objective(Trainee):
     name = "base"
     needs_decoder: bool | None = None
 
-    def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data: DataConfig,
+    def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig,
                  seed: int):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.splits, self.data, self.seed = splits, data, seed
+        self.splits, self.data_cfg, self.seed = splits, data_cfg, seed  # the data it trains and validates on
 
     def train_source(self, rank: int = 0, world: int = 1) -> BatchSource:
         raise NotImplementedError

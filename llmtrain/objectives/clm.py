@@ -12,10 +12,12 @@ class CausalLM(Objective):
     needs_decoder = True
 
     def train_source(self, rank=0, world=1):
-        return PackedWindows(self.splits.train, self.data.seq_len, self.data.batch_size, self.seed, rank, world)
+        d = self.data_cfg
+        return PackedWindows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
 
     def val_batches(self, max_batches=0, rank=0, world=1):
-        return sequential_windows(self.splits.val, self.data.seq_len, self.data.batch_size, max_batches, rank, world)
+        d = self.data_cfg
+        return sequential_windows(self.splits.val, d.seq_len, d.batch_size, max_batches, rank, world)
 
     def loss(self, model, batch):
         logits = model(batch["input_ids"])

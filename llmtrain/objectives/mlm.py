@@ -133,17 +133,17 @@ class MaskedLM(Objective):
     name = "mlm"
     needs_decoder = False
 
-    def __init__(self, cfg, tokenizer, splits, data, seed):
-        super().__init__(cfg, tokenizer, splits, data, seed)
+    def __init__(self, cfg, tokenizer, splits, data_cfg, seed):
+        super().__init__(cfg, tokenizer, splits, data_cfg, seed)
         self.masker = Masker(tokenizer, cfg.mask_prob)
 
     def train_source(self, rank=0, world=1):
-        return MaskedWindows(self.splits.train, self.data.seq_len, self.data.batch_size, self.tokenizer,
+        return MaskedWindows(self.splits.train, self.data_cfg.seq_len, self.data_cfg.batch_size, self.tokenizer,
                              self.masker, self.seed, rank, world)
 
     def val_batches(self, max_batches=0, rank=0, world=1):
         """The validation split once, in order, with masks fixed by (seed, batch index)."""
-        data = self.data
+        data = self.data_cfg
         check_seq_len(data.seq_len, 2)
         windows = sequential_windows(self.splits.val, data.seq_len - 2, data.batch_size, max_batches, rank, world)
         for i, w in enumerate(windows):

@@ -146,20 +146,20 @@ class NextSentence(Objective):
     needs_decoder = False
     masked = False  # mlm_nsp also masks the pairs
 
-    def __init__(self, cfg, tokenizer, splits, data, seed):
-        super().__init__(cfg, tokenizer, splits, data, seed)
+    def __init__(self, cfg, tokenizer, splits, data_cfg, seed):
+        super().__init__(cfg, tokenizer, splits, data_cfg, seed)
         self.masker = Masker(tokenizer, cfg.mask_prob) if self.masked else None
 
     def _maker(self, tokens, split: str) -> PairMaker:
-        return PairMaker(tokens, self.tokenizer, self.data.seq_len, self.cfg.nsp_prob, split)
+        return PairMaker(tokens, self.tokenizer, self.data_cfg.seq_len, self.cfg.nsp_prob, split)
 
     def train_source(self, rank=0, world=1):
         maker = self._maker(self.splits.train, "train")
-        return PairSource(maker, self.data.batch_size, self.masker, self.seed, rank)
+        return PairSource(maker, self.data_cfg.batch_size, self.masker, self.seed, rank)
 
     def val_batches(self, max_batches=0, rank=0, world=1):
         maker = self._maker(self.splits.val, "validation")
-        return pair_val_batches(maker, self.data.batch_size, self.masker, max_batches, rank, world, self.seed)
+        return pair_val_batches(maker, self.data_cfg.batch_size, self.masker, max_batches, rank, world, self.seed)
 
     def loss(self, model, batch):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
