@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 
 from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
-from llmtrain.errors import UserError
 from llmtrain.distributed import barrier, gather_indexed, sum_across_ranks, world
+from llmtrain.errors import UserError
 from llmtrain.eval import metrics
 from llmtrain.train.validation import shard, sum_losses
 
