@@ -126,16 +126,10 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
-def _check_overrides(stage: str, overrides: list[str], config_name: str) -> None:
-    """Compose once before Hydra runs, so config mistakes exit 2 with one line and no traceback.
-
-    Sweep overrides (a,b or interval(...)) are checked with their first value or skipped.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def _sweep_first_values(overrides: list[str]) -> list[str]:
+    """The overrides with each sweep (a,b or choice(...)) replaced by its first value; sweeps
+    without one (interval(...)) are left out. Hydra's own keys are left out too."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from llmtrain.config import CONF_DIR, to_run_config, validate_config
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -153,18 +147,22 @@ def _check_overrides(stage: str, overrides: list[str], config_name: str) -> None
             single.append(f"{o.get_key_element()}={first}")
         else:
             single.append(o.input_line)
-    GlobalHydra.instance().clear()
+    return single
+
+
+def _compose_checked(overrides: list[str], config_name: str):
+    """Compose and validate (call inside compose.hydra_session): config mistakes exit 2 with one
+    line and no traceback, before anything is written."""
+    from llmtrain.config.compose import compose_run, validate
+
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=single)
-        run_cfg = to_run_config(cfg)
-        validate_config(run_cfg)
+        cfg = compose_run(config_name, overrides)
+        validate(cfg)
     except UserError as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - composition errors of any kind are bad input
         fail(_one_line(e))
-    finally:
-        GlobalHydra.instance().clear()
+    return cfg
 
 
 def _task(stage: str) -> Callable:
@@ -201,30 +199,50 @@ def _task(stage: str) -> Callable:
 
 
 def run_stage(stage: str, args: list[str]) -> None:
-    import hydra
-
-    from llmtrain.config import CONF_DIR, register_configs
+    """A single run is composed once (here) and run on that config; a sweep goes through
+    hydra.main, its first values validated here first."""
+    from llmtrain.config import register_configs
+    from llmtrain.config import compose
+    from llmtrain.distributed.launch import MULTIRUN_FLAGS, maybe_launch
 
     if "--help" in args or "-h" in args:
         typer.echo(_stage_help(stage))
         return
     register_configs()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    config_name = stage.replace(" ", "_")
+    composed = os.environ.pop(compose.COMPOSED_ENV, None)
+    if composed:  # a worker of `trainer.devices=N`: the parent composed and checked the config
+        with compose.hydra_session(config_name):
+            compose.run_composed(_task(stage), compose.load_composed(composed),
+                                 configure_logging=os.environ.get("RANK", "0") == "0")
+        return
     args = _quote_free_text(args)
     flags, overrides = _split_args(args)
-    config_name = stage.replace(" ", "_")
     if "--config-name" in flags or "-cn" in flags:
         idx = max(flags.index(f) for f in ("--config-name", "-cn") if f in flags)
         config_name = flags[idx + 1]
+        flags = flags[:idx] + flags[idx + 2:]
+    if not flags:
+        with compose.hydra_session(config_name):
+            cfg = _compose_checked(overrides, config_name)
+            if maybe_launch(stage, cfg):  # trainer.devices=N: N workers ran on this config
+                return
+            under_torchrun = os.environ.get("RANK", "0") != "0"
+            if under_torchrun and not any(o.split("=", 1)[0] == "hydra.run.dir" for o in overrides):
+                # Other ranks take rank 0's directory by broadcast (llmtrain/runtime.py); their
+                # own ${now:} directory would stay empty.
+                cfg.hydra.run.dir = "."
+            compose.run_composed(_task(stage), cfg, configure_logging=not under_torchrun)
+        return
     if not any(f in flags for f in ("--hydra-help", "--info", "--shell-completion", "-sc")):
-        _check_overrides(stage, overrides, config_name)
-        from llmtrain.distributed.launch import maybe_launch, worker_args
+        single = _sweep_first_values(overrides) if any(f in flags for f in MULTIRUN_FLAGS) else overrides
+        with compose.hydra_session(config_name):
+            _compose_checked(single, config_name)
+    import hydra
 
-        if maybe_launch(stage, args, flags, overrides, config_name):  # trainer.devices=N: N workers ran
-            return
-        args = worker_args(args, overrides)
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     sys.argv = [f"llmtrain {stage}", *args]
-    main_fn = hydra.main(config_path=str(CONF_DIR), config_name=stage.replace(" ", "_"),
+    main_fn = hydra.main(config_path=str(compose.CONF_DIR), config_name=config_name,
                          version_base="1.3")(_task(stage))
     main_fn()
 

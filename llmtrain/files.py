@@ -57,3 +57,15 @@ def atomic_replace(tmp: Path, path: Path) -> None:
         fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory` and the directories themselves: a directory that is
+    about to be renamed into place must be complete on disk first."""
+    directory = Path(directory)
+    for p in sorted(directory.rglob("*"), reverse=True):
+        if p.is_file():
+            fsync_file(p)
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(directory)

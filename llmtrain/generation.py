@@ -237,7 +237,7 @@ def generate(
 # ----------------------------------------------------------------------------- text
 
 
-def _trim_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
+def trim_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
     hits = [text.find(s) for s in stop_strings if s]
     hits = [h for h in hits if h >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -272,7 +272,7 @@ def sample_text(
     stop_fn = None
     if stops:
         def stop_fn(_row: int, new: list[int]) -> bool:
-            return _trim_at_stop(tokenizer.decode(new), stops)[1]
+            return trim_at_stop(tokenizer.decode(new), stops)[1]
 
     res = generate(
         model, [ids],
@@ -283,5 +283,5 @@ def sample_text(
     )
     text = tokenizer.decode(res.tokens[0])
     if stops:
-        text = _trim_at_stop(text, stops)[0]
+        text = trim_at_stop(text, stops)[0]
     return prompt + text if include_prompt else text

@@ -4,6 +4,11 @@
     class GPT2(nn.Module): ...
 
     get("model", "gpt2")  # -> the class
+
+The bottom layer: it imports no plugin package. Each package registers its plugins when it is
+imported, and callers go through the package's builder (llmtrain.models.build_model,
+llmtrain.objectives.build_objective, llmtrain.tasks.build_task, llmtrain.tokenizers.build_tokenizer),
+which imports the package and so its registrations.
 """
 from __future__ import annotations
 
@@ -13,11 +18,14 @@ from llmtrain.errors import UserError
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
 
-KINDS = ("model", "objective", "task", "tokenizer", "eval_task", "logger")
+KINDS = ("model", "objective", "task", "tokenizer")
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
     """Decorator: register `obj` under (kind, name). Re-registering a name is an error."""
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
 
     def deco(obj: Any) -> Any:
         table = _REGISTRY.setdefault(kind, {})
@@ -29,16 +37,7 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
     return deco
 
 
-def _load_builtins() -> None:
-    # Importing the packages runs their @register decorators.
-    import llmtrain.models  # noqa: F401
-    import llmtrain.objectives  # noqa: F401
-    import llmtrain.tasks  # noqa: F401
-    import llmtrain.tokenizers  # noqa: F401
-
-
 def get(kind: str, name: str) -> Any:
-    _load_builtins()
     table = _REGISTRY.get(kind, {})
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
@@ -47,5 +46,4 @@ def get(kind: str, name: str) -> Any:
 
 
 def names(kind: str) -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY.get(kind, {}))

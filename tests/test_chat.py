@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, assert_user_error, run_cli
 
 from llmtrain.generation import generate, sample_text
-from llmtrain.stages.common import load_checkpoint
+from llmtrain.checkpoints import load as load_checkpoint
 from llmtrain.tasks.chat_template import render_prompt, stop_strings
 
 

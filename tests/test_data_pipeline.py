@@ -22,7 +22,7 @@ from llmtrain.data.corpus import split_tokens
 from llmtrain.data.loader import PackedWindows, sequential_windows
 from llmtrain.data.sources import read_documents
 from llmtrain.errors import UserError
-from llmtrain.stages.common import build_tokenizer, load_corpus
+from llmtrain.data.pipeline import load_corpus, run_tokenizer
 from llmtrain.tokenizers.char import CharTokenizer
 from llmtrain.tokenizers.train import train_sentencepiece
 
@@ -257,7 +257,7 @@ def test_pretrain_trains_sentencepiece_once_then_reuses(tmp_path):
     assert models[0].stat().st_mtime_ns == mtime
     # Other tokenizer settings: a new model next to the cached one, not the cached one.
     cfg = _cfg(tmp_path, src, name="sentencepiece", vocab_size=400, model_type="unigram")
-    unigram = build_tokenizer(cfg, lambda: read_documents(str(src)))
+    unigram = run_tokenizer(cfg, lambda: read_documents(str(src)))
     assert unigram.path != str(models[0]) and len(list((cache / "tokenizers").glob("*.model"))) == 2
 
 
@@ -374,12 +374,12 @@ def test_default_tokenizer_model_ignored_when_settings_differ(tmp_path):
     """A model at the default path whose settings JSON does not match is retrained, not used."""
     src = _wiki_small(tmp_path)
     cfg = _cfg(tmp_path, src, name="sentencepiece", vocab_size=500)
-    tok = build_tokenizer(cfg, lambda: read_documents(str(src)))
+    tok = run_tokenizer(cfg, lambda: read_documents(str(src)))
     (model,) = (tmp_path / "cache" / "tokenizers").glob("*.model")
     sidecar = model.with_suffix(".json")
     meta = json.loads(sidecar.read_text())
     meta["settings"]["split_digits"] = False
     sidecar.write_text(json.dumps(meta))
     model.write_bytes(b"not a model")  # would fail to load if it were used
-    again = build_tokenizer(cfg, lambda: read_documents(str(src)))
+    again = run_tokenizer(cfg, lambda: read_documents(str(src)))
     assert again.fingerprint() == tok.fingerprint()  # retrained (deterministically) from the corpus

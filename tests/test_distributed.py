@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, run_cli
+from conftest import TINY, run_cli
 
 STEPS = 6
 # Constant lr: a 3-step run resumed to 6 steps is the same computation as one 6-step run.

@@ -18,7 +18,7 @@ from conftest import ROOT, SHARED, assert_user_error, run_cli
 from llmtrain.eval.report import markdown_report
 from llmtrain.eval.suite import classification_result, report_task_output
 from llmtrain.generation import sample_text
-from llmtrain.stages.common import load_checkpoint
+from llmtrain.checkpoints import load as load_checkpoint
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 12
@@ -166,8 +166,6 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
     """A fine-tuned classifier scored by 2 ranks (40 examples in batches of 7: uneven shards) gives
     the metrics of its predictions made one example at a time, counted by hand."""
-    from llmtrain.tasks import load_task_model
-
     lines = (SHARED / "sst2" / "dev.tsv").read_text().splitlines()
     (tmp_path / "train.tsv").write_text("\n".join(lines[:1] + lines[41:141]) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(lines[:41]) + "\n")
@@ -182,7 +180,8 @@ def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
     got = _eval(tmp_path / "ev")
     assert got["tasks"] == ["classification"]
 
-    model, task, _ = load_task_model(str(run))
+    loaded = load_checkpoint(str(run))
+    model, task = loaded.model, loaded.task
     examples = task.val_examples()
     with torch.no_grad():
         preds = [int(model(**{k: v for k, v in task.collate([e]).items() if k != "labels"}).argmax(-1)) for e in examples]
@@ -255,8 +254,8 @@ def test_pretrain_writes_curves_and_plot_overlays_a_sweep(pretrained, tmp_path):
     proc = run_cli("plot", str(sweep), "-o", str(tmp_path / "sweep.png"))
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    from llmtrain.eval.plot import _short_labels, run_label
+    from llmtrain.eval.plot import short_labels, run_label
 
-    labels, title = _short_labels([run_label(sweep / "0"), run_label(sweep / "1")], [sweep / "0", sweep / "1"])
+    labels, title = short_labels([run_label(sweep / "0"), run_label(sweep / "1")], [sweep / "0", sweep / "1"])
     assert labels == ["optim.lr=1e-3", "optim.lr=3e-4"] and title == "model=gpt_tiny"
     assert_user_error(run_cli("plot", str(tmp_path / "nothing")), "nothing")

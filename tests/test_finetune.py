@@ -227,9 +227,10 @@ def test_classification_lora_end_to_end(pretrained, tmp_path):
             assert torch.equal(tuned[f"backbone.{k}"], w), k
 
     # metrics recomputed independently from the saved model, one example at a time
-    from llmtrain.tasks import load_task_model
+    from llmtrain.checkpoints import load
 
-    model, task, _ = load_task_model(str(run))
+    loaded = load(str(run))
+    model, task = loaded.model, loaded.task
     ex = task.val_examples()
     with torch.no_grad():
         preds = [int(model(**{k: v for k, v in task.collate([e]).items() if k != "labels"}).argmax(-1)) for e in ex]

@@ -18,7 +18,8 @@ from llmtrain.config.schema import ModelConfig, RunConfig, TokenizerConfig  # no
 from llmtrain.errors import UserError  # noqa: E402
 from llmtrain.hf.export import export_hf  # noqa: E402
 from llmtrain.models import build_model  # noqa: E402
-from llmtrain.stages.common import checkpoint_meta, load_checkpoint, resolve_model_config  # noqa: E402
+from llmtrain.checkpoints import checkpoint_meta, load as load_checkpoint  # noqa: E402
+from llmtrain.models import resolve_model_config  # noqa: E402
 from llmtrain.tokenizers.byte import ByteTokenizer  # noqa: E402
 from llmtrain.tokenizers.char import CharTokenizer  # noqa: E402
 from llmtrain.train.checkpoint import save_checkpoint  # noqa: E402

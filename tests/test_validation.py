@@ -1,14 +1,14 @@
-"""The shared validation pass (llmtrain/train/validation.py) and the trainer's one contract."""
+"""The shared validation pass (llmtrain/data/validation.py) and the trainer's one contract."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from llmtrain import registry
+from llmtrain.data.validation import shard, sum_losses
 from llmtrain.distributed import gather_indexed
 from llmtrain.objectives import LossOutput, Objective, Trainee
 from llmtrain.tasks import Task
-from llmtrain.train.validation import shard, sum_losses
 
 
 @pytest.mark.parametrize("max_batches", [0, 3])

@@ -41,12 +41,14 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 def validate_config(cfg: RunConfig) -> None:
     """Checks that need more than types: registry names, sizes, objective/model compatibility."""
-    from llmtrain import registry
+    from llmtrain.models import model_class
+    from llmtrain.objectives import objective_class
+    from llmtrain.tokenizers import tokenizer_class
     from llmtrain.train.optim import check_optimizer
 
-    model_cls = registry.get("model", cfg.model.name)
+    model_cls = model_class(cfg.model.name)
     if cfg.stage == "pretrain":
-        objective_cls = registry.get("objective", cfg.objective.name)
+        objective_cls = objective_class(cfg.objective.name)
         needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
         if needs is True and not is_decoder:
@@ -55,7 +57,7 @@ def validate_config(cfg: RunConfig) -> None:
         if needs is False and is_decoder:
             raise UserError(f"objective={cfg.objective.name} needs a bidirectional encoder, but model "
                             f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)")
-    registry.get("tokenizer", cfg.tokenizer.name)
+    tokenizer_class(cfg.tokenizer.name)
     m, d, t = cfg.model, cfg.data, cfg.trainer
     check_optimizer(cfg.optim, sharded=t.strategy == "fsdp")
     if cfg.stage != "pretrain":  # the checkpoint decides the architecture; checked when loaded

@@ -12,7 +12,6 @@ differently, so every stage encodes the same way (this module and prepare.py).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from itertools import chain
 
@@ -30,7 +29,7 @@ class TokenSplits:
     val_bytes: int  # UTF-8 bytes of the validation text, for bits per byte
 
 
-def _dtype(vocab_size: int) -> type:
+def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 2**16 else np.uint32
 
 
@@ -161,7 +160,7 @@ def encode_texts(tok: Tokenizer, texts: list[str], mode: str, dtype=np.int64) ->
 
 
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> list[np.ndarray]:
-    dtype = _dtype(tokenizer.vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     return [np.concatenate([x, eos]) for x in encode_texts(tokenizer, docs, encode_mode(tokenizer), dtype)]
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from llmtrain.train.validation import shard
+from llmtrain.data.validation import shard
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from llmtrain.data.corpus import TokenSplits, _dtype, encode_mode, encode_texts
+from llmtrain.data.corpus import TokenSplits, encode_mode, encode_texts, token_dtype
 from llmtrain.data.sources import HF_PREFIX, parse_hf_spec, read_documents, resolve_files
 from llmtrain.errors import UserError
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
@@ -50,7 +50,7 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(root).expanduser()
 
 
-def _sha(obj: Any) -> str:
+def sha_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -76,12 +76,12 @@ def source_fingerprint(data: Any) -> str:
     # above, so "data/x.txt" and "./data/x.txt" share an entry).
     settings = [path if path.startswith(HF_PREFIX) else None, data.text_field, data.doc_pattern,
                 data.encoding_errors]
-    return _sha([settings, entries])[:16]
+    return sha_of([settings, entries])[:16]
 
 
 def entry_key(data: Any, tokenizer: Tokenizer) -> str:
     split = [FORMAT, float(data.val_fraction)]
-    return f"{_sha([source_fingerprint(data), split])[:16]}-{tokenizer.fingerprint()}"
+    return f"{sha_of([source_fingerprint(data), split])[:16]}-{tokenizer.fingerprint()}"
 
 
 # ------------------------------------------------------------------------- tokenizing
@@ -129,7 +129,7 @@ def _encode_task(task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None
     tok = tok or _worker_tok
     assert tok is not None
     mode, pieces = task
-    dtype = _dtype(tok.vocab_size)
+    dtype = token_dtype(tok.vocab_size)
     eos = np.array([tok.eos_id], dtype=dtype)
     seqs = encode_texts(tok, [piece for piece, _ in pieces], mode, dtype)
     parts = chain.from_iterable((ids, eos) if ends else (ids,) for ids, (_, ends) in zip(seqs, pieces))
@@ -265,7 +265,7 @@ def _build(data: Any, tok: Tokenizer, tmp: Path, source_fp: str,
         docs = docs_fn()
     else:
         docs = read_documents(data.path, data.text_field, data.encoding_errors, data.doc_pattern)
-    dtype = np.dtype(_dtype(tok.vocab_size))
+    dtype = np.dtype(token_dtype(tok.vocab_size))
     total_chars = sum(len(d) for d in docs)
     # Several documents split by document (the last val_fraction of them validate), as in
     # corpus.split_tokens; one document is written whole and split by position afterwards.

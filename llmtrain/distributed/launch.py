@@ -1,84 +1,54 @@
 """`llmtrain <verb> trainer.devices=N`: start N local worker processes through torch's elastic
 launcher (what `torchrun --standalone --nproc-per-node N` does), so one command uses every GPU.
 
-The parent composes the config once to read `trainer.devices` (which an experiment may set) and
-to resolve the run directory: Hydra's `${now:}` differs between processes, so every worker gets
-the same `hydra.run.dir=<dir>`. Only local rank 0 prints to the console; the other ranks' output
-goes to log files (shown if a worker fails). Under an external launcher (torchrun, SLURM srun),
-WORLD_SIZE is set and nothing is launched here; see `worker_args` for what non-zero ranks change.
+The parent's composed config (llmtrain/config/compose.py) is handed to the workers in a file, with
+the run directory resolved once (Hydra's `${now:}` differs between processes), so the workers
+neither compose again nor disagree about it. Only local rank 0 prints to the console; the other
+ranks' output goes to log files (shown if a worker fails). Under an external launcher (torchrun,
+SLURM srun), WORLD_SIZE is set and nothing is launched here: every rank composes its own config
+and the other ranks take rank 0's run directory (llmtrain/cli.py, llmtrain/runtime.py).
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import uuid
+from pathlib import Path
 
 from llmtrain.errors import fail
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-def _hydra_quote(value: str) -> str:
-    if re.fullmatch(r"[\w./\-]+", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def maybe_launch(stage: str, cfg) -> bool:
+    """Start trainer.devices workers on the composed config `cfg` and wait for them; False when
+    this process should just run (one device, or already a worker of an external launcher)."""
+    from llmtrain.config.compose import COMPOSED_ENV, save_composed
 
-
-def _has_override(overrides: list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
-
-
-def _compose(config_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmtrain.config import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def worker_args(args: list[str], overrides: list[str]) -> list[str]:
-    """Under torchrun, ranks other than 0 must not create their own `${now:}` run directory or
-    Hydra log file: they run in `.` (nothing is written there) and take rank 0's directory by
-    broadcast (stages/common.py setup_runtime)."""
-    if os.environ.get("RANK", "0") == "0":
-        return args
-    extra = ["hydra/job_logging=disabled"]
-    if not _has_override(overrides, "hydra.run.dir"):
-        extra.append("hydra.run.dir=.")
-    return [*args, *extra]
-
-
-def maybe_launch(stage: str, args: list[str], flags: list[str], overrides: list[str], config_name: str) -> bool:
-    """Start trainer.devices workers and wait for them; False when this process should just run."""
-    if "WORLD_SIZE" in os.environ or any(f in flags for f in MULTIRUN_FLAGS):
+    if "WORLD_SIZE" in os.environ or "trainer" not in cfg:
         return False
-    if not any(o.split("=", 1)[0].lstrip("+~").startswith(("trainer", "experiment")) for o in overrides):
-        return False  # the primary configs use one device; only an override can ask for more
-    cfg = _compose(config_name, [o for o in overrides if not o.startswith("hydra")] +
-                   [o for o in overrides if o.startswith("hydra.run.dir=")])
-    devices = int(cfg.trainer.devices) if "trainer" in cfg else 1
+    devices = int(cfg.trainer.devices)
     if devices <= 1:
-        if devices < 1:
-            fail(f"trainer.devices must be >= 1, got {devices}")
         return False
     import torch
 
     if torch.cuda.is_available() and str(cfg.trainer.device) != "cpu" and devices > torch.cuda.device_count():
         fail(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA devices are visible")
-    run_dir = os.path.abspath(str(cfg.hydra.run.dir))
-    worker = [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={_hydra_quote(run_dir)}"]
-    code = launch_local(devices, ["-u", "-m", "llmtrain", *stage.split(), *worker])
+    # Resolve ${now:} once: every worker must write to this one directory.
+    cfg.hydra.run.dir = os.path.abspath(str(cfg.hydra.run.dir))
+    tmp = tempfile.mkdtemp(prefix="llmtrain-composed-")
+    path = os.path.join(tmp, "config.yaml")
+    save_composed(cfg, Path(path))
+    os.environ[COMPOSED_ENV] = path
+    try:
+        code = launch_local(devices, ["-u", "-m", "llmtrain", *stage.split()])
+    finally:
+        os.environ.pop(COMPOSED_ENV, None)
+        shutil.rmtree(tmp, ignore_errors=True)
     if code:
         raise SystemExit(code)
     return True

@@ -89,7 +89,7 @@ def _kind(label: str, kind: str) -> str:
     return f"{label} ({kind})" if label else kind
 
 
-def _short_labels(labels: list[str], run_dirs: list[Path]) -> tuple[list[str], str]:
+def short_labels(labels: list[str], run_dirs: list[Path]) -> tuple[list[str], str]:
     """Legends keep only the overrides that differ between runs; the shared ones become the
     figure title (a long override list in every legend entry would squeeze the axes away)."""
     parts = [label.split(" ") for label in labels]
@@ -111,7 +111,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
     runs = [read_metrics(d) for d in run_dirs]  # fail on a missing file before importing
     title = ""
     if labels is None:
-        labels, title = _short_labels([run_label(d) for d in run_dirs], run_dirs)
+        labels, title = short_labels([run_label(d) for d in run_dirs], run_dirs)
     labels = list(labels)
 
     try:

@@ -80,7 +80,7 @@ def print_table(metrics: dict[str, Any], title: str | None = None) -> None:
 
 def write_reports(run_dir: Path, results: dict[str, Any]) -> None:
     """eval.json and eval.md, each written to a temporary name and renamed (never half-written)."""
-    from llmtrain.stages.common import atomic_write
+    from llmtrain.files import atomic_write
 
     atomic_write(run_dir / "eval.json", json.dumps(results, indent=2, default=str))
     atomic_write(run_dir / "eval.md", markdown_report(results))

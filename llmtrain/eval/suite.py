@@ -22,10 +22,11 @@ from typing import Any, Callable
 import torch
 
 from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
+from llmtrain.data.validation import shard, sum_losses
 from llmtrain.distributed import barrier, gather_indexed, sum_across_ranks, world
 from llmtrain.errors import UserError
 from llmtrain.eval import metrics
-from llmtrain.train.validation import shard, sum_losses
+from llmtrain.train.device import autocast
 
 
 @dataclass
@@ -40,7 +41,7 @@ class EvalContext:
     device: torch.device
     precision: str
     run_dir: Path
-    loader: Callable[[], Any]  # () -> (model, tokenizer, meta, task or None), loaded once on first use
+    loader: Callable[[], Any]  # () -> llmtrain.checkpoints.Loaded, called once, on first use
     _loaded: Any = None
 
     def load(self):
@@ -50,15 +51,15 @@ class EvalContext:
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.load()[0]
+        return self.load().model
 
     @property
     def tokenizer(self):
-        return self.load()[1]
+        return self.load().tokenizer
 
     @property
     def meta(self) -> dict[str, Any]:
-        return self.load()[2]
+        return self.load().meta
 
     def run_config(self, section: str) -> dict[str, Any]:
         """A section of the config the checkpoint was trained with ({} if unknown)."""
@@ -128,7 +129,7 @@ def _objective(ctx: EvalContext, name: str, splits, data: DataConfig):
 
 def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
     """lm / mlm / nsp / generation score the language-model head; a classifier or a span model has none."""
-    task = ctx.load()[3]
+    task = ctx.load().task
     if task is not None and getattr(task, "name", "") in ("classification", "extractive_qa"):
         raise UserError(f"eval task {eval_name} needs a language model; checkpoint has a {task.name} head "
                         f"(use eval.tasks=[{'qa' if task.name == 'extractive_qa' else task.name}])")
@@ -139,8 +140,13 @@ def score_objective(ctx: EvalContext, objective) -> tuple[float, float, dict[str
     validation batches, summed over ranks."""
     rank, world_size = world()
     model = ctx.model.eval()
+
+    def loss(batch):
+        with autocast(ctx.device, ctx.precision):
+            return objective.loss(model, batch)
+
     batches = objective.val_batches(ctx.cfg.trainer.eval_batches, rank, world_size)
-    sums = sum_losses(lambda batch: objective.loss(model, batch), batches, ctx.device, ctx.precision).all_reduce()
+    sums = sum_losses(loss, batches, ctx.device).all_reduce()
     return float(sums.total), float(sums.count), sums.extra_means()
 
 
@@ -278,14 +284,14 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
                    top_k: int | None = None, top_p: float | None = None, stop_strings: list[str] | None = None,
                    generator: torch.Generator | None = None):
     """Batched, left-padded generation from token-id prompts; texts cut at eos and at stop strings."""
-    from llmtrain.generation import _trim_at_stop, generate
+    from llmtrain.generation import generate, trim_at_stop
 
     stops = [s for s in (stop_strings or []) if s]
-    stop_fn = (lambda _row, new: _trim_at_stop(tokenizer.decode(new), stops)[1]) if stops else None
+    stop_fn = (lambda _row, new: trim_at_stop(tokenizer.decode(new), stops)[1]) if stops else None
     res = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
                    generator=generator, stop_fn=stop_fn)
-    texts = [_trim_at_stop(tokenizer.decode(t), stops)[0] for t in res.tokens]
+    texts = [trim_at_stop(tokenizer.decode(t), stops)[0] for t in res.tokens]
     return texts, res
 
 
@@ -294,7 +300,7 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
     its task's validation examples (prompts formatted as in training; task.val_path=FILE picks
     other data); a plain LM reads prompt/reference records from task.val_path."""
     cfg, opts = ctx.cfg, dict(ctx.cfg.eval.options)
-    task = ctx.load()[3]
+    task = ctx.load().task
     stops = list(opts.get("stop", []))
     if task is not None and hasattr(task, "generate_responses"):
         examples = [e for e in task.val_examples() if e.get("prompt")]
@@ -377,7 +383,7 @@ def report_task_output(prefix: str, out: dict[str, Any]) -> TaskResult:
 
 
 def _require_task(ctx: EvalContext, eval_name: str, task_name: str):
-    task = ctx.load()[3]
+    task = ctx.load().task
     if task is None:
         raise UserError(f"eval task {eval_name} needs a checkpoint fine-tuned on task {task_name} "
                         f"(this one has no task)")

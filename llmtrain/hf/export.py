@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.files import fsync_dir, fsync_tree
 from llmtrain.hf import ARCHS
 from llmtrain.hf.tokenizer import SIDE_FILE, save_tokenizer
 
@@ -104,7 +105,7 @@ def _check_out(out: Path) -> None:
 
 
 def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, labels: list[str] | None = None) -> Path:
-    """Write `loaded` (a LoadedCheckpoint; `model` overrides its model, e.g. a task model) to
+    """Write `loaded` (llmtrain.checkpoints.Loaded; `model` overrides its model, e.g. a task model) to
     `out` in transformers format; returns `out`."""
     from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
@@ -134,6 +135,7 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
         info = {"source_checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
                 "llmtrain_model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
         (tmp / "llmtrain_export.json").write_text(json.dumps(info, indent=2, default=str))
+        fsync_tree(tmp)
         if out.exists():  # replace a previous export: move it aside, rename, then delete it
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -141,6 +143,7 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

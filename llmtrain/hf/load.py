@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llmtrain.checkpoints import Info, Loaded
 from llmtrain.config.schema import DataConfig, ModelConfig, RunConfig
 from llmtrain.errors import UserError
 from llmtrain.hf import ARCHS, BY_MODEL_TYPE, HF_PREFIX
@@ -129,9 +130,9 @@ def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
     return tok
 
 
-def load_hf(spec: str, device: torch.device | None = None
-            ) -> tuple[Path, torch.nn.Module, ModelConfig, Tokenizer, dict[str, Any]]:
-    """hf:DIR -> (dir, model with weights, model config, tokenizer, synthesized checkpoint meta)."""
+def load_hf(spec: str) -> Loaded:
+    """hf:DIR -> the model with weights, its config, tokenizer and a synthesized checkpoint meta
+    (through llmtrain.checkpoints.load, like every other checkpoint)."""
     from llmtrain.models import build_model
     from llmtrain.train.checkpoint import load_model_state
 
@@ -161,11 +162,8 @@ def load_hf(spec: str, device: torch.device | None = None
         print(f"note: hf:{path} has no weights for {', '.join(heads)}; they start from random init",
               file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(path, model_cfg)
-    model.eval()
-    if device is not None:
-        model.to(device)
     meta = synthesized_meta(path, model_cfg, tokenizer)
-    return path, model, model_cfg, tokenizer, meta
+    return Loaded(path=path, meta=meta, model_cfg=model_cfg, tokenizer=tokenizer, model=model)
 
 
 def synthesized_meta(path: Path, model_cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -191,9 +189,9 @@ def synthesized_meta(path: Path, model_cfg: ModelConfig, tokenizer: Tokenizer) -
     }
 
 
-def hf_meta(spec: str) -> tuple[Path, dict[str, Any]]:
-    """hf:DIR -> (dir, synthesized meta) without reading the weights: for stages that look at a
-    checkpoint's meta before loading it (evaluate picks its default tasks from it)."""
+def hf_info(spec: str) -> Info:
+    """hf:DIR -> what it is (synthesized meta, model config, tokenizer) without reading the
+    weights: for stages that look at a checkpoint before loading it."""
     path = resolve_dir(spec)
     hf_cfg = read_config(path)
     mod = ARCHS[BY_MODEL_TYPE[hf_cfg.model_type]][0]
@@ -201,4 +199,6 @@ def hf_meta(spec: str) -> tuple[Path, dict[str, Any]]:
         model_cfg = mod.config_from_hf(hf_cfg)
     except (ValueError, AttributeError, TypeError) as e:
         raise UserError(f"{path / 'config.json'}: unsupported variant ({e})") from None
-    return path, synthesized_meta(path, model_cfg, load_tokenizer(path, model_cfg))
+    tokenizer = load_tokenizer(path, model_cfg)
+    return Info(path=path, meta=synthesized_meta(path, model_cfg, tokenizer), model_cfg=model_cfg,
+                tokenizer=tokenizer)

@@ -44,7 +44,7 @@ class Trainee(Protocol):
 
     def val_batches(self, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of the validation batches, the first max_batches (0: all) of them
-        sharded by llmtrain.train.validation.shard."""
+        sharded by llmtrain.data.validation.shard."""
         ...
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput: ...

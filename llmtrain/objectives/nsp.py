@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.data.loader import step_generator
+from llmtrain.data.validation import shard
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Objective
 from llmtrain.objectives.mlm import (TRAIN_MASK_KEY, VAL_MASK_KEY, Masker, check_seq_len, frame,
                                      keep_params_in_graph, masked_lm_terms)
 from llmtrain.registry import register
 from llmtrain.tokenizers import Tokenizer
-from llmtrain.train.validation import shard
 
 TRAIN_PAIR_KEY, VAL_PAIR_KEY = 0x4E5350, 0x4E5356
 

@@ -22,9 +22,10 @@ import torch
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.errors import UserError
-from llmtrain.models import build_model
+from llmtrain.files import atomic_write
+from llmtrain.models import build_model, resolve_model_config
 from llmtrain.objectives import build_objective
-from llmtrain.stages.common import atomic_write, resolve_model_config, setup_runtime
+from llmtrain.runtime import setup_runtime
 from llmtrain.tokenizers.byte import ByteTokenizer
 from llmtrain.train.device import autocast, peak_flops
 from llmtrain.train.tracking import MetricsLogger
@@ -119,7 +120,7 @@ def run(cfg: RunConfig) -> float:
 
     if rt.is_main:
         out = b.out or str(rt.run_dir / "bench.json")
-        atomic_write(__import__("pathlib").Path(out), json.dumps(results, indent=2))
+        atomic_write(out, json.dumps(results, indent=2))
         width = max(len(k) for k in results)
         for k, v in results.items():
             print(f"{k:<{width}}  {v:,.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")

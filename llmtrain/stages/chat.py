@@ -10,11 +10,11 @@ import sys
 
 import torch
 
+from llmtrain import checkpoints
 from llmtrain.config.schema import RunConfig, TaskConfig
 from llmtrain.errors import UserError
 from llmtrain.eval.suite import generate_texts
-from llmtrain.stages.common import load_checkpoint, setup_runtime
-from llmtrain.train import checkpoint as ckpt
+from llmtrain.runtime import setup_runtime
 
 
 def template_of(meta: dict, override: str) -> str:
@@ -26,24 +26,14 @@ def template_of(meta: dict, override: str) -> str:
     return task_cfg.get("chat_template") or "default"
 
 
-def load_model(path: str, device: torch.device):
-    meta = ckpt.load_meta(ckpt.resolve_checkpoint(path))
-    if meta.get("task"):
-        from llmtrain.tasks import load_task_model
-
-        model, _task, loaded = load_task_model(path, device)
-        return model.to(device), loaded.tokenizer, loaded.meta
-    loaded = load_checkpoint(path, device)
-    return loaded.model, loaded.tokenizer, loaded.meta
-
-
 def run(cfg: RunConfig) -> None:
     if not cfg.checkpoint:
         raise UserError("chat needs checkpoint=PATH (an instruction-tuned checkpoint or run directory)")
     from llmtrain.tasks.chat_template import encode_chat, get_template, stop_strings
 
     rt = setup_runtime(cfg)
-    model, tok, meta = load_model(cfg.checkpoint, rt.device)
+    loaded = checkpoints.load(cfg.checkpoint, rt.device)
+    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     if not getattr(model, "is_decoder", True):
         raise UserError(f"checkpoint {cfg.checkpoint} is an encoder; chat needs a decoder")
     template = template_of(meta, cfg.task.chat_template)

@@ -5,57 +5,42 @@
     llmtrain evaluate checkpoint=RUN_DIR eval.tasks=[generation] task.val_path=dev.jsonl
 
 The tasks live in llmtrain/eval/suite.py; under torchrun each rank scores a shard and the
-metrics are combined exactly once (see llmtrain/train/validation.py).
+metrics are combined exactly once (see llmtrain/data/validation.py).
 """
 from __future__ import annotations
 
-import dataclasses
-
+from llmtrain import checkpoints
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.eval.report import print_table, write_reports
 from llmtrain.eval.suite import EVAL_TASKS, EvalContext, default_tasks, task_overrides
-from llmtrain.stages.common import load_checkpoint, setup_runtime
-from llmtrain.train import checkpoint as ckpt
+from llmtrain.runtime import setup_runtime
 
 
-def _loader(path: str, device, meta: dict, task_cfg):
-    """Fine-tuned checkpoints come back through their task (heads, adapters); others as plain models."""
+def _loader(path: str, device, task_cfg):
+    """The checkpoint through the one loader; task.* keys given on the command line (e.g.
+    task.val_path=OTHER_FILE) rebuild a fine-tuned checkpoint's task on other evaluation data."""
     def load():
-        if meta.get("task"):
-            from llmtrain.tasks import load_task_model
-
-            model, task, loaded = load_task_model(path, device)
-            given = task_overrides(task_cfg)
-            if given:  # e.g. task.val_path=OTHER_FILE: the same task, other evaluation data
-                from llmtrain.tasks import build_task
-
-                task = build_task(dataclasses.replace(task.cfg, **given), task.tokenizer, task.model_cfg,
-                                  task.data_cfg, task.state())
-            return model, loaded.tokenizer, loaded.meta, task
-        loaded = load_checkpoint(path, device)
-        return loaded.model, loaded.tokenizer, loaded.meta, None
+        loaded = checkpoints.load(path, device)
+        given = task_overrides(task_cfg)
+        if loaded.task is not None and given:
+            loaded.task = checkpoints.task_of(loaded, **given)
+        return loaded
     return load
 
 
 def run(cfg: RunConfig) -> float | None:
     if not cfg.checkpoint:
         raise UserError("evaluate needs checkpoint=PATH (a checkpoint or run directory)")
-    if cfg.checkpoint.startswith("hf:"):  # a transformers directory: meta is synthesized
-        from llmtrain.hf.load import hf_meta
-
-        path, meta = hf_meta(cfg.checkpoint)
-        source = cfg.checkpoint
-    else:
-        path = ckpt.resolve_checkpoint(cfg.checkpoint)
-        meta = ckpt.load_meta(path)
-        source = str(path)
+    info = checkpoints.read(cfg.checkpoint)  # hf: directories get a synthesized meta
+    path, meta = info.path, info.meta
+    source = cfg.checkpoint if checkpoints.is_hf(cfg.checkpoint) else str(path)
     tasks = list(cfg.eval.tasks) or default_tasks(meta)
     unknown = [t for t in tasks if t not in EVAL_TASKS]
     if unknown:
         raise UserError(f"eval.tasks: unknown task {unknown[0]!r} (choose from {', '.join(EVAL_TASKS)})")
     rt = setup_runtime(cfg)
-    ctx = EvalContext(cfg, rt.device, rt.precision, rt.run_dir, _loader(source, rt.device, meta, cfg.task))
+    ctx = EvalContext(cfg, rt.device, rt.precision, rt.run_dir, _loader(source, rt.device, cfg.task))
     ctx.load()  # a corrupt checkpoint fails here, before any output is written
 
     results: dict = {"checkpoint": str(path), "tasks": tasks}

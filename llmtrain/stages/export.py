@@ -7,33 +7,22 @@ from __future__ import annotations
 
 import torch
 
+from llmtrain import checkpoints
+from llmtrain.checkpoints import Loaded
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
-from llmtrain.hf import HF_PREFIX
-from llmtrain.stages.common import load_checkpoint
-from llmtrain.train import checkpoint as ckpt
 
 FORMATS = ("hf",)
 
 
-def load_for_export(path: str):
-    """(loaded, model, labels): a task checkpoint comes back as its task model."""
-    if not path.startswith(HF_PREFIX):
-        meta = ckpt.load_meta(ckpt.resolve_checkpoint(path))
-        if meta.get("task") or meta.get("lora"):
-            try:
-                from llmtrain.tasks import load_task_model
-            except ImportError:
-                raise UserError(f"checkpoint {path} was fine-tuned on a task; exporting it needs "
-                                "llmtrain.tasks, which is not available") from None
-            model, task, loaded = load_task_model(path, torch.device("cpu"))
-            try:  # class names for config.json's id2label (classification tasks)
-                labels = getattr(task, "labels", None) if hasattr(model, "backbone") else None
-            except UserError:  # not stored and its training data is gone: plain LABEL_i names
-                labels = None
-            return loaded, model, labels
-    loaded = load_checkpoint(path)
-    return loaded, loaded.model, None
+def labels_of(loaded: Loaded) -> list[str] | None:
+    """Class names for config.json's id2label (classification checkpoints), else None."""
+    if loaded.task is None or not hasattr(loaded.model, "backbone"):
+        return None
+    try:
+        return getattr(loaded.task, "labels", None)
+    except UserError:  # not stored and its training data is gone: plain LABEL_i names
+        return None
 
 
 def run(cfg: RunConfig) -> None:
@@ -45,8 +34,9 @@ def run(cfg: RunConfig) -> None:
         raise UserError(f"format={cfg.format!r} is not supported (choose from: {', '.join(FORMATS)})")
     from llmtrain.hf.export import export_hf
 
-    loaded, model, labels = load_for_export(cfg.checkpoint)
-    out = export_hf(loaded, cfg.out, model=model, labels=labels)
+    loaded = checkpoints.load(cfg.checkpoint, torch.device("cpu"))
+    model = loaded.model
+    out = export_hf(loaded, cfg.out, model=model, labels=labels_of(loaded))
     n = sum(p.numel() for p in model.parameters())
     print(f"export: {type(model).__name__} ({loaded.model_cfg.name}, {n / 1e6:.2f}M params, vocab "
           f"{loaded.model_cfg.vocab_size}, tokenizer {loaded.tokenizer.name} with {loaded.tokenizer.vocab_size} "

@@ -17,10 +17,14 @@ from safetensors.torch import save_file
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
+from llmtrain.files import atomic_replace, tmp_name
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
-from llmtrain.stages.common import (LoadedCheckpoint, checkpoint_meta, config_dict, hydra_overrides,
-                                    load_checkpoint, load_corpus, setup_runtime, write_run_files)
-from llmtrain.tasks import build_task, load_task_model, task_meta
+from llmtrain import checkpoints
+from llmtrain.checkpoints import Loaded, checkpoint_meta
+from llmtrain.data.pipeline import load_corpus
+from llmtrain.run_records import config_dict, write_run_files
+from llmtrain.runtime import hydra_overrides, setup_runtime
+from llmtrain.tasks import build_task, task_meta
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer
@@ -28,23 +32,20 @@ from llmtrain.train.trainer import Trainer
 ADAPTER = "adapter.safetensors"
 
 
-def load_init(path: str) -> tuple[LoadedCheckpoint, torch.nn.Module, dict[str, torch.Tensor]]:
-    """(checkpoint, its backbone, the full state of what was loaded). An earlier fine-tune is
-    loaded with its head (merged), so a head of the same task and shape can be reused."""
-    if not path.startswith("hf:"):
-        ck = ckpt.resolve_checkpoint(path)
-        if "task" in ckpt.load_meta(ck):
-            model, _, loaded = load_task_model(str(ck))
-            return loaded, getattr(model, "backbone", model), model.state_dict()
-    loaded = load_checkpoint(path)
-    return loaded, loaded.model, {}
+def load_init(path: str) -> tuple[Loaded, dict[str, torch.Tensor]]:
+    """(checkpoint, the full state of what was loaded). An earlier fine-tune is loaded with its
+    head (merged), so a head of the same task and shape can be reused."""
+    loaded = checkpoints.load(path)
+    loaded.model.train()  # training starts from here (the loader hands out eval-mode models)
+    return loaded, (loaded.model.state_dict() if loaded.task is not None else {})
 
 
 def run(cfg: RunConfig) -> float | None:
     if not cfg.init_from:
         raise UserError("finetune needs init_from=PATH (a checkpoint or run directory)")
     rt = setup_runtime(cfg)
-    loaded, backbone, init_state = load_init(cfg.init_from)
+    loaded, init_state = load_init(cfg.init_from)
+    backbone = loaded.backbone
     tokenizer = loaded.tokenizer
     # The checkpoint decides architecture and tokenizer; dropout may be changed for fine-tuning.
     model_cfg = dataclasses.replace(loaded.model_cfg, dropout=cfg.model.dropout)
@@ -110,7 +111,7 @@ def run(cfg: RunConfig) -> float | None:
     return {**result.metrics, **metrics}.get(cfg.optimize_metric)
 
 
-def _check_tokenizer(cfg: RunConfig, loaded: LoadedCheckpoint) -> None:
+def _check_tokenizer(cfg: RunConfig, loaded: Loaded) -> None:
     tok = loaded.tokenizer
     chosen = [o for o in hydra_overrides() if o.lstrip("+~").startswith("tokenizer")]
     if chosen and cfg.tokenizer.name != tok.name:
@@ -194,6 +195,6 @@ def _save_merged(trainer: Trainer, model, meta: dict, metrics: dict) -> None:
     final = trainer.save(metrics)  # same step: atomically replaces the directory
     if final is None:  # not rank 0
         return
-    tmp = final / f".{ADAPTER}.tmp"
+    tmp = tmp_name(final / ADAPTER)
     save_file(trained, str(tmp), metadata={"format": "llmtrain-lora-v1"})
-    tmp.replace(final / ADAPTER)
+    atomic_replace(tmp, final / ADAPTER)

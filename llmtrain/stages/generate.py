@@ -5,10 +5,11 @@ import sys
 
 import torch
 
+from llmtrain import checkpoints
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.generation import generate
-from llmtrain.stages.common import load_checkpoint, setup_runtime
+from llmtrain.runtime import setup_runtime
 
 
 def run(cfg: RunConfig) -> None:
@@ -21,7 +22,7 @@ def run(cfg: RunConfig) -> None:
     if cfg.temperature < 0:
         raise UserError(f"temperature must be >= 0, got {cfg.temperature}")
     rt = setup_runtime(cfg)
-    loaded = load_checkpoint(cfg.checkpoint, rt.device)
+    loaded = checkpoints.load(cfg.checkpoint, rt.device)
     if not getattr(loaded.model, "is_decoder", True):
         raise UserError(f"checkpoint {loaded.path} is an encoder ({loaded.model_cfg.name}); generate needs a decoder")
     tok = loaded.tokenizer

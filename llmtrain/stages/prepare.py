@@ -8,12 +8,12 @@ from __future__ import annotations
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.prepare import prepare
 from llmtrain.data.sources import document_reader
-from llmtrain.stages.common import build_tokenizer
+from llmtrain.data.pipeline import run_tokenizer
 
 
 def run(cfg: RunConfig) -> None:
     read = document_reader(cfg.data)
-    tok = build_tokenizer(cfg, read)
+    tok = run_tokenizer(cfg, read)
     prepared = prepare(cfg.data, tok, docs=read)
     m = prepared.meta
     if prepared.reused:

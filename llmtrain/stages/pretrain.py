@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.models import build_model
+from llmtrain.checkpoints import checkpoint_meta
+from llmtrain.data.pipeline import load_corpus
+from llmtrain.models import build_model, resolve_model_config
 from llmtrain.objectives import build_objective
-from llmtrain.stages.common import (checkpoint_meta, config_dict, load_corpus, resolve_model_config,
-                                    setup_runtime, write_run_files)
+from llmtrain.run_records import config_dict, write_run_files
+from llmtrain.runtime import setup_runtime
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer
 

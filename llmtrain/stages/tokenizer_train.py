@@ -10,7 +10,8 @@ from pathlib import Path
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.sources import read_documents
 from llmtrain.errors import UserError
-from llmtrain.stages.common import hydra_run_dir, write_run_files
+from llmtrain.run_records import write_run_files
+from llmtrain.runtime import hydra_run_dir
 from llmtrain.tokenizers.train import train_sentencepiece
 
 

@@ -64,13 +64,13 @@ class SweepSummary(Callback):
         import json
 
         from llmtrain.sweep.job import error_line
-        from llmtrain.sweep.summary import _atomic_write
+        from llmtrain.files import atomic_write
 
         exc = job_return._return_value  # the exception (reading .return_value would re-raise it)
         record = {"job_num": config.hydra.job.get("num"), "overrides": list(config.hydra.overrides.task),
                   "status": "failed", "value": None, "error": error_line(exc), "finished_at": time.time()}
         job_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(job_dir / STATUS_FILE, json.dumps(record, indent=2, default=str) + "\n")
+        atomic_write(job_dir / STATUS_FILE, json.dumps(record, indent=2, default=str) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:

@@ -78,7 +78,7 @@ def _is_main_rank() -> bool:
 
 
 def _write_status(record: dict[str, Any]) -> None:
-    from llmtrain.stages.common import atomic_write
+    from llmtrain.files import atomic_write
 
     hc = hydra_job()
     record = {
@@ -121,7 +121,7 @@ def fail_job(exc: BaseException, metric: str, started: float) -> float:
     print(f"error: job {num}: {line}", file=sys.stderr, flush=True)
     out = worst(direction(metric))
     if _is_main_rank():
-        from llmtrain.stages.common import atomic_write
+        from llmtrain.files import atomic_write
 
         d = _job_dir()
         d.mkdir(parents=True, exist_ok=True)

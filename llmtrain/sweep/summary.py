@@ -11,12 +11,12 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtrain.files import atomic_write
 from llmtrain.sweep.job import ERROR_FILE, STATUS_FILE, direction as metric_direction
 
 SUMMARY_CSV = "summary.csv"
@@ -202,13 +202,6 @@ def build_summary(rows: list[JobRow], metric: str, direction: str) -> Summary:
     return Summary(header, table, fixed, varying, metric, direction, best)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Not llmtrain.stages.common.atomic_write: the sweep's parent process need not import torch.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str | None = None,
                   since: float | None = None) -> Summary | None:
     """Collect the jobs of `sweep_dir`, write summary.csv and summary.md there; None if no jobs."""
@@ -220,8 +213,8 @@ def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str | No
     writer = csv.writer(buf)
     writer.writerow(summary.header)
     writer.writerows([["" if v is None else v for v in row] for row in summary.rows])
-    _atomic_write(sweep_dir / SUMMARY_CSV, buf.getvalue())
-    _atomic_write(sweep_dir / SUMMARY_MD, "# Sweep summary\n\n" + summary.text())
+    atomic_write(sweep_dir / SUMMARY_CSV, buf.getvalue())
+    atomic_write(sweep_dir / SUMMARY_MD, "# Sweep summary\n\n" + summary.text())
     return summary
 
 

@@ -27,10 +27,10 @@ import torch.nn as nn
 from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
 from llmtrain.data.loader import step_generator
 from llmtrain.data.sources import read_text, valid_text
+from llmtrain.data.validation import shard, sum_losses
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Trainee
 from llmtrain.tokenizers import Tokenizer
-from llmtrain.train.validation import shard, sum_losses
 
 
 class HeadModel(nn.Module):
@@ -64,9 +64,9 @@ class Task(Trainee):
         self.cfg, self.tokenizer, self.model_cfg, self.data_cfg = cfg, tokenizer, model_cfg, data_cfg
         self.seed = seed  # of the training batches
         self._state = dict(state or {})
-        from llmtrain.registry import get
+        from llmtrain.models import model_class
 
-        model_cls = get("model", model_cfg.name)
+        model_cls = model_class(model_cfg.name)
         self.is_decoder = bool(getattr(model_cls, "is_decoder", True))
         if self.needs_decoder is True and not self.is_decoder:
             raise UserError(f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
@@ -186,7 +186,7 @@ class ExampleSource:
 
 def sequential_batches(examples: list, batch_size: int, collate: Callable, max_batches: int = 0,
                        rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """The examples in order, collated in batches: this rank's share (llmtrain.train.validation.shard)."""
+    """The examples in order, collated in batches: this rank's share (llmtrain.data.validation.shard)."""
     for _, chunk in shard(examples, batch_size, max_batches, rank, world):
         yield collate(chunk)
 

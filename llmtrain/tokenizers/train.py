@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import sentencepiece as spm
 
 from llmtrain.errors import UserError
+from llmtrain.files import atomic_write
 from llmtrain.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
 
@@ -113,6 +113,13 @@ def _trainer_kwargs(cfg: Any) -> dict[str, Any]:
     )
 
 
+def recorded_settings(cfg: Any) -> dict[str, Any]:
+    """The trainer settings that decide the model (as its JSON sidecar records them), without
+    those that only decide how it is trained (threads, log level): the tokenizer cache key."""
+    kwargs = _trainer_kwargs(cfg)
+    return json.loads(json.dumps({k: v for k, v in kwargs.items() if k not in ("num_threads", "minloglevel")}))
+
+
 def _vocab_error(msg: str, vocab_size: int, stats: _Sentences) -> Optional[UserError]:
     m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
     if m:
@@ -128,23 +135,6 @@ def _vocab_error(msg: str, vocab_size: int, stats: _Sentences) -> Optional[UserE
             "(or lower tokenizer.character_coverage)"
         )
     return None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def train_sentencepiece(texts: Iterable[str], cfg: Any, out_path: str | Path) -> SentencePieceTokenizer:
@@ -176,8 +166,9 @@ def train_sentencepiece(texts: Iterable[str], cfg: Any, out_path: str | Path) ->
     proto = buf.getvalue()
     tok = SentencePieceTokenizer(proto, path=str(out_path))  # validates before anything is written
 
-    _atomic_write(out_path, proto)
-    settings = {k: v for k, v in kwargs.items() if k not in ("num_threads", "minloglevel")}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_path, proto)
+    settings = recorded_settings(cfg)
     meta = {
         "model_file": out_path.name,
         "settings": settings,
@@ -192,7 +183,7 @@ def train_sentencepiece(texts: Iterable[str], cfg: Any, out_path: str | Path) ->
         },
         "fingerprint": tok.fingerprint(),
     }
-    _atomic_write(out_path.with_suffix(".json"), (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode())
+    atomic_write(out_path.with_suffix(".json"), (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode())
     return tok
 
 
@@ -226,9 +217,9 @@ def build_tokenizer(
         print(f"training sentencepiece tokenizer (vocab {cfg.vocab_size}) -> {path}", file=sys.stderr, flush=True)
         return train_sentencepiece(texts_fn(), cfg, path)
     # Tokenizers registered elsewhere: train() if they have it.
-    from llmtrain.registry import get
+    from llmtrain.tokenizers import tokenizer_class
 
-    cls = get("tokenizer", name)
+    cls = tokenizer_class(name)
     if hasattr(cls, "train"):
         return cls.train(texts_fn(), cfg)
     return cls()

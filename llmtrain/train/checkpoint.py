@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmtrain.errors import UserError
+from llmtrain.files import atomic_write, fsync_dir, fsync_tree
 
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "train_state.pt"
 BEST = "best_checkpoint"  # in the run directory, next to checkpoints/
@@ -75,9 +76,7 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     """Delete all but the newest keep_last checkpoints and the best one; update the `best` pointer."""
     best = best_checkpoint(ckpt_root)
     if best is not None:
-        tmp = ckpt_root.parent / f".{BEST}.tmp-{os.getpid()}"
-        tmp.write_text(f"{ckpt_root.name}/{best.name}\n")
-        os.replace(tmp, ckpt_root.parent / BEST)
+        atomic_write(ckpt_root.parent / BEST, f"{ckpt_root.name}/{best.name}\n")
     if keep_last > 0:
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             if old != best:
@@ -99,6 +98,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module | dict[st
         torch.save(train_state, tmp / STATE)
     meta = {"format": FORMAT, "step": step, **meta}
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    fsync_tree(tmp)  # the data must be on disk before the rename makes it the checkpoint
     if final.exists():  # re-saving the same step: move the old one aside first
         old = ckpt_root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -106,6 +106,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module | dict[st
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    fsync_dir(ckpt_root)
     prune_checkpoints(ckpt_root, keep_last)
     return final
 
@@ -119,10 +120,15 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, its model.safetensors, or a run dir (-> its newest checkpoint)."""
+    """A checkpoint dir, a file in it, a run dir (-> its newest checkpoint) or its best_checkpoint file."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint not found: {path}")
+    if p.is_file() and p.name == BEST:  # the run's pointer to its best checkpoint
+        target = p.parent / p.read_text().strip()
+        if not (target / META).is_file():
+            raise UserError(f"{path} points to {target}, which is not a complete checkpoint")
+        return target
     if p.is_file():
         p = p.parent
     if (p / META).is_file():

@@ -20,22 +20,24 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.validation import move, sum_losses
 from llmtrain.distributed import all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier
 from llmtrain.distributed.wrap import resolve_strategy, wrap_model
 from llmtrain.errors import UserError
 from llmtrain.objectives import LossOutput, Trainee
-from llmtrain.runtime import Runtime
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.device import autocast, peak_flops
 from llmtrain.train.optim import build_optimizer, build_scheduler
 from llmtrain.train.tracking import MetricsLogger
-from llmtrain.train.validation import move, sum_losses
+
+if TYPE_CHECKING:  # a job's runtime is set up above the trainer (docs/design.md, layer 6)
+    from llmtrain.runtime import Runtime
 
 
 class LossModule(torch.nn.Module):
@@ -200,8 +202,12 @@ class Trainer:
                 filler = batches[0] if batches else next(iter(self.trainee.val_batches(1, 0, 1)))
                 weights += [0.0] * (n_max - len(batches))
                 batches += [filler] * (n_max - len(batches))
-        sums = sum_losses(lambda batch: LossOutput(*self.loss_module(batch)), batches, self.device,
-                          self.precision, weights).all_reduce()
+
+        def loss(batch):
+            with autocast(self.device, self.precision):
+                return LossOutput(*self.loss_module(batch))
+
+        sums = sum_losses(loss, batches, self.device, weights).all_reduce()
         self.loss_module.train()
         if sums.count.item() == 0:
             return {}

@@ -1,5 +1,6 @@
 """The validation pass, one for every caller (the trainer, `llmtrain evaluate`, a task's loss
-before training): which batches a rank scores, and the loss summed over them.
+before training): which batches a rank scores, and the loss summed over them. It sits with the
+data (layer 3 of docs/design.md) so the loaders, objectives and tasks below the trainer use it.
 
 Sharding: the items are cut into batches in order *before* sharding, capped at max_batches,
 and rank r of W takes batches r, r + W, r + 2W, ... Every batch is then the same whatever the
@@ -13,15 +14,11 @@ and any number of ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
 from llmtrain.distributed import all_reduce_sum
-from llmtrain.train.device import autocast
-
-if TYPE_CHECKING:  # the data loaders import this module, and the objectives import them
-    from llmtrain.objectives.base import LossOutput
 
 T = TypeVar("T")
 
@@ -70,9 +67,10 @@ class LossSums:
 
 
 @torch.no_grad()
-def sum_losses(loss_fn: Callable[[dict[str, torch.Tensor]], LossOutput], batches: Iterable[dict[str, torch.Tensor]],
-               device: torch.device, precision: str = "fp32", weights: Sequence[float] | None = None) -> LossSums:
-    """LossSums of loss_fn over `batches` (moved to `device`, under `precision`'s autocast).
+def sum_losses(loss_fn: Callable[[dict[str, torch.Tensor]], Any], batches: Iterable[dict[str, torch.Tensor]],
+               device: torch.device, weights: Sequence[float] | None = None) -> LossSums:
+    """LossSums of loss_fn (batch -> llmtrain.objectives.LossOutput; it applies any autocast)
+    over `batches`, each moved to `device`.
 
     `weights` (default 1 each) scale each batch's terms: the trainer under FSDP pads a rank's
     batches with weight-0 forwards, since every forward is a collective there."""
@@ -81,8 +79,7 @@ def sum_losses(loss_fn: Callable[[dict[str, torch.Tensor]], LossOutput], batches
     extras: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         weight = 1.0 if weights is None else weights[i]
-        with autocast(device, precision):
-            out = loss_fn(move(batch, device))
+        out = loss_fn(move(batch, device))
         total += out.loss.double() * out.n_targets * weight
         count += out.n_targets.double() * weight
         for k, (s, c) in out.extras.items():

@@ -1,0 +1,72 @@
+"""The data path of a training stage: the tokenizer (built, trained once and cached, or reused)
+and the prepared train / validation token splits of data.path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import TokenSplits
+from llmtrain.data.sources import document_reader
+from llmtrain.distributed import barrier, is_main
+from llmtrain.errors import UserError
+from llmtrain.tokenizers import Tokenizer
+
+
+def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenSplits]:
+    """The tokenizer (built or reused) and the train / validation tokens of data.path.
+
+    The splits come from the prepared-data cache (llmtrain.data.prepare) as memory-mapped
+    arrays; the corpus is only read when a tokenizer must be trained or the cache prepared.
+    Rank 0 does that first; the other ranks then find everything in the cache.
+    """
+    from llmtrain.data.prepare import prepare
+
+    read = document_reader(cfg.data)
+
+    for main_turn in (True, False):
+        if is_main() == main_turn:
+            tok = tokenizer or run_tokenizer(cfg, read)
+            prepared = prepare(cfg.data, tok, docs=read, verbose=main_turn)
+        barrier()
+    splits = prepared.splits()
+    if prepared.reused and is_main():
+        print(f"using prepared data {prepared.dir}", flush=True)
+    if len(splits.train) <= cfg.data.seq_len + 1:
+        raise UserError(f"data {cfg.data.path}: {len(splits.train)} training tokens are too few "
+                        f"for data.seq_len={cfg.data.seq_len}")
+    return tok, splits
+
+
+def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> Tokenizer:
+    """The tokenizer cfg.tokenizer asks for; `docs` (or a function returning them) is only read
+    when one has to be trained. A sentencepiece model without tokenizer.path is trained once per
+    corpus and settings into <cache root>/tokenizers/ and reused from there while its settings
+    JSON matches."""
+    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint
+    from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
+    from llmtrain.tokenizers import build_tokenizer as build
+    from llmtrain.tokenizers.train import recorded_settings, train_sentencepiece
+
+    docs_fn = docs if callable(docs) else (lambda: docs)
+    tc = cfg.tokenizer
+    if tc.name != "sentencepiece" or (tc.path and Path(tc.path).exists()):
+        return build(tc, docs_fn)
+    if tc.path:
+        target = Path(tc.path)
+    else:
+        # The settings as train_sentencepiece records them in the model's JSON sidecar.
+        settings = recorded_settings(tc)
+        key = sha_of([source_fingerprint(cfg.data), settings])[:16]
+        target = cache_root(cfg.data.cache_dir) / "tokenizers" / f"sp-{tc.model_type}{tc.vocab_size}-{key}.model"
+        try:
+            recorded = json.loads(target.with_suffix(".json").read_text()).get("settings")
+        except (OSError, ValueError):
+            recorded = None
+        if target.exists() and recorded == settings:
+            print(f"using sentencepiece tokenizer {target}", flush=True)
+            return SentencePieceTokenizer.load(target)
+    print(f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path} "
+          f"-> {target}", flush=True)
+    return train_sentencepiece(docs_fn(), tc, target)
