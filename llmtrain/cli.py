@@ -78,35 +78,10 @@ def _quote_free_text(args: list[str]) -> list[str]:
     return out
 
 
-def _group_options(group: str) -> list[str]:
-    from llmtrain.config import CONF_DIR
-
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def _stage_help(stage: str) -> str:
-    return f"""Usage: llmtrain {stage} [HYDRA OVERRIDES...]
-
-{STAGES[stage][1]}
-
-Everything after the verb goes to Hydra unchanged:
-  +experiment=NAME          start from an experiment preset
-  key=value                 override any config key (e.g. optim.lr=3e-4 trainer.max_steps=2000)
-  group=option              choose a config group option (e.g. model=gpt2_124m)
-  --cfg job                 print the composed config and exit
-  -m / --multirun           sweep (e.g. -m optim.lr=1e-3,3e-4), one directory per job
-  hydra.run.dir=DIR         where this run writes (hydra.sweep.dir=DIR for sweeps)
-  --hydra-help              Hydra's own help
-
-Experiments (+experiment=...): {", ".join(_group_options("experiment")) or "none"}
-Model presets (model=...):     {", ".join(_group_options("model")) or "none"}
-Data (data=...):               {", ".join(_group_options("data")) or "none"}
-Tokenizers (tokenizer=...):    {", ".join(_group_options("tokenizer")) or "none"}
-"""
-
-
 def _one_line(exc: BaseException) -> str:
     """Hydra/OmegaConf errors are multi-line with the key on a later line: make one line."""
+    from omegaconf.errors import MissingMandatoryValue
+
     parts: list[str] = []
     e: BaseException | None = exc
     while e is not None:
@@ -116,7 +91,10 @@ def _one_line(exc: BaseException) -> str:
             head = lines[0]
             key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
             options = [ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "reference_type"))]
-            if key and key not in head:
+            if isinstance(e, MissingMandatoryValue) and key:
+                # OmegaConf names the dataclass and the bare field; the user needs the dotted key
+                head = f"{key} is required (set {key}=VALUE)"
+            elif key and key not in head:
                 head += f" (key: {key})"
             if "Available options" in msg:
                 head += " [available: " + ", ".join(o for o in options if not o.startswith("Available")) + "]"
@@ -206,7 +184,9 @@ def run_stage(stage: str, args: list[str]) -> None:
     from llmtrain.distributed.launch import MULTIRUN_FLAGS, maybe_launch
 
     if "--help" in args or "-h" in args:
-        typer.echo(_stage_help(stage))
+        from llmtrain.help import verb_help
+
+        typer.echo(verb_help(stage), nl=False)
         return
     register_configs()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")

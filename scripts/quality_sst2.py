@@ -60,7 +60,7 @@ def main() -> None:
     init = args.init_from
     if init is None:
         init = str(args.out / "pretrain")
-        corpus = []
+        corpus = [f"data.path={WIKITEXT}"]  # the preset names no file (conf/ ships in the package)
         if args.with_task_text:
             # One directory, read in name order: WikiText-2 articles, then SST-2 sentences (one
             # document each). The last 10% of documents (SST-2 train sentences) validate the MLM.
@@ -75,6 +75,7 @@ def main() -> None:
                     f"hydra.run.dir={init}", *corpus, *args.pretrain_args.split())
     ft = args.out / "finetune"
     ft_s = cli("finetune", "+experiment=finetune_sst2", f"init_from={init}", f"trainer.max_steps={args.finetune_steps}",
+               f"task.train_path={SST2 / 'train.tsv'}", f"task.val_path={SST2 / 'dev.tsv'}",
                f"trainer.eval_every={max(args.finetune_steps // 2, 1)}", "trainer.eval_batches=0",
                "trainer.progress=false", f"hydra.run.dir={ft}", *args.overrides)
     result = {

@@ -1,6 +1,8 @@
 """Shared fixtures: run the real CLI in a subprocess, and one tiny pretrained checkpoint."""
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import subprocess
 import tempfile
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# The real datasets, beside the repository; LLMTRAIN_TEST_DATA names them elsewhere (e.g. from a git worktree).
+SHARED = Path(os.environ.get("LLMTRAIN_TEST_DATA") or ROOT.parent / "shared" / "data")
 
 # Small and fast: a 2-layer GPT on short windows, evaluated on a few validation batches.
 TINY = ["model=gpt_tiny", "data.seq_len=32", "data.batch_size=8", "trainer.eval_batches=8",
@@ -61,3 +64,44 @@ def pretrained(tmp_path_factory) -> Path:
                    "optim.lr=3e-3", "scheduler.warmup_steps=10", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+# ----------------------------------------------------------------------------- the `slow` marker
+# A test that starts the CLI in a subprocess is `slow` (`make test-fast` skips those). Found from
+# the source, so test files need no decorators: a name "runs the CLI" if it is run_cli or
+# subprocess, or a function (test, helper or fixture) that mentions such a name or takes such a
+# fixture; helpers imported from sibling modules (conftest, golden_losses) are followed.
+CLI_SEEDS = frozenset({"run_cli", "subprocess"})
+
+
+@functools.lru_cache(maxsize=None)
+def cli_running_names(path: Path) -> frozenset[str]:
+    tree = ast.parse(path.read_text())
+    slow = set(CLI_SEEDS)
+    for node in ast.walk(tree):
+        dep = path.parent / f"{node.module}.py" if isinstance(node, ast.ImportFrom) and node.module else None
+        if dep is not None and node.level == 0 and dep.is_file() and dep != path:
+            slow |= {a.asname or a.name for a in node.names if a.name in cli_running_names(dep)}
+    uses: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {a.arg for a in args}
+            uses.setdefault(node.name, set()).update(names)
+    changed = True
+    while changed:  # to a fixed point: a helper of a helper of run_cli runs the CLI too
+        changed = False
+        for name, names in uses.items():
+            if name not in slow and names & slow:
+                slow.add(name)
+                changed = True
+    return frozenset(slow)
+
+
+def pytest_collection_modifyitems(config, items):
+    shared_fixtures = cli_running_names(Path(__file__).resolve())
+    for item in items:
+        names = cli_running_names(Path(item.path).resolve()) | shared_fixtures
+        test_name = getattr(item, "originalname", item.name)  # without the [param] suffix
+        if test_name in names or names.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

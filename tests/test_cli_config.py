@@ -85,9 +85,12 @@ def test_bad_config_in_sweep_is_caught_before_any_job(tmp_path):
 
 
 def test_every_experiment_composes():
-    for exp in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
-        first = (ROOT / "conf" / "experiment" / f"{exp}.yaml").read_text().splitlines()[0]
+    experiments = sorted(p.stem for p in (ROOT / "llmtrain" / "conf" / "experiment").glob("*.yaml"))
+    assert "gpt_small" in experiments
+    for exp in experiments:
+        first = (ROOT / "llmtrain" / "conf" / "experiment" / f"{exp}.yaml").read_text().splitlines()[0]
         assert first == "# @package _global_", exp
         stage = "finetune" if exp.startswith(("finetune", "sft", "qa", "summarize")) else "pretrain"
-        proc = run_cli(stage, f"+experiment={exp}", "--cfg", "job")
+        files = ["data.path=/data/corpus.txt"] + (["task.train_path=/data/train.json"] if stage == "finetune" else [])
+        proc = run_cli(stage, f"+experiment={exp}", *files, "--cfg", "job")
         assert proc.returncode == 0, (exp, proc.stderr)

@@ -201,7 +201,8 @@ def test_label_outside_declared_set(tmp_path):
 # ----------------------------------------------------------------------------- end to end (CLI)
 def test_classification_lora_end_to_end(pretrained, tmp_path):
     run = tmp_path / "sst2"
-    proc = run_cli("finetune", "+experiment=finetune_sst2", f"init_from={pretrained}", *FAST, "data.seq_len=48",
+    proc = run_cli("finetune", "+experiment=finetune_sst2", f"init_from={pretrained}", *FAST,
+                   f"task.train_path={SHARED / 'sst2' / 'train.tsv'}", f"task.val_path={SHARED / 'sst2' / 'dev.tsv'}", "data.seq_len=48",
                    "task.max_examples=64", "trainer.max_steps=4", "trainer.eval_every=4", "finetune.lora.r=4",
                    "optim.lr=1e-2", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -246,7 +247,8 @@ def test_classification_lora_end_to_end(pretrained, tmp_path):
 
 def test_bert_qa_and_pair_classification(bert_ckpt, tmp_path):
     run = tmp_path / "qa"
-    proc = run_cli("finetune", "+experiment=qa_squad", f"init_from={bert_ckpt}", *FAST, "data.seq_len=64",
+    proc = run_cli("finetune", "+experiment=qa_squad", f"init_from={bert_ckpt}", *FAST,
+                   f"task.train_path={SHARED / 'squad_v2_subset' / 'dev.json'}", "data.seq_len=64",
                    "task.max_examples=8", "trainer.max_steps=3", "trainer.eval_every=3", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = _metrics(run)[-1]
@@ -267,7 +269,8 @@ def test_bert_qa_and_pair_classification(bert_ckpt, tmp_path):
 
 def test_sft_and_summarization_end_to_end(pretrained, tmp_path):
     run = tmp_path / "sft"
-    proc = run_cli("finetune", "+experiment=sft_dolly", f"init_from={pretrained}", *FAST, "data.seq_len=64",
+    proc = run_cli("finetune", "+experiment=sft_dolly", f"init_from={pretrained}", *FAST,
+                   f"task.train_path={SHARED / 'dolly_chat' / 'train.jsonl'}", "data.seq_len=64",
                    "task.max_examples=24", "trainer.max_steps=3", "trainer.eval_every=3", "eval.max_examples=2",
                    "task.options.max_new_tokens=8", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -277,7 +280,9 @@ def test_sft_and_summarization_end_to_end(pretrained, tmp_path):
     assert gen.returncode == 0, gen.stderr[-2000:]
 
     run2 = tmp_path / "sum"
-    proc = run_cli("finetune", "+experiment=summarize_scitldr", f"init_from={pretrained}", *FAST, "data.seq_len=64",
+    proc = run_cli("finetune", "+experiment=summarize_scitldr", f"init_from={pretrained}", *FAST,
+                   f"task.train_path={SHARED / 'scitldr' / 'train.jsonl'}",
+                   f"task.val_path={SHARED / 'scitldr' / 'dev.jsonl'}", "data.seq_len=64",
                    "task.max_examples=16", "trainer.max_steps=2", "trainer.eval_every=2", "eval.max_examples=2",
                    "task.options.max_new_tokens=8", f"hydra.run.dir={run2}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -297,4 +302,5 @@ def test_bad_inputs_exit_2(pretrained, tmp_path):
                               f"task.val_path={chat}", "data.seq_len=32", f"hydra.run.dir={tmp_path / 'b'}"),
                       "chat.jsonl: record 2", "unknown role 'robot'")
     assert_user_error(run_cli("finetune", "+experiment=sft_alpaca", f"init_from={pretrained}", "tokenizer=byte",
+                              f"task.train_path={SHARED / 'alpaca_demo' / 'train.json'}",
                               "data.seq_len=32", f"hydra.run.dir={tmp_path / 'd'}"), "checkpoint's tokenizer")

@@ -240,7 +240,8 @@ def read_metrics(run_dir) -> list[dict]:
 
 @pytest.mark.skipif(not (SHARED / "wikitext2" / "valid.txt").exists(), reason="needs shared WikiText-2")
 def test_bert_mlm_nsp_pretrain_cli(tmp_path):
-    proc = run_cli("pretrain", "model=bert_tiny", "objective=mlm_nsp", "data=wikitext2", "data.seq_len=64",
+    proc = run_cli("pretrain", "model=bert_tiny", "objective=mlm_nsp", "data=wikitext2",
+                   f"data.path={SHARED / 'wikitext2' / 'valid.txt'}", "data.seq_len=64",
                    "data.batch_size=16", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.eval_batches=4",
                    "trainer.log_every=10", "trainer.progress=false", "optim.lr=2e-3", "scheduler.warmup_steps=5",
                    f"hydra.run.dir={tmp_path}", timeout=600)

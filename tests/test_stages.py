@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import TINY, assert_user_error, run_cli
+from conftest import SHARED, TINY, assert_user_error, run_cli
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -65,7 +65,8 @@ def test_generate_samples_text(pretrained, tmp_path):
 
 
 def test_finetune_from_checkpoint(pretrained, tmp_path):
-    proc = run_cli("finetune", f"init_from={pretrained}", "data=wikitext2", *TINY, "trainer.max_steps=20",
+    proc = run_cli("finetune", f"init_from={pretrained}", "data=wikitext2",
+                   f"data.path={SHARED / 'wikitext2' / 'valid.txt'}", *TINY, "trainer.max_steps=20",
                    "trainer.eval_every=10", "optim.lr=1e-3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "initialised from" in proc.stdout

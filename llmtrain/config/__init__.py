@@ -58,6 +58,7 @@ def validate_config(cfg: RunConfig) -> None:
             raise UserError(f"objective={cfg.objective.name} needs a bidirectional encoder, but model "
                             f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)")
     tokenizer_class(cfg.tokenizer.name)
+    check_required_files(cfg)
     m, d, t = cfg.model, cfg.data, cfg.trainer
     check_optimizer(cfg.optim, sharded=t.strategy == "fsdp")
     if cfg.stage != "pretrain":  # the checkpoint decides the architecture; checked when loaded
@@ -73,3 +74,15 @@ def validate_config(cfg: RunConfig) -> None:
                        ("trainer.grad_accum", t.grad_accum), ("model.n_layer", m.n_layer)):
         if value < 1:
             raise UserError(f"{key} must be >= 1, got {value}")
+
+
+def check_required_files(cfg: RunConfig) -> None:
+    """Presets mark the user's files `???`, but OmegaConf's merge keeps the schema's None under a
+    `???`, so the composed config cannot tell; check here, before Hydra creates the run directory."""
+    reads_data = cfg.stage in ("pretrain", "tokenizer_train", "data_prepare") or (
+        cfg.stage == "finetune" and cfg.task.name == "lm")
+    if reads_data and not cfg.data.path:
+        raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
+    if cfg.stage == "finetune" and cfg.task.name != "lm" and not cfg.task.train_path:
+        raise UserError(f"task.train_path is required for task={cfg.task.name}: the training file "
+                        f"(e.g. task.train_path=FILE)")

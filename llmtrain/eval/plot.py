@@ -7,13 +7,13 @@ rate vs step and throughput vs step. Several runs overlay, one colour each.
 """
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from pathlib import Path
 from typing import Optional, Union
 
 from llmtrain.errors import UserError
+from llmtrain.train.tracking import METRICS_FILE, read_records
 
 __all__ = ["plot_runs", "read_metrics", "run_label"]
 
@@ -23,22 +23,10 @@ PathLike = Union[str, Path]
 def read_metrics(run_dir: PathLike) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl, in file order. Blank lines and a truncated
     (unparseable) line, e.g. from a run killed mid-write, are skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"no metrics file {path} (is {run_dir} a run directory?)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                records.append(rec)
-    return records
+    return [rec for rec in read_records(path) if "step" in rec]
 
 
 def run_label(run_dir: PathLike) -> str:

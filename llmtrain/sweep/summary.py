@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.files import atomic_write
+from llmtrain.train.tracking import METRICS_FILE, read_records
 from llmtrain.sweep.job import ERROR_FILE, STATUS_FILE, direction as metric_direction
 
 SUMMARY_CSV = "summary.csv"
@@ -51,13 +52,7 @@ def read_last_metrics(path: Path) -> tuple[int | None, dict[str, float]]:
     step, last = None, {}
     if not path.exists():
         return step, last
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
+    for rec in read_records(path):
         step = rec.get("step", step)
         for k, v in rec.items():
             if k != "step" and (f := _float(v)) is not None:
@@ -84,7 +79,7 @@ def read_job(job_dir: Path) -> JobRow:
             status = json.loads((job_dir / STATUS_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             status = {}
-    step, metrics = read_last_metrics(job_dir / "metrics.jsonl")
+    step, metrics = read_last_metrics(job_dir / METRICS_FILE)
     row = JobRow(dir=job_dir, status=status.get("status", "incomplete"),
                  overrides=list(status.get("overrides") or _read_overrides(job_dir)),
                  step=step, metrics=metrics, error=status.get("error"))
@@ -109,7 +104,7 @@ def collect(sweep_dir: Path, since: float | None = None) -> list[JobRow]:
     """
     rows = []
     for d in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_key):
-        markers = [d / f for f in (STATUS_FILE, "metrics.jsonl", "config.yaml") if (d / f).exists()]
+        markers = [d / f for f in (STATUS_FILE, METRICS_FILE, "config.yaml") if (d / f).exists()]
         if not markers or (since is not None and max(m.stat().st_mtime for m in markers) < since):
             continue
         rows.append(read_job(d))

@@ -11,12 +11,30 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmtrain.config.schema import LoggerConfig
 from llmtrain.errors import UserError
 
 WANDB_MODES = ("online", "offline", "disabled")
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl, in file order. Blank lines and torn ones (a run
+    killed mid-write) are skipped; non-finite values are the strings "nan" / "inf" here."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
 
 
 def _clean(v: Any) -> Any:
@@ -34,7 +52,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict | None = None,
                  enabled: bool = True):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         # The tracker first: a missing package or a bad logger.mode fails before any file is opened.
         self._backend = _make_backend(cfg, run_dir, config_dict) if enabled else None
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None

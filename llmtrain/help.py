@@ -1,0 +1,306 @@
+"""`llmtrain VERB --help`: a verb's purpose, its config groups, its main keys and the experiments
+that fit it, rendered from the tables below, the verb's composed config and the conf/ tree.
+
+Defaults are not written here: they are read from the verb's config as Hydra composes it (the
+schema dataclasses in llmtrain/config/schema.py, then the verb's YAML), so they cannot drift.
+
+Which experiments fit a verb (no composition needed, only each file's `defaults:` list): an
+experiment fits when the verb's primary config has every group the experiment overrides (Hydra
+refuses the override otherwise), and the experiment overrides `task` exactly when the verb's
+config has a task group. So presets naming a task are fine-tuning presets (finetune) and the
+others train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
+(evaluate, generate, chat, export) have none.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from llmtrain.config import CONF_DIR, register_configs
+
+
+@dataclass(frozen=True)
+class Verb:
+    purpose: str
+    keys: str  # dotted keys, space-separated; "group.*" stands for every field of that schema group
+
+
+VERBS: dict[str, Verb] = {
+    "pretrain": Verb(
+        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
+        "data.path data.seq_len data.batch_size model.n_layer model.d_model optim.lr scheduler.warmup_steps "
+        "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
+        "trainer.strategy trainer.resume trainer.compile optimize_metric",
+    ),
+    "finetune": Verb(
+        "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
+        "extractive QA, instruction tuning or summarization; architecture and tokenizer come from the "
+        "checkpoint.",
+        "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
+        "data.path data.seq_len data.batch_size data.val_fraction optim.lr trainer.max_steps "
+        "trainer.eval_every eval.max_examples",
+    ),
+    "evaluate": Verb(
+        "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
+        "on its own data or on the data you name.",
+        "checkpoint eval.tasks eval.max_examples eval.batch_size eval.max_new_tokens task.val_path data.path "
+        "trainer.eval_batches trainer.device",
+    ),
+    "generate": Verb(
+        "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
+        "checkpoint generate.prompt generate.max_new_tokens generate.temperature generate.top_k "
+        "generate.top_p generate.num_samples trainer.seed trainer.device",
+    ),
+    "chat": Verb(
+        "Chat with an instruction-tuned checkpoint (checkpoint=PATH): stdin lines are user turns, replies go "
+        "to stdout.",
+        "checkpoint chat.template chat.max_new_tokens chat.temperature chat.top_k chat.top_p trainer.seed "
+        "trainer.device",
+    ),
+    "export": Verb(
+        "Export a checkpoint (checkpoint=PATH) to a Hugging Face model directory (export.out=DIR).",
+        "checkpoint export.out export.format",
+    ),
+    "bench": Verb(
+        "Benchmark the training step of a preset on synthetic tokens: tokens/s, MFU, step time, memory, "
+        "against a plain PyTorch loop.",
+        "bench.steps bench.warmup bench.rounds bench.baseline bench.out data.seq_len data.batch_size "
+        "trainer.precision trainer.compile trainer.device",
+    ),
+    "tokenizer train": Verb(
+        "Train a SentencePiece tokenizer (BPE or unigram) on the text data.path names.",
+        "data.path tokenizer.vocab_size tokenizer.model_type tokenizer.character_coverage "
+        "tokenizer.byte_fallback tokenizer.input_sentence_size",
+    ),
+    "data prepare": Verb(
+        "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "
+        "cache is missing).",
+        "data.path data.text_field data.doc_pattern data.encoding_errors data.cache_dir data.num_proc tokenizer.path",
+    ),
+}
+
+# One line per key, shown next to its default.
+KEYS: dict[str, str] = {
+    "checkpoint": "what to load: a run dir, step dir, best_checkpoint, task or LoRA run, or hf:DIR",
+    "init_from": "the checkpoint to start from (any form `checkpoint` accepts)",
+    "optimize_metric": "the metric a sweep optimises (returned by the run)",
+    "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
+    "data.seq_len": "tokens per training window",
+    "data.batch_size": "windows per step (per device)",
+    "data.val_fraction": "last fraction of the documents (or task records) used for validation",
+    "data.text_field": "field holding the text in .jsonl/.json/.csv/.tsv/.parquet files",
+    "data.doc_pattern": "regex of a line that starts a new document inside a text file",
+    "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
+    "data.cache_dir": "where prepared shards and tokenizers are cached (default ~/.cache/llmtrain)",
+    "data.num_proc": "processes that tokenize",
+    "model.n_layer": "transformer blocks",
+    "model.d_model": "hidden size",
+    "optim.lr": "peak learning rate",
+    "scheduler.warmup_steps": "linear warm-up steps",
+    "trainer.max_steps": "optimizer steps",
+    "trainer.eval_every": "steps between validations",
+    "trainer.eval_batches": "validation batches (0 = the whole validation split)",
+    "trainer.ckpt_every": "steps between checkpoints (0 = only at the end)",
+    "trainer.precision": "auto | bf16 | fp16 | fp32",
+    "trainer.devices": "processes on this machine (>1 launches DDP/FSDP workers)",
+    "trainer.strategy": "auto | single | ddp | fsdp",
+    "trainer.resume": "never | auto (continue from the run directory's last checkpoint)",
+    "trainer.compile": "torch.compile the model",
+    "trainer.device": "auto | cpu | cuda | cuda:N | mps",
+    "trainer.seed": "random seed",
+    "task.name": "the task (choose with task=NAME, which also sets its defaults)",
+    "task.train_path": "training file (.json/.jsonl/.csv/.tsv); required by every task but lm",
+    "task.val_path": "validation file; unset = the last data.val_fraction of the training records",
+    "task.text_field": "classification: the text field",
+    "task.text_pair_field": "classification: the second text of a pair (e.g. NLI hypothesis)",
+    "task.label_field": "classification: the label field",
+    "task.labels": "classification: the label set (unset = inferred from the training file)",
+    "task.source_field": "summarization: the source field",
+    "task.target_field": "summarization: the target field",
+    "task.chat_template": "instruction: default | chatml",
+    "task.packing": "instruction: pack several examples into one window",
+    "task.doc_stride": "extractive_qa: overlap (tokens) between windows of a long context",
+    "task.max_answer_len": "extractive_qa: longest predicted answer, in tokens",
+    "task.max_examples": "use at most this many records (0 = all)",
+    "task.max_new_tokens": "generative tasks: tokens generated per validation answer",
+    "task.temperature": "generative tasks: sampling temperature of validation answers (0 = greedy)",
+    "task.prompt_suffix": "summarization: text between the source and the target",
+    "task.all_targets": "summarization: one training example per target (else the first)",
+    "task.null_threshold": 'extractive_qa: answer "no answer" when [CLS] beats the best span by more',
+    "task.options": "task-specific extras (e.g. max_new_tokens for generative tasks)",
+    "finetune.lora.r": "LoRA rank (0 = train all weights)",
+    "finetune.lora.alpha": "LoRA scale numerator",
+    "finetune.lora.targets": "module-name substrings that get adapters",
+    "finetune.freeze_backbone": "train only the new task head",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
+    "eval.batch_size": "examples per batch",
+    "eval.max_new_tokens": "generation task: tokens generated per example",
+    "generate.prompt": "the text to continue",
+    "generate.max_new_tokens": "tokens to generate",
+    "generate.temperature": "sampling temperature (0 = greedy)",
+    "generate.top_k": "sample from the k most likely tokens (null = all)",
+    "generate.top_p": "nucleus sampling: the smallest set with this probability (null = off)",
+    "generate.num_samples": "continuations of the prompt",
+    "chat.template": "chat template name (null = the checkpoint's own)",
+    "chat.max_new_tokens": "tokens per reply",
+    "chat.temperature": "sampling temperature (0 = greedy)",
+    "chat.top_k": "sample from the k most likely tokens (null = all)",
+    "chat.top_p": "nucleus sampling (null = off)",
+    "export.out": "the directory to write",
+    "export.format": "hf: a Hugging Face transformers model directory",
+    "bench.steps": "timed steps",
+    "bench.warmup": "untimed steps first",
+    "bench.rounds": "timed rounds, alternating with the baseline; the best counts",
+    "bench.baseline": "also time a plain PyTorch loop of the same model",
+    "bench.out": "results JSON (default RUN_DIR/bench.json)",
+    "tokenizer.vocab_size": "vocabulary size",
+    "tokenizer.model_type": "bpe | unigram",
+    "tokenizer.character_coverage": "fraction of characters covered",
+    "tokenizer.byte_fallback": "encode unknown characters as bytes",
+    "tokenizer.input_sentence_size": "sentences sampled for training",
+    "tokenizer.path": "a trained SentencePiece model file (tokenizer=sentencepiece)",
+}
+
+USAGE = """Everything after the verb goes to Hydra unchanged:
+  +experiment=NAME          start from an experiment preset
+  key=value                 override any config key (e.g. optim.lr=3e-4 trainer.max_steps=2000)
+  group=option              choose a config group option (e.g. model=gpt2_124m)
+  --cfg job                 print the composed config and exit
+  -m / --multirun           sweep (e.g. -m optim.lr=1e-3,3e-4), one directory per job
+  hydra.run.dir=DIR         where this run writes (hydra.sweep.dir=DIR for sweeps)
+  --hydra-help              Hydra's own help"""
+
+_ABSENT = object()
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _defaults_list(path: Path) -> list[Any]:
+    return OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
+
+
+def primary_groups(verb: str) -> dict[str, str | None]:
+    """The config groups of the verb's primary config, with the option it picks (None = none)."""
+    return {
+        k: v
+        for entry in _defaults_list(CONF_DIR / f"{verb.replace(' ', '_')}.yaml")
+        if isinstance(entry, dict)
+        for k, v in entry.items()
+    }
+
+
+def overridden_groups(experiment: str) -> set[str]:
+    return {
+        k.removeprefix("override").strip().lstrip("/")
+        for entry in _defaults_list(CONF_DIR / "experiment" / f"{experiment}.yaml")
+        if isinstance(entry, dict)
+        for k in entry
+    }
+
+
+def experiments_for(verb: str) -> list[str]:
+    """The rule in this module's docstring."""
+    groups = primary_groups(verb)
+    fits = []
+    for name in group_options("experiment"):
+        over = overridden_groups(name)
+        if over <= groups.keys() and ("task" in over) == ("task" in groups):
+            fits.append(name)
+    return fits
+
+
+def _summary(experiment: str) -> str:
+    """The first sentence of an experiment file's header comment."""
+    text = []
+    for line in (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text().splitlines():
+        if not line.startswith("#") or line.startswith("#   llmtrain"):
+            break
+        if "@package" not in line:
+            text.append(line.lstrip("#").strip())
+    sentence = re.split(r"\.\s+(?=[A-Z])", " ".join(text))[0].rstrip(".:")
+    return sentence if len(sentence) <= 90 else sentence[:87].rsplit(" ", 1)[0] + " ..."
+
+
+def _composed(verb: str) -> dict[str, Any]:
+    from llmtrain.config import compose
+
+    register_configs()
+    name = verb.replace(" ", "_")
+    with compose.hydra_session(name):
+        cfg = compose.job_config(compose.compose_run(name, []))
+    return OmegaConf.to_container(cfg, resolve=False)  # interpolations shown as written
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def expand_keys(verb: str, tree: dict[str, Any] | None = None) -> list[str]:
+    """The verb's keys with each "group.*" replaced by that group's fields."""
+    tree = _composed(verb) if tree is None else tree
+    keys: list[str] = []
+    for key in VERBS[verb].keys.split():
+        if key.endswith(".*"):
+            group = _lookup(tree, key[:-2])
+            keys += [f"{key[:-2]}.{f}" for f in group] if isinstance(group, dict) else []
+        else:
+            keys.append(key)
+    return keys
+
+
+def _show(value: Any) -> str:
+    """A default as it would be written on the command line."""
+    if value is _ABSENT:
+        return ""
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and (not value.strip() or value != value.strip() or "\n" in value):
+        return repr(value)  # e.g. generate.prompt's "\n", which printed raw would break the line
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def verb_help(verb: str) -> str:
+    spec, tree = VERBS[verb], _composed(verb)
+    out = [
+        f"Usage: llmtrain {verb} [HYDRA OVERRIDES...]",
+        "",
+        textwrap.fill(spec.purpose, 100),
+        "",
+        USAGE,
+        "",
+        "Config groups (group=option):",
+    ]
+    for group, chosen in primary_groups(verb).items():
+        options = ", ".join(group_options(group)) or "none"
+        out.append(
+            textwrap.fill(
+                f"{group} (default {chosen or 'none'}): {options}", 100, initial_indent="  ", subsequent_indent="      "
+            )
+        )
+    out += ["", "Main keys (key=value; default):"]
+    keys = expand_keys(verb, tree)
+    width = max(len(k) for k in keys) + 2
+    for key in keys:
+        default = _show(_lookup(tree, key))
+        default = f" [{default}]" if default else ""
+        out.append(f"  {key:<{width}}{KEYS.get(key, '')}{default}")
+    fits = experiments_for(verb)
+    out += ["", "Experiments (+experiment=NAME):" if fits else "Experiments: none for this verb"]
+    name_width = max((len(n) for n in fits), default=0) + 2
+    out += [f"  {name:<{name_width}}{_summary(name)}" for name in fits]
+    return "\n".join(out) + "\n"
