@@ -10,8 +10,8 @@ import torch
 from llmtrain.config.schema import DataConfig, ObjectiveConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.errors import UserError
+from llmtrain.objectives import build_objective
 from llmtrain.objectives.mlm import Masker
-from llmtrain.registry import get
 from llmtrain.tokenizers.char import CharTokenizer
 from conftest import SHARED, assert_user_error, run_cli
 
@@ -38,8 +38,8 @@ def splits_of(tokens: np.ndarray) -> TokenSplits:
     return TokenSplits(train=tokens, val=tokens, n_docs=0, val_bytes=1)
 
 
-def objective(name, tok, **kw):
-    return get("objective", name)(ObjectiveConfig(name=name, **kw), tok)
+def objective(name, tok, splits, data, seed=0, **kw):
+    return build_objective(ObjectiveConfig(name=name, **kw), tok, splits, data, seed)
 
 
 def doc_of(tok, ids: torch.Tensor) -> torch.Tensor:
@@ -83,29 +83,29 @@ def test_masking_statistics(tok):
 
 
 def test_mlm_batches_layout_and_determinism(tok):
-    obj = objective("mlm", tok)
     data = DataConfig(seq_len=32, batch_size=8)
     splits = splits_of(unique_token_docs(tok))
-    src = obj.train_source(splits, data, seed=7)
+    src = objective("mlm", tok, splits, data, seed=7).train_source()
     b = src.batch(5)
     assert (b["input_ids"][:, 0] == tok.cls_id).all() and (b["input_ids"][:, -1] == tok.sep_id).all()
     assert (b["attention_mask"] == 1).all() and (b["token_type_ids"] == 0).all()
     assert (b["labels"][:, [0, -1]] == -100).all()
     # A pure function of (seed, step): a fresh source gives the same batch; other steps/seeds differ.
-    again = obj.train_source(splits, data, seed=7).batch(5)
+    again = objective("mlm", tok, splits, data, seed=7).train_source().batch(5)
     assert all(torch.equal(b[k], again[k]) for k in b)
     assert not torch.equal(b["labels"] != -100, src.batch(6)["labels"] != -100)
-    assert not torch.equal(b["labels"] != -100, obj.train_source(splits, data, seed=8).batch(5)["labels"] != -100)
+    assert not torch.equal(b["labels"] != -100,
+                           objective("mlm", tok, splits, data, seed=8).train_source().batch(5)["labels"] != -100)
     # Ranks read different windows.
-    assert not torch.equal(b["input_ids"], obj.train_source(splits, data, seed=7, rank=1, world_size=2).batch(5)["input_ids"])
+    rank1 = objective("mlm", tok, splits, data, seed=7).train_source(rank=1, world=2)
+    assert not torch.equal(b["input_ids"], rank1.batch(5)["input_ids"])
 
 
 def test_masks_redrawn_when_a_sequence_is_seen_again(tok):
     """The same window at two steps (a corpus of exactly one window) gets different masks."""
-    obj = objective("mlm", tok)
     data = DataConfig(seq_len=16, batch_size=1)
     tokens = unique_token_docs(tok, n_docs=1, doc_len=2 * 13 + 1)[:2 * 13 + 2]  # n_windows == 1
-    src = obj.train_source(splits_of(tokens), data, seed=0)
+    src = objective("mlm", tok, splits_of(tokens), data, seed=0).train_source()
     seen: dict[tuple, list[torch.Tensor]] = {}
     for step in range(40):
         b = src.batch(step)
@@ -117,14 +117,13 @@ def test_masks_redrawn_when_a_sequence_is_seen_again(tok):
 
 
 def test_mlm_val_batches_cover_split_and_are_deterministic(tok):
-    obj = objective("mlm", tok)
     data = DataConfig(seq_len=32, batch_size=8)
     tokens = unique_token_docs(tok, n_docs=3)
     splits = splits_of(tokens)
-    first = list(obj.val_batches(splits, data, seed=3))
-    second = list(obj.val_batches(splits, data, seed=3))
+    first = list(objective("mlm", tok, splits, data, seed=3).val_batches())
+    second = list(objective("mlm", tok, splits, data, seed=3).val_batches())
     assert all(torch.equal(x[k], y[k]) for x, y in zip(first, second) for k in x)
-    other = list(obj.val_batches(splits, data, seed=4))
+    other = list(objective("mlm", tok, splits, data, seed=4).val_batches())
     assert any(not torch.equal(x["labels"], y["labels"]) for x, y in zip(first, other))
     # Unmasking gives back the split in order (all but its final token), framed by [CLS] ... [SEP].
     text = []
@@ -153,9 +152,8 @@ def check_pair_layout(tok, b):
 
 @pytest.mark.parametrize("nsp_prob", [0.5, 0.2])
 def test_nsp_pairs(tok, nsp_prob):
-    obj = objective("nsp", tok, nsp_prob=nsp_prob)
     data = DataConfig(seq_len=48, batch_size=50)
-    src = obj.train_source(splits_of(unique_token_docs(tok)), data, seed=1)
+    src = objective("nsp", tok, splits_of(unique_token_docs(tok)), data, seed=1, nsp_prob=nsp_prob).train_source()
     labels, docs_a = [], []
     for step in range(40):
         b = src.batch(step)
@@ -175,26 +173,25 @@ def test_nsp_pairs(tok, nsp_prob):
 
 
 def test_nsp_val_batches_deterministic_and_balanced(tok):
-    obj = objective("nsp", tok)
     data = DataConfig(seq_len=24, batch_size=16)
     splits = splits_of(unique_token_docs(tok))
-    first = list(obj.val_batches(splits, data, seed=0))
-    second = list(obj.val_batches(splits, data, seed=0))
+    obj = objective("nsp", tok, splits, data, seed=0)
+    first = list(obj.val_batches())
+    second = list(obj.val_batches())
     assert all(torch.equal(x[k], y[k]) for x, y in zip(first, second) for k in x)
     labels = torch.cat([b["next_sentence_label"] for b in first]).float()
     assert len(labels) == N_DOCS * -(-DOC_LEN // 21)  # each document cut into 21-token spans
     assert abs(labels.mean().item() - 0.5) < 0.1
-    assert len(list(obj.val_batches(splits, data, max_batches=2))) == 2
+    assert len(list(obj.val_batches(max_batches=2))) == 2
     for b in first:
         list(check_pair_layout(tok, b))
 
 
 def test_mlm_nsp_masks_pairs_but_not_specials(tok):
-    obj = objective("mlm_nsp", tok)
     data = DataConfig(seq_len=48, batch_size=16)
     splits = splits_of(unique_token_docs(tok))
-    b = obj.train_source(splits, data, seed=0).batch(0)
-    plain = objective("nsp", tok).train_source(splits, data, seed=0).batch(0)
+    b = objective("mlm_nsp", tok, splits, data, seed=0).train_source().batch(0)
+    plain = objective("nsp", tok, splits, data, seed=0).train_source().batch(0)
     # The same pairs as nsp, with the masked positions restored.
     restored = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])
     assert torch.equal(restored, plain["input_ids"])
@@ -215,7 +212,7 @@ def test_mlm_loss_on_selected_positions_equals_dense_loss(tok):
     model = Bert(ModelConfig(name="bert", vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=48)).eval()
     splits, data = splits_of(unique_token_docs(tok)), DataConfig(seq_len=48, batch_size=8)
     for name in ("mlm", "mlm_nsp"):
-        b = objective(name, tok).train_source(splits, data, seed=3).batch(2)
+        b = objective(name, tok, splits, data, seed=3).train_source().batch(2)
         assert torch.equal(b["mlm_positions"], (b["labels"].view(-1) != -100).nonzero().squeeze(1))
         with torch.no_grad():
             hidden = model.encode(b["input_ids"], b["attention_mask"], b["token_type_ids"])
@@ -230,10 +227,10 @@ def test_mlm_loss_on_selected_positions_equals_dense_loss(tok):
 
 
 def test_nsp_needs_several_documents(tok):
-    obj = objective("nsp", tok)
     one_doc = splits_of(unique_token_docs(tok, n_docs=1))
+    obj = objective("nsp", tok, one_doc, DataConfig(seq_len=32, batch_size=4), seed=0)
     with pytest.raises(UserError, match="2 documents"):
-        obj.train_source(one_doc, DataConfig(seq_len=32, batch_size=4), seed=0)
+        obj.train_source()
 
 
 # ----------------------------------------------------------------------------- through the CLI

@@ -49,7 +49,7 @@ def validate_config(cfg: RunConfig) -> None:
     model_cls = model_class(cfg.model.name)
     if cfg.stage == "pretrain":
         objective_cls = objective_class(cfg.objective.name)
-        needs = getattr(objective_cls, "decoder_only", None)
+        needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
         if needs is True and not is_decoder:
             raise UserError(f"objective={cfg.objective.name} needs a causal decoder, but model "

@@ -12,6 +12,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from llmtrain.data.validation import shard
+
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
     """A torch RNG determined by the seed and keys (e.g. step, rank)."""
@@ -71,13 +73,8 @@ def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_ba
     The final partial window is kept, so every token of the split is scored exactly once.
     """
     tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
-    n = len(tokens)
-    starts = list(range(0, max(n - 1, 0), seq_len))
-    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
-    if max_batches > 0:
-        batches = batches[:max_batches]
-    for bi in range(rank, len(batches), world_size):
-        chunk = batches[bi]
+    starts = list(range(0, max(len(tokens) - 1, 0), seq_len))
+    for _, chunk in shard(starts, batch_size, max_batches, rank, world_size):
         x = torch.full((len(chunk), seq_len), 0, dtype=torch.long)
         y = torch.full((len(chunk), seq_len), -100, dtype=torch.long)  # -100: ignored by the loss
         for r, s in enumerate(chunk):

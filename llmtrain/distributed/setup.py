@@ -1,9 +1,11 @@
-"""torch.distributed setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+"""torch.distributed setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), and the
+collectives the stages use; each is a no-op in a single process."""
 from __future__ import annotations
 
 import atexit
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,13 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process (0, 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -62,6 +71,17 @@ def broadcast_str(value: str | None) -> str | None:
     return box[0]
 
 
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks, in float64 (so large token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        # NCCL reduces only CUDA tensors; gloo only CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -75,6 +95,14 @@ def all_gather_object(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_indexed(pairs: list[tuple[int, Any]]) -> list[Any]:
+    """(index, value) pairs from every rank -> the values in index order (on every rank)."""
+    pairs = sorted((p for part in all_gather_object(pairs) for p in part), key=lambda p: p[0])
+    if len({i for i, _ in pairs}) != len(pairs):  # a sharding bug would double count: fail loudly
+        raise RuntimeError("evaluation shards overlap")
+    return [v for _, v in pairs]
 
 
 _CPU_GROUP = None

@@ -23,11 +23,11 @@ import torch
 
 from llmtrain.config.moved_keys import known_fields
 from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
+from llmtrain.data.validation import shard, sum_losses
+from llmtrain.distributed import barrier, gather_indexed, sum_across_ranks, world
 from llmtrain.errors import UserError
 from llmtrain.eval import metrics
-from llmtrain.eval.dist import barrier, gather_indexed, shard_batches, sum_across_ranks, world
 from llmtrain.train.device import autocast
-from llmtrain.train.trainer import move
 
 
 @dataclass
@@ -120,11 +120,11 @@ def _val_splits(ctx: EvalContext, data: DataConfig):
     return splits
 
 
-def _objective(ctx: EvalContext, name: str):
-    from llmtrain.registry import get
+def _objective(ctx: EvalContext, name: str, splits, data: DataConfig):
+    from llmtrain.objectives import build_objective
 
     ocfg = ObjectiveConfig(**{**known_fields(ObjectiveConfig, ctx.run_config("objective")), "name": name})
-    return get("objective", name)(ocfg, ctx.tokenizer)
+    return build_objective(ocfg, ctx.tokenizer, splits, data, ctx.cfg.trainer.seed)
 
 
 def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
@@ -135,29 +135,19 @@ def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
                         f"(use eval.tasks=[{'qa' if task.name == 'extractive_qa' else task.name}])")
 
 
-@torch.no_grad()
-def score_objective(ctx: EvalContext, objective, splits, data: DataConfig) -> tuple[float, float, dict[str, float]]:
+def score_objective(ctx: EvalContext, objective) -> tuple[float, float, dict[str, float]]:
     """(summed loss over targets, number of targets, {extra: mean}) over this rank's share of the
     validation batches, summed over ranks."""
     rank, world_size = world()
     model = ctx.model.eval()
-    total, count, extra_sums = 0.0, 0.0, {}
-    for batch in objective.val_batches(splits, data, ctx.cfg.trainer.eval_batches, rank, world_size,
-                                       ctx.cfg.trainer.seed):
-        batch = move(batch, ctx.device)
+
+    def loss(batch):
         with autocast(ctx.device, ctx.precision):
-            out = objective.loss(model, batch)
-        n = int(out.n_targets)
-        total += float(out.loss) * n  # the loss is a mean over its n targets
-        count += n
-        for k, (s, c) in out.extras.items():
-            prev = extra_sums.get(k, (0.0, 0.0))
-            extra_sums[k] = (prev[0] + float(s), prev[1] + float(c))
-    keys = sorted(extra_sums)
-    sums = sum_across_ranks([total, count] + [v for k in keys for v in extra_sums[k]])
-    total, count = sums[0], sums[1]
-    extras = {k: sums[2 + 2 * i] / max(sums[3 + 2 * i], 1.0) for i, k in enumerate(keys)}
-    return total, count, extras
+            return objective.loss(model, batch)
+
+    batches = objective.val_batches(ctx.cfg.trainer.eval_batches, rank, world_size)
+    sums = sum_losses(loss, batches, ctx.device).all_reduce()
+    return float(sums.total), float(sums.count), sums.extra_means()
 
 
 @eval_task("lm")
@@ -169,7 +159,7 @@ def lm_task(ctx: EvalContext) -> TaskResult:
         raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
     data = _data_config(ctx)
     splits = _val_splits(ctx, data)
-    total, count, _ = score_objective(ctx, _objective(ctx, "clm"), splits, data)
+    total, count, _ = score_objective(ctx, _objective(ctx, "clm", splits, data))
     if count == 0:
         raise UserError(f"data {data.path}: no validation tokens to score")
     # The validation windows are scored in order, so the scored targets are val[1 : 1 + count].
@@ -191,7 +181,7 @@ def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
     name = trained if want in trained.split("_") else want  # mlm_nsp scores both heads at once
     data = _data_config(ctx)
     splits = _val_splits(ctx, data)
-    total, count, extras = score_objective(ctx, _objective(ctx, name), splits, data)
+    total, count, extras = score_objective(ctx, _objective(ctx, name, splits, data))
     out: dict[str, float | int] = {f"{want}/accuracy": extras.get(f"{want}_accuracy", math.nan)}
     if name == want:  # the loss is this head's own
         out[f"{want}/loss"] = total / max(count, 1.0)
@@ -342,7 +332,7 @@ def generation_task(ctx: EvalContext) -> TaskResult:
     rank, world_size = world()
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed + rank)
     pairs, n_tokens, seconds = [], 0, 0.0
-    for batch in shard_batches(prompts, cfg.eval.batch_size, rank, world_size):
+    for _, batch in shard(list(enumerate(prompts)), cfg.eval.batch_size, rank=rank, world=world_size):
         texts, res = generate_texts(ctx.model, ctx.tokenizer, [p for _, p in batch],
                                     max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                                     top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, stop_strings=stops,
@@ -429,7 +419,7 @@ def classification_task(ctx: EvalContext) -> TaskResult:
         examples = examples[:ctx.cfg.eval.max_examples]
     rank, world_size = world()
     pairs = []
-    for batch in shard_batches(examples, ctx.cfg.eval.batch_size, rank, world_size):
+    for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
         preds = task.predict(ctx.model, [e for _, e in batch], ctx.device)
         pairs += [(i, int(p)) for (i, _), p in zip(batch, preds)]
     preds = gather_indexed(pairs)
@@ -452,7 +442,7 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         qids = qids[:ctx.cfg.eval.max_examples]
     rank, world_size = world()
     pairs = []
-    for batch in shard_batches(qids, ctx.cfg.eval.batch_size, rank, world_size):
+    for _, batch in shard(list(enumerate(qids)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
         preds = task.predict(ctx.model, [f for _, q in batch for f in by_q[q]], ctx.device)
         pairs += [(i, (q, preds.get(q, ""))) for i, q in batch]
     preds = dict(gather_indexed(pairs))

@@ -1,11 +1,22 @@
 """Pretraining objectives, chosen by `objective.name`. See base.py for the contract."""
-from llmtrain import registry
-from llmtrain.objectives import clm, mlm, nsp  # noqa: F401  (registers)
-from llmtrain.objectives.base import LossOutput, Objective
+from __future__ import annotations
 
-__all__ = ["LossOutput", "Objective", "objective_class"]
+from llmtrain import registry
+from llmtrain.config.schema import DataConfig, ObjectiveConfig
+from llmtrain.data.corpus import TokenSplits
+from llmtrain.objectives import clm, mlm, nsp  # noqa: F401  (registers)
+from llmtrain.objectives.base import LossOutput, Objective, Trainee
+from llmtrain.tokenizers import Tokenizer
+
+__all__ = ["LossOutput", "Objective", "Trainee", "build_objective", "objective_class"]
 
 
 def objective_class(name: str) -> type[Objective]:
     """The registered objective `name` (its class attributes, without building it)."""
     return registry.get("objective", name)
+
+
+def build_objective(cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig,
+                    seed: int) -> Objective:
+    """The registered objective `cfg.name`, bound to its token splits, data config and seed."""
+    return objective_class(cfg.name)(cfg, tokenizer, splits, data_cfg, seed)

@@ -1,16 +1,17 @@
-"""The objective contract: it turns token splits into batches and (model, batch) into a loss.
+"""The contract between the trainer and what it trains (a pretraining objective or a fine-tuning
+task): data are bound when it is built, then it gives batches and turns (model, batch) into a loss.
 
-    obj = get("objective", cfg.objective.name)(cfg.objective, tokenizer)
-    source = obj.train_source(splits, data_cfg, seed, rank, world)   # .batch(step) -> dict
-    for batch in obj.val_batches(splits, data_cfg, ...): ...
-    out = obj.loss(model, batch)     # LossOutput
+    obj = build_objective(cfg.objective, tokenizer, splits, cfg.data, seed)   # llmtrain.objectives
+    source = obj.train_source(rank, world)     # .batch(step) -> dict of tensors
+    for batch in obj.val_batches(max_batches, rank, world): ...
+    out = obj.loss(model, batch)               # LossOutput
 
 Batches are functions of (seed, step, rank) so runs are deterministic and resume exactly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -31,19 +32,37 @@ class BatchSource(Protocol):
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...
 
 
-class Objective:
+@runtime_checkable
+class Trainee(Protocol):
+    """What the trainer trains: an Objective (pretrain) or a Task (finetune, llmtrain/tasks)."""
+
+    needs_decoder: bool | None  # True: needs a causal decoder; False: needs an encoder; None: either
+
+    def train_source(self, rank: int = 0, world: int = 1) -> BatchSource:
+        """This rank's training batches (of `world` ranks)."""
+        ...
+
+    def val_batches(self, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of the validation batches, the first max_batches (0: all) of them
+        sharded by llmtrain.data.validation.shard."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput: ...
+
+
+class Objective(Trainee):
     name = "base"
-    decoder_only: bool | None = None  # True: needs a causal decoder; False: needs an encoder
+    needs_decoder: bool | None = None
 
-    def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer):
+    def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig,
+                 seed: int):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.splits, self.data_cfg, self.seed = splits, data_cfg, seed  # the data it trains and validates on
 
-    def train_source(self, splits: TokenSplits, data: DataConfig, seed: int,
-                     rank: int = 0, world_size: int = 1) -> BatchSource:
+    def train_source(self, rank: int = 0, world: int = 1) -> BatchSource:
         raise NotImplementedError
 
-    def val_batches(self, splits: TokenSplits, data: DataConfig, max_batches: int = 0,
-                    rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def val_batches(self, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:

@@ -9,13 +9,15 @@ from llmtrain.registry import register
 @register("objective", "clm")
 class CausalLM(Objective):
     name = "clm"
-    decoder_only = True
+    needs_decoder = True
 
-    def train_source(self, splits, data, seed, rank=0, world_size=1):
-        return PackedWindows(splits.train, data.seq_len, data.batch_size, seed, rank, world_size)
+    def train_source(self, rank=0, world=1):
+        d = self.data_cfg
+        return PackedWindows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
 
-    def val_batches(self, splits, data, max_batches=0, rank=0, world_size=1, seed=0):
-        return sequential_windows(splits.val, data.seq_len, data.batch_size, max_batches, rank, world_size)
+    def val_batches(self, max_batches=0, rank=0, world=1):
+        d = self.data_cfg
+        return sequential_windows(self.splits.val, d.seq_len, d.batch_size, max_batches, rank, world)
 
     def loss(self, model, batch):
         logits = model(batch["input_ids"])

@@ -131,26 +131,27 @@ class MaskedWindows:
 @register("objective", "mlm")
 class MaskedLM(Objective):
     name = "mlm"
-    decoder_only = False
+    needs_decoder = False
 
-    def __init__(self, cfg, tokenizer):
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg, tokenizer, splits, data_cfg, seed):
+        super().__init__(cfg, tokenizer, splits, data_cfg, seed)
         self.masker = Masker(tokenizer, cfg.mask_prob)
 
-    def train_source(self, splits, data, seed, rank=0, world_size=1):
-        return MaskedWindows(splits.train, data.seq_len, data.batch_size, self.tokenizer, self.masker,
-                             seed, rank, world_size)
+    def train_source(self, rank=0, world=1):
+        return MaskedWindows(self.splits.train, self.data_cfg.seq_len, self.data_cfg.batch_size, self.tokenizer,
+                             self.masker, self.seed, rank, world)
 
-    def val_batches(self, splits, data, max_batches=0, rank=0, world_size=1, seed=0):
+    def val_batches(self, max_batches=0, rank=0, world=1):
         """The validation split once, in order, with masks fixed by (seed, batch index)."""
+        data = self.data_cfg
         check_seq_len(data.seq_len, 2)
-        windows = sequential_windows(splits.val, data.seq_len - 2, data.batch_size, max_batches, rank, world_size)
+        windows = sequential_windows(self.splits.val, data.seq_len - 2, data.batch_size, max_batches, rank, world)
         for i, w in enumerate(windows):
             lengths = (w["labels"] != -100).sum(1).tolist()  # real tokens per (padded) window
             bodies = [row[:n] for row, n in zip(w["input_ids"], lengths)]
             batch = frame(bodies, None, data.seq_len, self.tokenizer)
             # Keyed by the global batch index, so the masks do not depend on the world size.
-            g = step_generator(seed, VAL_MASK_KEY, rank + i * world_size)
+            g = step_generator(self.seed, VAL_MASK_KEY, rank + i * world)
             yield self.masker.apply(batch, g)
 
     def loss(self, model, batch):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.data.loader import step_generator
+from llmtrain.data.validation import shard
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Objective
 from llmtrain.objectives.mlm import (TRAIN_MASK_KEY, VAL_MASK_KEY, Masker, check_seq_len, frame,
@@ -124,14 +125,10 @@ class PairSource:
 
 
 def pair_val_batches(maker: PairMaker, batch_size: int, masker: Masker | None, max_batches: int,
-                     rank: int, world_size: int, seed: int):
+                     rank: int, world: int, seed: int):
     """The validation documents once, in order; pairing and masks fixed by (seed, batch index)."""
-    spans = maker.sequential_spans()
-    chunks = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
-    if max_batches > 0:
-        chunks = chunks[:max_batches]
-    for bi in range(rank, len(chunks), world_size):
-        batch = maker.batch(chunks[bi], step_generator(seed, VAL_PAIR_KEY, bi))
+    for bi, spans in shard(maker.sequential_spans(), batch_size, max_batches, rank, world):
+        batch = maker.batch(spans, step_generator(seed, VAL_PAIR_KEY, bi))
         if masker is not None:
             masker.apply(batch, step_generator(seed, VAL_MASK_KEY, bi))
         yield batch
@@ -146,22 +143,23 @@ def nsp_terms(logits: torch.Tensor, labels: torch.Tensor):
 @register("objective", "nsp")
 class NextSentence(Objective):
     name = "nsp"
-    decoder_only = False
+    needs_decoder = False
     masked = False  # mlm_nsp also masks the pairs
 
-    def __init__(self, cfg, tokenizer):
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg, tokenizer, splits, data_cfg, seed):
+        super().__init__(cfg, tokenizer, splits, data_cfg, seed)
         self.masker = Masker(tokenizer, cfg.mask_prob) if self.masked else None
 
-    def _maker(self, tokens, data, split: str) -> PairMaker:
-        return PairMaker(tokens, self.tokenizer, data.seq_len, self.cfg.nsp_prob, split)
+    def _maker(self, tokens, split: str) -> PairMaker:
+        return PairMaker(tokens, self.tokenizer, self.data_cfg.seq_len, self.cfg.nsp_prob, split)
 
-    def train_source(self, splits, data, seed, rank=0, world_size=1):
-        return PairSource(self._maker(splits.train, data, "train"), data.batch_size, self.masker, seed, rank)
+    def train_source(self, rank=0, world=1):
+        maker = self._maker(self.splits.train, "train")
+        return PairSource(maker, self.data_cfg.batch_size, self.masker, self.seed, rank)
 
-    def val_batches(self, splits, data, max_batches=0, rank=0, world_size=1, seed=0):
-        maker = self._maker(splits.val, data, "validation")
-        return pair_val_batches(maker, data.batch_size, self.masker, max_batches, rank, world_size, seed)
+    def val_batches(self, max_batches=0, rank=0, world=1):
+        maker = self._maker(self.splits.val, "validation")
+        return pair_val_batches(maker, self.data_cfg.batch_size, self.masker, max_batches, rank, world, self.seed)
 
     def loss(self, model, batch):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])

@@ -11,6 +11,7 @@ two take turns over `bench.rounds` rounds and each reports its best round.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import time
@@ -21,9 +22,9 @@ import torch
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.errors import UserError
-from llmtrain.registry import get
 from llmtrain.files import atomic_write
 from llmtrain.models import build_model, resolve_model_config
+from llmtrain.objectives import build_objective
 from llmtrain.runtime import setup_runtime
 from llmtrain.tokenizers.byte import ByteTokenizer
 from llmtrain.train.device import autocast, peak_flops
@@ -75,12 +76,13 @@ def run(cfg: RunConfig) -> float:
     rng = np.random.default_rng(cfg.trainer.seed)
     tokens = rng.integers(0, min(model_cfg.vocab_size, 2**16), size=max(total, 4 * cfg.data.seq_len), dtype=np.uint16)
     splits = TokenSplits(train=tokens, val=tokens[: 2 * cfg.data.seq_len + 2], n_docs=1, val_bytes=1)
-    objective = get("objective", "clm")(cfg.objective, tokenizer)
+    objective = build_objective(dataclasses.replace(cfg.objective, name="clm"), tokenizer, splits, cfg.data,
+                                cfg.trainer.seed)
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(model_cfg)
     logger = MetricsLogger(rt.run_dir, cfg.logger, enabled=False)
-    trainer = Trainer(cfg, model, objective, splits, rt.run_dir, rt.device, rt.precision, rt.dist, logger, meta={})
+    trainer = Trainer(cfg, rt, model, objective, logger, meta={})
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     trainer.train_step()  # the first step allocates everything: peak memory is the trainer's alone

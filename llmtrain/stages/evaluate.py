@@ -5,7 +5,7 @@
     llmtrain evaluate checkpoint=RUN_DIR eval.tasks=[generation] task.val_path=dev.jsonl
 
 The tasks live in llmtrain/eval/suite.py; under torchrun each rank scores a shard and the
-metrics are combined exactly once (see llmtrain/eval/dist.py).
+metrics are combined exactly once (see llmtrain/data/validation.py).
 """
 from __future__ import annotations
 

@@ -57,15 +57,13 @@ def run(cfg: RunConfig) -> float | None:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context "
                         f"({model_cfg.max_seq_len})")
 
-    task = build_task(cfg.task, tokenizer, model_cfg, cfg.data)
     splits = load_corpus(cfg, tokenizer=tokenizer)[1] if cfg.task.name == "lm" else None
-    if splits is not None:
-        task.get_splits(splits)
+    task = build_task(cfg.task, tokenizer, model_cfg, cfg.data, seed=cfg.trainer.seed, splits=splits)
     summary = task.summary()  # reads and tokenizes the data: bad input fails here, before training
     model = task.build_model(backbone)
     heads, reused = _init_heads(model, backbone, init_state)
     adapted = _setup_method(cfg, model, backbone, heads)
-    unused = _freeze_unused(cfg, model, task, splits)
+    unused = _freeze_unused(model, task)
     if unused:
         adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
 
@@ -94,7 +92,7 @@ def run(cfg: RunConfig) -> float | None:
             logger.log({"val/loss": before}, 0)
             if rt.is_main:
                 print(f"finetune: val/loss before training {before:.4f}", flush=True)
-        trainer = Trainer(cfg, model, task, splits, rt.run_dir, rt.device, rt.precision, rt.dist, logger, meta)
+        trainer = Trainer(cfg, rt, model, task, logger, meta)
         result = trainer.fit()
         if result.interrupted:
             return result.metrics.get(cfg.optimize_metric)
@@ -159,10 +157,10 @@ def _setup_method(cfg: RunConfig, model, backbone, heads) -> str:
     return "full fine-tuning"
 
 
-def _freeze_unused(cfg: RunConfig, model, task, splits) -> list[str]:
+def _freeze_unused(model, task) -> list[str]:
     """Freeze trainable parameters that get no gradient from the task's loss (e.g. BERT's MLM/NSP
     heads under a classification head): DDP requires every trainable parameter to be used."""
-    batch = task.train_source(splits, cfg.data, cfg.trainer.seed).batch(0)
+    batch = task.train_source().batch(0)
     task.loss(model, batch).loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in model.named_parameters():

@@ -5,7 +5,7 @@ from llmtrain.config.schema import RunConfig
 from llmtrain.checkpoints import checkpoint_meta
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.models import build_model, resolve_model_config
-from llmtrain.registry import get
+from llmtrain.objectives import build_objective
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import setup_runtime
 from llmtrain.train.tracking import MetricsLogger
@@ -17,7 +17,7 @@ def run(cfg: RunConfig) -> float | None:
     tokenizer, splits = load_corpus(cfg)
     model_cfg = resolve_model_config(cfg.model, tokenizer)
     model = build_model(model_cfg)
-    objective = get("objective", cfg.objective.name)(cfg.objective, tokenizer)
+    objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
     return train_and_report(cfg, rt, model, objective, splits, checkpoint_meta(cfg, model_cfg, tokenizer))
 
 
@@ -32,8 +32,7 @@ def train_and_report(cfg, rt, model, objective, splits, meta) -> float | None:
               f"{rt.precision}, run dir {rt.run_dir}", flush=True)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     try:
-        trainer = Trainer(cfg, model, objective, splits, rt.run_dir, rt.device, rt.precision, rt.dist,
-                          logger, meta)
+        trainer = Trainer(cfg, rt, model, objective, logger, meta)
         result = trainer.fit()
     finally:
         logger.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 
 from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
+from llmtrain.data.corpus import TokenSplits
 from llmtrain.tasks import classification, instruction, lm, qa, summarization  # noqa: F401  (registers)
 from llmtrain.tasks.base import Task
 from llmtrain.tasks.chat_template import encode_chat, format_chat, render_prompt, stop_strings
@@ -21,10 +22,13 @@ __all__ = ["Task", "build_task", "task_meta", "format_chat", "encode_chat",
 
 
 def build_task(cfg: TaskConfig, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
-               state: dict | None = None) -> Task:
+               state: dict | None = None, *, seed: int = 0, splits: TokenSplits | None = None) -> Task:
+    """The registered task `cfg.name`, bound to its data: `seed` of its training batches, and for
+    task lm the token splits of data.path (read on first use when not given)."""
     from llmtrain.registry import get
 
-    return get("task", cfg.name)(cfg, tokenizer, model_cfg, data_cfg, state)
+    bound = {"splits": splits} if splits is not None else {}  # only task lm trains on token splits
+    return get("task", cfg.name)(cfg, tokenizer, model_cfg, data_cfg, state, seed, **bound)
 
 
 def task_meta(task: Task) -> dict[str, Any]:

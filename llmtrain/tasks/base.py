@@ -1,15 +1,16 @@
 """The task contract: a fine-tuning task is a data format + a head/loss + metrics.
 
-    task = build_task(cfg.task, tokenizer, model_cfg, cfg.data)       # registry kind "task"
+    task = build_task(cfg.task, tokenizer, model_cfg, cfg.data, seed=cfg.trainer.seed)  # kind "task"
     model = task.build_model(backbone)        # backbone + new head (or the backbone itself)
-    # the trainer treats the task as an Objective (llmtrain/objectives/base.py):
-    source = task.train_source(None, data_cfg, seed, rank, world)    # .batch(step) -> dict
-    for batch in task.val_batches(None, data_cfg): out = task.loss(model, batch)
+    # what the trainer trains, like an objective (Trainee, llmtrain/objectives/base.py):
+    source = task.train_source(rank, world)   # .batch(step) -> dict
+    for batch in task.val_batches(max_batches): out = task.loss(model, batch)
     task.evaluate(model, device) -> {"accuracy": ..., "f1": ...}     # llmtrain/eval/metrics.py
     task.state()                              # JSON (e.g. label names), stored in meta["task"]
 
-Tasks read their own files (task.train_path / task.val_path); `splits` is ignored except by
-the `lm` task. Examples are tokenized once; batches are a pure function of (seed, step, rank).
+Tasks read their own files (task.train_path / task.val_path); the `lm` task reads data.path
+(or takes the token splits it is built with). Examples are tokenized once; batches are a pure
+function of (seed, step, rank).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ import torch.nn as nn
 from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
 from llmtrain.data.loader import step_generator
 from llmtrain.data.sources import read_text, valid_text
+from llmtrain.data.validation import shard, sum_losses
 from llmtrain.errors import UserError
-from llmtrain.objectives.base import LossOutput  # noqa: F401  (re-exported for tasks)
+from llmtrain.objectives.base import LossOutput, Trainee
 from llmtrain.tokenizers import Tokenizer
-
 
 
 class HeadModel(nn.Module):
@@ -53,17 +54,19 @@ class HeadModel(nn.Module):
             return self.backbone.encode(input_ids)
         return self.backbone.encode(input_ids, attention_mask, token_type_ids)
 
-class Task:
+
+class Task(Trainee):
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
 
     def __init__(self, cfg: TaskConfig, tokenizer: Tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
-                 state: dict | None = None):
+                 state: dict | None = None, seed: int = 0):
         self.cfg, self.tokenizer, self.model_cfg, self.data_cfg = cfg, tokenizer, model_cfg, data_cfg
+        self.seed = seed  # of the training batches
         self._state = dict(state or {})
-        from llmtrain.registry import get
+        from llmtrain.models import model_class
 
-        model_cls = get("model", model_cfg.name)
+        model_cls = model_class(model_cfg.name)
         self.is_decoder = bool(getattr(model_cls, "is_decoder", True))
         if self.needs_decoder is True and not self.is_decoder:
             raise UserError(f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
@@ -80,13 +83,12 @@ class Task:
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return backbone
 
-    def train_source(self, splits, data_cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
-        return ExampleSource(self.train_examples(), data_cfg.batch_size, seed, self.collate, rank, world_size)
+    def train_source(self, rank: int = 0, world: int = 1) -> ExampleSource:
+        return ExampleSource(self.train_examples(), self.data_cfg.batch_size, self.seed, self.collate, rank, world)
 
-    def val_batches(self, splits, data_cfg: DataConfig, max_batches: int = 0, rank: int = 0,
-                    world_size: int = 1, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        return sequential_batches(self.val_examples(), data_cfg.batch_size, self.collate, max_batches,
-                                  rank, world_size)
+    def val_batches(self, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        return sequential_batches(self.val_examples(), self.data_cfg.batch_size, self.collate, max_batches,
+                                  rank, world)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
@@ -102,18 +104,14 @@ class Task:
         """Mean loss over the validation set (response tokens only for generative tasks); used for
         the before/after-training report."""
         device = device or model_device(model)
-        total, count = 0.0, 0
         was = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                for batch in self.val_batches(None, self.data_cfg, max_batches):
-                    out = self.loss(model, {k: v.to(device) for k, v in batch.items()})
-                    total += float(out.loss) * int(out.n_targets)
-                    count += int(out.n_targets)
+            # Every target of the whole set, in one process; without autocast (full precision).
+            sums = sum_losses(lambda batch: self.loss(model, batch), self.val_batches(max_batches), device)
         finally:
             model.train(was)
-        return total / max(count, 1)
+        return sums.mean_loss()
 
     # -------------------------------------------------------------------- data
     def load(self) -> tuple[list, list]:
@@ -187,12 +185,10 @@ class ExampleSource:
 
 
 def sequential_batches(examples: list, batch_size: int, collate: Callable, max_batches: int = 0,
-                       rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    if max_batches > 0:
-        chunks = chunks[:max_batches]
-    for bi in range(rank, len(chunks), world_size):
-        yield collate(chunks[bi])
+                       rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples in order, collated in batches: this rank's share (llmtrain.data.validation.shard)."""
+    for _, chunk in shard(examples, batch_size, max_batches, rank, world):
+        yield collate(chunk)
 
 
 def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:

@@ -47,8 +47,8 @@ def _sort_labels(labels: set[str]) -> list[str]:
 class Classification(Task):
     name = "classification"
 
-    def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None):
-        super().__init__(cfg, tokenizer, model_cfg, data_cfg, state)
+    def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None, seed=0):
+        super().__init__(cfg, tokenizer, model_cfg, data_cfg, state, seed)
         if cfg.labels is not None:
             self._state["labels"] = [str(x) for x in cfg.labels]
             if len(set(self._state["labels"])) != len(self._state["labels"]) or not self._state["labels"]:

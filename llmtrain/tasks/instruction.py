@@ -42,8 +42,8 @@ def record_messages(rec: dict, where: str) -> list[dict]:
 class Instruction(GenerativeTask):
     name = "instruction"
 
-    def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None):
-        super().__init__(cfg, tokenizer, model_cfg, data_cfg, state)
+    def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None, seed=0):
+        super().__init__(cfg, tokenizer, model_cfg, data_cfg, state, seed)
         get_template(cfg.chat_template)  # unknown template: error before any work
 
     def stop_strings(self):

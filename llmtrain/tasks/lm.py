@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
+from llmtrain.config.schema import ObjectiveConfig
 from llmtrain.data.corpus import TokenSplits, split_tokens
 from llmtrain.data.sources import read_documents
 from llmtrain.objectives.clm import CausalLM
-from llmtrain.config.schema import ObjectiveConfig
 from llmtrain.registry import register
 from llmtrain.tasks.base import Task
 
@@ -17,37 +17,45 @@ class LanguageModeling(Task):
     name = "lm"
     needs_decoder = True
 
-    def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None):
-        super().__init__(cfg, tokenizer, model_cfg, data_cfg, state)
-        self.objective = CausalLM(ObjectiveConfig(name="clm"), tokenizer)
-        self.splits: TokenSplits | None = None
+    def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None, seed=0, splits: TokenSplits | None = None):
+        """`splits`: the token splits of data.path (finetune passes its cached corpus); without
+        them data.path is read and split on first use (a checkpoint loaded for evaluation)."""
+        super().__init__(cfg, tokenizer, model_cfg, data_cfg, state, seed)
+        self._splits = splits
+        self._objective: CausalLM | None = None
 
-    def get_splits(self, splits=None) -> TokenSplits:
-        if splits is not None:
-            self.splits = splits
-        if self.splits is None:
+    @property
+    def splits(self) -> TokenSplits:
+        if self._splits is None:
             d = self.data_cfg
             docs = read_documents(d.path, d.text_field, d.encoding_errors, d.doc_pattern)
-            self.splits = split_tokens(docs, self.tokenizer, d.val_fraction)
-        return self.splits
+            self._splits = split_tokens(docs, self.tokenizer, d.val_fraction)
+        return self._splits
 
-    def train_source(self, splits, data_cfg, seed, rank=0, world_size=1):
-        return self.objective.train_source(self.get_splits(splits), data_cfg, seed, rank, world_size)
+    @property
+    def objective(self) -> CausalLM:
+        if self._objective is None:
+            self._objective = CausalLM(ObjectiveConfig(name="clm"), self.tokenizer, self.splits, self.data_cfg,
+                                       self.seed)
+        return self._objective
 
-    def val_batches(self, splits, data_cfg, max_batches=0, rank=0, world_size=1, seed=0):
-        return self.objective.val_batches(self.get_splits(splits), data_cfg, max_batches, rank, world_size, seed)
+    def train_source(self, rank=0, world=1):
+        return self.objective.train_source(rank, world)
+
+    def val_batches(self, max_batches=0, rank=0, world=1):
+        return self.objective.val_batches(max_batches, rank, world)
 
     def loss(self, model, batch):
         return self.objective.loss(model, batch)
 
     def train_examples(self):
-        return self.get_splits().train
+        return self.splits.train
 
     def val_examples(self):
-        return self.get_splits().val
+        return self.splits.val
 
     def summary(self) -> str:
-        s = self.get_splits()
+        s = self.splits
         return f"task lm: {len(s.train):,} train / {len(s.val):,} val tokens of {self.data_cfg.path}"
 
     def evaluate(self, model, device=None, max_examples=0):

@@ -1,4 +1,5 @@
-"""The one trainer every stage uses: a step loop over (model, objective, batch source).
+"""The one trainer every stage uses: a step loop over (model, trainee, batch source); the trainee
+is an objective or a task (the Trainee contract, llmtrain/objectives/base.py).
 
 Design points:
 - The loss is computed inside `LossModule.forward`, so DDP/FSDP/compile wrap a single forward.
@@ -19,33 +20,35 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.corpus import TokenSplits
-from llmtrain.distributed import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, any_rank,
-                                  barrier)
+from llmtrain.data.validation import move, sum_losses
+from llmtrain.distributed import all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier
 from llmtrain.distributed.wrap import resolve_strategy, wrap_model
 from llmtrain.errors import UserError
-from llmtrain.objectives import Objective
+from llmtrain.objectives import LossOutput, Trainee
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.device import autocast, peak_flops
 from llmtrain.train.optim import build_optimizer, build_scheduler
 from llmtrain.train.tracking import MetricsLogger
 
+if TYPE_CHECKING:  # a job's runtime is set up above the trainer (docs/design.md, layer 6)
+    from llmtrain.runtime import Runtime
+
 
 class LossModule(torch.nn.Module):
-    """model + objective as one module, so wrappers see the whole loss computation."""
+    """model + trainee as one module, so wrappers see the whole loss computation."""
 
-    def __init__(self, model: torch.nn.Module, objective: Objective):
+    def __init__(self, model: torch.nn.Module, trainee: Trainee):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.trainee = model, trainee
 
     def forward(self, batch: dict[str, torch.Tensor]):
-        out = self.objective.loss(self.model, batch)
+        out = self.trainee.loss(self.model, batch)
         return out.loss, out.n_targets, out.extras
 
 
@@ -57,19 +60,13 @@ class TrainResult:
     interrupted: bool = False
 
 
-def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 class Trainer:
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, objective: Objective,
-                 splits: TokenSplits, run_dir: Path, device: torch.device, precision: str,
-                 dist: DistInfo, logger: MetricsLogger, meta: dict[str, Any],
-                 trainable: Callable[[torch.nn.Module], None] | None = None):
+    def __init__(self, cfg: RunConfig, rt: Runtime, model: torch.nn.Module, trainee: Trainee,
+                 logger: MetricsLogger, meta: dict[str, Any]):
+        """`trainee`: an objective or a task, its data bound (it gives this rank its batches)."""
         self.cfg, self.tc = cfg, cfg.trainer
-        self.model, self.objective, self.splits = model, objective, splits
+        self.model, self.trainee = model, trainee
+        run_dir, device, precision, dist = rt.run_dir, rt.device, rt.precision, rt.dist
         self.run_dir, self.device, self.precision, self.dist = run_dir, device, precision, dist
         self.logger, self.meta = logger, meta
         self.ckpt_root = run_dir / "checkpoints"
@@ -84,11 +81,11 @@ class Trainer:
         if self.resumed_from is not None:
             ckpt.load_meta(self.resumed_from)
             ckpt.load_model_state(model, ckpt.load_weights(self.resumed_from), self.resumed_from)
-        self.loss_module = wrap_model(LossModule(model, objective), cfg.trainer, device, precision, dist)
+        self.loss_module = wrap_model(LossModule(model, trainee), cfg.trainer, device, precision, dist)
         self.optimizer = build_optimizer(model, cfg.optim, device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.tc.max_steps)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.source = objective.train_source(splits, cfg.data, self.tc.seed, dist.rank, dist.world_size)
+        self.source = trainee.train_source(dist.rank, dist.world_size)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * self.tc.grad_accum * dist.world_size
         flops = getattr(model, "flops_per_token", None)
         self.flops_per_token = flops(cfg.data.seq_len) if flops else None
@@ -195,37 +192,28 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.loss_module.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
-        extras: dict[str, torch.Tensor] = {}
-        batches = self.objective.val_batches(self.splits, self.cfg.data, self.tc.eval_batches,
-                                             self.dist.rank, self.dist.world_size, self.tc.seed)
-        # (batch, weight): under FSDP every forward is a collective, so ranks with fewer batches
-        # run extra forwards with weight 0 until all ranks have done the same number.
-        work = [(b, 1.0) for b in batches]
+        batches = list(self.trainee.val_batches(self.tc.eval_batches, self.dist.rank, self.dist.world_size))
+        weights = [1.0] * len(batches)
+        # Under FSDP every forward is a collective, so ranks with fewer batches run extra forwards
+        # with weight 0 until all ranks have done the same number.
         if self.strategy == "fsdp":
-            n_max = int(all_reduce_max(torch.tensor([len(work)], device=self.device)).item())
-            if len(work) < n_max:
-                filler = work[0][0] if work else next(iter(self.objective.val_batches(
-                    self.splits, self.cfg.data, 1, 0, 1, self.tc.seed)))
-                work += [(filler, 0.0)] * (n_max - len(work))
-        for batch, weight in work:
+            n_max = int(all_reduce_max(torch.tensor([len(batches)], device=self.device)).item())
+            if len(batches) < n_max:
+                filler = batches[0] if batches else next(iter(self.trainee.val_batches(1, 0, 1)))
+                weights += [0.0] * (n_max - len(batches))
+                batches += [filler] * (n_max - len(batches))
+
+        def loss(batch):
             with autocast(self.device, self.precision):
-                loss, n, ex = self.loss_module(move(batch, self.device))
-            total += loss.double() * n * weight
-            count += n * weight
-            for k, (s, c) in ex.items():
-                acc = extras.setdefault(k, torch.zeros(2, dtype=torch.float64, device=self.device))
-                acc += torch.stack([s.double(), c.double()]) * weight
+                return LossOutput(*self.loss_module(batch))
+
+        sums = sum_losses(loss, batches, self.device, weights).all_reduce()
         self.loss_module.train()
-        all_reduce_sum(total), all_reduce_sum(count)
-        if count.item() == 0:
+        if sums.count.item() == 0:
             return {}
-        val_loss = (total / count).item()
+        val_loss = (sums.total / sums.count).item()
         out = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}
-        for k, acc in extras.items():
-            s, c = all_reduce_sum(acc).tolist()
-            out[f"val/{k}"] = s / max(c, 1.0)
+        out.update({f"val/{k}": v for k, v in sums.extra_means().items()})
         return out
 
     # ----------------------------------------------------------------- train
