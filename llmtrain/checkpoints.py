@@ -17,6 +17,7 @@
 The on-disk format (save, list, resolve, verify) is llmtrain/train/checkpoint.py; this module
 turns a checkpoint into objects. What a new checkpoint records is `checkpoint_meta`.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,14 +1,15 @@
 """The `llmtrain` command: one map from verb to stage; Hydra parses everything after the verb.
 
-    llmtrain pretrain +experiment=gpt_small optim.lr=3e-4
-    llmtrain pretrain -m optim.lr=1e-3,3e-4        # sweep
-    llmtrain pretrain --cfg job                     # print the composed config
+llmtrain pretrain +experiment=gpt_small optim.lr=3e-4
+llmtrain pretrain -m optim.lr=1e-3,3e-4        # sweep
+llmtrain pretrain --cfg job                     # print the composed config
 """
+
 from __future__ import annotations
 
 import importlib
-import re
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -40,8 +41,19 @@ app = typer.Typer(
 )
 
 # Hydra flags that take a value (so the value is not mistaken for an override).
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
-                "--info", "--run", "--experimental-rerun"}
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "--run",
+    "--experimental-rerun",
+}
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -150,6 +162,7 @@ def _task(stage: str) -> Callable:
     sweep, so any exception is recorded in the job directory (status.json, error.txt), reported in
     one line, and the job returns the worst value for the sweep's direction (see llmtrain/sweep/job.py).
     """
+
     def task(cfg) -> float:
         import time
 
@@ -179,8 +192,7 @@ def _task(stage: str) -> Callable:
 def run_stage(stage: str, args: list[str]) -> None:
     """A single run is composed once (here) and run on that config; a sweep goes through
     hydra.main, its first values validated here first."""
-    from llmtrain.config import register_configs
-    from llmtrain.config import compose
+    from llmtrain.config import compose, register_configs
     from llmtrain.config.moved_keys import refuse_moved_keys
     from llmtrain.distributed.launch import MULTIRUN_FLAGS, maybe_launch
 
@@ -195,8 +207,9 @@ def run_stage(stage: str, args: list[str]) -> None:
     composed = os.environ.pop(compose.COMPOSED_ENV, None)
     if composed:  # a worker of `trainer.devices=N`: the parent composed and checked the config
         with compose.hydra_session(config_name):
-            compose.run_composed(_task(stage), compose.load_composed(composed),
-                                 configure_logging=os.environ.get("RANK", "0") == "0")
+            compose.run_composed(
+                _task(stage), compose.load_composed(composed), configure_logging=os.environ.get("RANK", "0") == "0"
+            )
         return
     args = _quote_free_text(args)
     flags, overrides = _split_args(args)
@@ -204,7 +217,7 @@ def run_stage(stage: str, args: list[str]) -> None:
     if "--config-name" in flags or "-cn" in flags:
         idx = max(flags.index(f) for f in ("--config-name", "-cn") if f in flags)
         config_name = flags[idx + 1]
-        flags = flags[:idx] + flags[idx + 2:]
+        flags = flags[:idx] + flags[idx + 2 :]
     if not flags:
         with compose.hydra_session(config_name):
             cfg = _compose_checked(overrides, config_name)
@@ -224,8 +237,7 @@ def run_stage(stage: str, args: list[str]) -> None:
     import hydra
 
     sys.argv = [f"llmtrain {stage}", *args]
-    main_fn = hydra.main(config_path=str(compose.CONF_DIR), config_name=config_name,
-                         version_base="1.3")(_task(stage))
+    main_fn = hydra.main(config_path=str(compose.CONF_DIR), config_name=config_name, version_base="1.3")(_task(stage))
     main_fn()
 
 
@@ -244,8 +256,7 @@ def _make_command(stage: str) -> None:
     @target.command(
         name=name,
         help=STAGES[stage][1] + " Arguments are Hydra overrides; see `llmtrain " + stage + " --help`.",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                          "help_option_names": []},
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
         add_help_option=False,
     )
     def command(ctx: typer.Context) -> None:
@@ -257,8 +268,10 @@ for _stage in STAGES:
 
 
 @app.command("plot")
-def plot(run_dirs: list[Path] = typer.Argument(..., help="Run directories (or a sweep directory) to overlay."),
-         out: Path = typer.Option(None, "--out", "-o", help="PNG path (default: curves.png in the first run dir).")):
+def plot(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (or a sweep directory) to overlay."),
+    out: Path = typer.Option(None, "--out", "-o", help="PNG path (default: curves.png in the first run dir)."),
+):
     """Draw loss / lr / throughput curves from metrics.jsonl of one or more runs."""
     from llmtrain.eval.plot import plot_runs
 

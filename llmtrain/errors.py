@@ -1,4 +1,5 @@
 """User-facing errors: reported as one line on stderr with exit code 2, no traceback."""
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ Written under a temporary name in the same directory, fsynced, renamed over the 
 directory fsynced after the rename, so a crash or kill leaves either the old file or the new
 one, never a torn one. Imports nothing heavy: the sweep's parent process uses it too.
 """
+
 from __future__ import annotations
 
 import os

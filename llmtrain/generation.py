@@ -18,6 +18,7 @@ Decoding: greedy when temperature == 0, otherwise softmax(logits / temperature) 
 top-k and top-p (nucleus) filters. A row stops at eos_id or at one of stop_sequences (neither
 is included in its output); the whole batch stops when every row has.
 """
+
 from __future__ import annotations
 
 import time
@@ -93,9 +94,7 @@ def sample_next(
     probs = torch.softmax(logits, dim=-1)
     if generator is not None and generator.device != probs.device:
         # a CPU generator with a CUDA model (or the reverse): sample where the generator lives
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(
-            logits.device
-        )
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -176,8 +175,8 @@ def generate(
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, L - len(r):] = 1
+        ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, L - len(r) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     padded = any(len(r) < L for r in rows)  # no padding: pass no mask (faster SDPA kernels)
 
@@ -194,13 +193,13 @@ def generate(
                 cache = None  # cache full: continue with the sliding window
             if cache is not None:
                 x = ids[:, past:]
-                logits = model(x, attention_mask=mask if padded else None,
-                               position_ids=_positions(mask)[:, past:], kv_cache=cache)
+                logits = model(
+                    x, attention_mask=mask if padded else None, position_ids=_positions(mask)[:, past:], kv_cache=cache
+                )
                 past = ids.shape[1]
             else:
                 win_ids, win_mask = ids[:, -max_len:], mask[:, -max_len:]
-                logits = model(win_ids, attention_mask=win_mask if padded else None,
-                               position_ids=_positions(win_mask))
+                logits = model(win_ids, attention_mask=win_mask if padded else None, position_ids=_positions(win_mask))
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             nxt_list = nxt.tolist()
             for i in range(B):
@@ -213,7 +212,7 @@ def generate(
                 new[i].append(t)
                 for s in stops:
                     if _ends_with(new[i], s):
-                        del new[i][-len(s):]
+                        del new[i][-len(s) :]
                         done[i] = True
                         break
                 if not done[i] and stop_fn is not None and stop_fn(i, new[i]):
@@ -222,16 +221,18 @@ def generate(
                 break
             # finished rows keep being fed (pad_id) so the batch stays rectangular; their
             # outputs are ignored
-            fill = torch.tensor([pad_id if done[i] else int(nxt_list[i]) for i in range(B)],
-                                dtype=torch.long, device=device)
+            fill = torch.tensor(
+                [pad_id if done[i] else int(nxt_list[i]) for i in range(B)], dtype=torch.long, device=device
+            )
             ids = torch.cat([ids, fill[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     n = sum(len(t) for t in new)
-    return GenerationResult(tokens=new, num_generated=n, seconds=seconds,
-                            tokens_per_second=n / seconds if seconds > 0 else 0.0)
+    return GenerationResult(
+        tokens=new, num_generated=n, seconds=seconds, tokens_per_second=n / seconds if seconds > 0 else 0.0
+    )
 
 
 # ----------------------------------------------------------------------------- text
@@ -271,15 +272,22 @@ def sample_text(
     stops = [s for s in (stop_strings or []) if s]
     stop_fn = None
     if stops:
+
         def stop_fn(_row: int, new: list[int]) -> bool:
             return trim_at_stop(tokenizer.decode(new), stops)[1]
 
     res = generate(
-        model, [ids],
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        model,
+        [ids],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         eos_id=getattr(tokenizer, "eos_id", None) if stop_at_eos else None,
         pad_id=getattr(tokenizer, "pad_id", 0) or 0,
-        use_cache=use_cache, generator=generator, stop_fn=stop_fn,
+        use_cache=use_cache,
+        generator=generator,
+        stop_fn=stop_fn,
     )
     text = tokenizer.decode(res.tokens[0])
     if stops:

@@ -10,6 +10,7 @@ imported, and callers go through the package's builder (llmtrain.models.build_mo
 llmtrain.objectives.build_objective, llmtrain.tasks.build_task, llmtrain.tokenizers.build_tokenizer),
 which imports the package and so its registrations.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -1,5 +1,6 @@
 """What a run directory records about the run: the resolved config (config.yaml), the
 command-line overrides (overrides.yaml) and what produced it (run_info.json)."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,24 @@ def run_info() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     # Versions worth recording (those installed): what decides a run's numbers and files.
-    package_names = ("llmtrain", "torch", "numpy", "hydra-core", "omegaconf", "safetensors", "transformers",
-                     "tokenizers", "sentencepiece", "datasets", "hydra-optuna-sweeper", "optuna", "wandb",
-                     "tensorboard", "hydra-joblib-launcher", "hydra-submitit-launcher")
+    package_names = (
+        "llmtrain",
+        "torch",
+        "numpy",
+        "hydra-core",
+        "omegaconf",
+        "safetensors",
+        "transformers",
+        "tokenizers",
+        "sentencepiece",
+        "datasets",
+        "hydra-optuna-sweeper",
+        "optuna",
+        "wandb",
+        "tensorboard",
+        "hydra-joblib-launcher",
+        "hydra-submitit-launcher",
+    )
     info: dict[str, Any] = {
         "argv": sys.argv,
         "python": platform.python_version(),
@@ -60,9 +76,11 @@ def run_info() -> dict[str, Any]:
     info["git_commit"], info["git_dirty"] = None, None
     repo = Path(__file__).resolve().parents[1]
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
 
         # Only our own checkout: an installed copy under some other repository (a venv inside a
         # project) must not report that repository's commit.

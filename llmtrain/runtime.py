@@ -1,5 +1,6 @@
 """The job's runtime: run directory, device, precision, process group and seeds, and what
 Hydra says about the job (its output directory and command-line overrides)."""
+
 from __future__ import annotations
 
 import os

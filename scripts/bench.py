@@ -2,11 +2,13 @@
 """Benchmark the training step of several presets and print a Markdown table.
 
     .venv/bin/python scripts/bench.py --preset gpt_small --steps 20
-    .venv/bin/python scripts/bench.py --preset gpt2_124m --extra data.seq_len=1024 data.batch_size=12 trainer.compile=true
+    .venv/bin/python scripts/bench.py --preset gpt2_124m \
+        --extra data.seq_len=1024 data.batch_size=12 trainer.compile=true
 
 Each preset runs `llmtrain bench` (the real trainer step plus a plain PyTorch loop of the same
 model) in its own process; results are JSON files under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +40,18 @@ def main() -> None:
     rows = []
     for preset in args.preset or ["gpt_small"]:
         result = out / f"{preset}.json"
-        cmd = [sys.executable, "-m", "llmtrain", "bench", *PRESETS[preset], f"bench.steps={args.steps}",
-               f"bench.warmup={args.warmup}", f"bench.out={result}", f"hydra.run.dir={out / preset}", *args.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmtrain",
+            "bench",
+            *PRESETS[preset],
+            f"bench.steps={args.steps}",
+            f"bench.warmup={args.warmup}",
+            f"bench.out={result}",
+            f"hydra.run.dir={out / preset}",
+            *args.extra,
+        ]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
         rows.append((preset, json.loads(result.read_text())))
@@ -48,9 +60,11 @@ def main() -> None:
     for preset, r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         base = r.get("baseline_tokens_per_s")
-        print(f"| {preset} | {r['device']} | {r['batch_size']}x{r['seq_len']} | {r['step_ms']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} | {f'{base:,.0f}' if base else '-'} | "
-              f"{r.get('speedup_vs_baseline', float('nan')):.2f}x | {mfu} | {r['peak_mem_gb']:.2f} |")
+        print(
+            f"| {preset} | {r['device']} | {r['batch_size']}x{r['seq_len']} | {r['step_ms']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {f'{base:,.0f}' if base else '-'} | "
+            f"{r.get('speedup_vs_baseline', float('nan')):.2f}x | {mfu} | {r['peak_mem_gb']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

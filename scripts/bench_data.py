@@ -13,6 +13,7 @@ Preparation (text files -> packed tokens, same sentencepiece model on both sides
 Loader: `PackedWindows.batch(step)` over the prepared memmap at seq_len 1024.
 Each measurement is repeated and the best kept (the machine is shared, so timings are noisy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,6 +68,7 @@ def llmtrain_prepare(tok, cache: Path, num_proc: int):
         for f in FILES:
             data = replace(DataConfig(), path=str(f), cache_dir=str(cache), num_proc=num_proc)
             prep.prepare(data, tok, force=True, verbose=False)
+
     return run
 
 
@@ -77,6 +79,7 @@ def encoder_only(tok):
     def run():
         for t in texts:
             tok.sp.encode(t.split("\n"), out_type=int)
+
     return run
 
 
@@ -100,11 +103,13 @@ def run_clm_prepare(tok, cache: Path, result: dict):
         return result
 
     def run():
-        raw = datasets.load_dataset("text", data_files={"train": [str(f) for f in FILES]},
-                                    cache_dir=str(cache / "hf"), keep_in_memory=True)
+        raw = datasets.load_dataset(
+            "text", data_files={"train": [str(f) for f in FILES]}, cache_dir=str(cache / "hf"), keep_in_memory=True
+        )
         tokenized = raw.map(tokenize_function, batched=True, remove_columns=["text"], keep_in_memory=True)
         lm = tokenized.map(group_texts, batched=True, keep_in_memory=True)
         result["tokens"] = len(lm["train"]) * BLOCK
+
     return run
 
 
@@ -114,6 +119,7 @@ def bench_loader(tokens: np.ndarray, batch_size: int, steps: int, repeats: int) 
     def run():
         for step in range(steps):
             loader.batch(step)
+
     return batch_size * BLOCK * steps / best_of(run, repeats)
 
 
@@ -125,6 +131,7 @@ def bench_old_loader(tokens: np.ndarray, batch_size: int, steps: int, repeats: i
     def run():
         for step in range(steps):
             torch.stack([whole[s : s + BLOCK + 1] for s in loader.starts(step)])
+
     return batch_size * BLOCK * steps / best_of(run, repeats)
 
 
@@ -159,9 +166,14 @@ def main() -> None:
         print(f"sentencepiece bpe {tok.vocab_size} trained in {train_s:.1f}s", flush=True)
 
         hf_result: dict = {}
-        times = interleaved_best({"hf": run_clm_prepare(tok, tmp, hf_result),
-                                  1: llmtrain_prepare(tok, tmp / "cache", 1),
-                                  "encoder": encoder_only(tok)}, args.repeats)
+        times = interleaved_best(
+            {
+                "hf": run_clm_prepare(tok, tmp, hf_result),
+                1: llmtrain_prepare(tok, tmp / "cache", 1),
+                "encoder": encoder_only(tok),
+            },
+            args.repeats,
+        )
         hf_s, hf_tokens, enc_s = times.pop("hf"), hf_result["tokens"], times.pop("encoder")
         ours = times
         for n, s in ours.items():
@@ -176,8 +188,11 @@ def main() -> None:
         loader = {b: bench_loader(train, b, 200, args.repeats) for b in (8, 32)}
         old = {b: bench_old_loader(train, b, 200, args.repeats) for b in (8, 32)}
         for b in loader:
-            print(f"loader seq_len {BLOCK} batch {b}: {loader[b] / 1e6:.1f}M tokens/s "
-                  f"(previous implementation {old[b] / 1e6:.1f}M)", flush=True)
+            print(
+                f"loader seq_len {BLOCK} batch {b}: {loader[b] / 1e6:.1f}M tokens/s "
+                f"(previous implementation {old[b] / 1e6:.1f}M)",
+                flush=True,
+            )
 
     best = min(ours.values())
     lines = [
@@ -189,7 +204,8 @@ def main() -> None:
         "",
         "```",
         f".venv/bin/python scripts/bench_data.py --repeats {args.repeats}"
-        + (f" --vocab-size {args.vocab_size}" if args.vocab_size != 8000 else "") + " --out /tmp/bench_data.md",
+        + (f" --vocab-size {args.vocab_size}" if args.vocab_size != 8000 else "")
+        + " --out /tmp/bench_data.md",
         "```",
         "",
         f"**Preparation** of WikiText-2 valid + Tiny Shakespeare ({text_bytes / 1e6:.2f} MB of text) into packed "
@@ -197,14 +213,17 @@ def main() -> None:
         "",
         "| pipeline | seconds | MB/s of text | speed-up |",
         "|---|---:|---:|---:|",
-        f"| run_clm.py approach: `load_dataset(\"text\")` + `map(tokenize)` + `map(group_texts)` | {hf_s:.2f} | "
+        f'| run_clm.py approach: `load_dataset("text")` + `map(tokenize)` + `map(group_texts)` | {hf_s:.2f} | '
         f"{text_bytes / hf_s / 1e6:.2f} | 1.0× |",
     ]
     for n, s in ours.items():
-        lines.append(f"| `llmtrain data prepare`, data.num_proc={n} | {s:.2f} | {text_bytes / s / 1e6:.2f} | "
-                     f"{hf_s / s:.1f}× |")
-    lines.append(f"| (reference: the sentencepiece encoder alone on every line, no I/O) | {enc_s:.2f} | "
-                 f"{text_bytes / enc_s / 1e6:.2f} | {hf_s / enc_s:.1f}× |")
+        lines.append(
+            f"| `llmtrain data prepare`, data.num_proc={n} | {s:.2f} | {text_bytes / s / 1e6:.2f} | {hf_s / s:.1f}× |"
+        )
+    lines.append(
+        f"| (reference: the sentencepiece encoder alone on every line, no I/O) | {enc_s:.2f} | "
+        f"{text_bytes / enc_s / 1e6:.2f} | {hf_s / enc_s:.1f}× |"
+    )
     lines += [
         "",
         f"llmtrain writes {n_tok:,} tokens (uint16 memmaps, eos per document, split into train/val); run_clm.py "

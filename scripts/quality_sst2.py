@@ -7,6 +7,7 @@ Both stages run through the CLI (`llmtrain pretrain +experiment=bert_small`: mas
 WikiText-2; `llmtrain finetune +experiment=finetune_sst2`); extra Hydra overrides for the
 fine-tune go after `--`. Results are printed and written to OUT/quality_sst2.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,18 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=600)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality_sst2")
     ap.add_argument("--init-from", help="skip pretraining: fine-tune this checkpoint")
-    ap.add_argument("--pretrain-args", default="", help="extra pretrain overrides, space separated "
-                    "(e.g. 'model=bert_tiny model.max_seq_len=128 data.seq_len=128')")
-    ap.add_argument("--with-task-text", action="store_true",
-                    help="pretrain on WikiText-2 plus the SST-2 training sentences as unlabeled text "
-                    "(task-adaptive pretraining; labels unused, dev never seen)")
+    ap.add_argument(
+        "--pretrain-args",
+        default="",
+        help="extra pretrain overrides, space separated "
+        "(e.g. 'model=bert_tiny model.max_seq_len=128 data.seq_len=128')",
+    )
+    ap.add_argument(
+        "--with-task-text",
+        action="store_true",
+        help="pretrain on WikiText-2 plus the SST-2 training sentences as unlabeled text "
+        "(task-adaptive pretraining; labels unused, dev never seen)",
+    )
     ap.add_argument("overrides", nargs="*", help="extra finetune overrides (after --)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,14 +78,30 @@ def main() -> None:
                 if not (d / name).exists():
                     (d / name).symlink_to(src.resolve())
             corpus = [f"data.path={d}", "data.text_field=sentence"]
-        pre_s = cli("pretrain", "+experiment=bert_small", f"trainer.max_steps={args.pretrain_steps}",
-                    f"trainer.eval_every={args.pretrain_steps}", "trainer.progress=false",
-                    f"hydra.run.dir={init}", *corpus, *args.pretrain_args.split())
+        pre_s = cli(
+            "pretrain",
+            "+experiment=bert_small",
+            f"trainer.max_steps={args.pretrain_steps}",
+            f"trainer.eval_every={args.pretrain_steps}",
+            "trainer.progress=false",
+            f"hydra.run.dir={init}",
+            *corpus,
+            *args.pretrain_args.split(),
+        )
     ft = args.out / "finetune"
-    ft_s = cli("finetune", "+experiment=finetune_sst2", f"init_from={init}", f"trainer.max_steps={args.finetune_steps}",
-               f"task.train_path={SST2 / 'train.tsv'}", f"task.val_path={SST2 / 'dev.tsv'}",
-               f"trainer.eval_every={max(args.finetune_steps // 2, 1)}", "trainer.eval_batches=0",
-               "trainer.progress=false", f"hydra.run.dir={ft}", *args.overrides)
+    ft_s = cli(
+        "finetune",
+        "+experiment=finetune_sst2",
+        f"init_from={init}",
+        f"trainer.max_steps={args.finetune_steps}",
+        f"task.train_path={SST2 / 'train.tsv'}",
+        f"task.val_path={SST2 / 'dev.tsv'}",
+        f"trainer.eval_every={max(args.finetune_steps // 2, 1)}",
+        "trainer.eval_batches=0",
+        "trainer.progress=false",
+        f"hydra.run.dir={ft}",
+        *args.overrides,
+    )
     result = {
         "dev_accuracy": last(ft, "val/accuracy"),
         "dev_macro_f1": last(ft, "val/f1"),

@@ -1,12 +1,13 @@
 """Shared fixtures: run the real CLI in a subprocess, and one tiny pretrained checkpoint."""
+
 from __future__ import annotations
 
 import ast
 import functools
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMTRAIN_TEST_DATA") or ROOT.parent / "shared" / "data")
 
 # Small and fast: a 2-layer GPT on short windows, evaluated on a few validation batches.
-TINY = ["model=gpt_tiny", "data.seq_len=32", "data.batch_size=8", "trainer.eval_batches=8",
-        "trainer.progress=false", "trainer.log_every=5"]
+TINY = [
+    "model=gpt_tiny",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "trainer.eval_batches=8",
+    "trainer.progress=false",
+    "trainer.log_every=5",
+]
 
 
 # Prepared-data and tokenizer caches go to a temporary directory, never the user's ~/.cache.
@@ -25,12 +32,20 @@ _CACHE = tempfile.mkdtemp(prefix="llmtrain-test-cache-")
 os.environ.setdefault("LLMTRAIN_CACHE_DIR", _CACHE)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
     if cwd is None:  # from the repository root: keep outputs out of it
         args = _with_output_dir(list(args))
-    return subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def _with_output_dir(args: list[str]) -> list[str]:
@@ -60,8 +75,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 def pretrained(tmp_path_factory) -> Path:
     """A run directory with a checkpoint of a tiny GPT trained for 60 steps on Shakespeare."""
     run_dir = tmp_path_factory.mktemp("pretrained")
-    proc = run_cli("pretrain", *TINY, "trainer.max_steps=60", "trainer.eval_every=30",
-                   "optim.lr=3e-3", "scheduler.warmup_steps=10", f"hydra.run.dir={run_dir}")
+    proc = run_cli(
+        "pretrain",
+        *TINY,
+        "trainer.max_steps=60",
+        "trainer.eval_every=30",
+        "optim.lr=3e-3",
+        "scheduler.warmup_steps=10",
+        f"hydra.run.dir={run_dir}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 

@@ -6,6 +6,7 @@
 tests/test_golden.py runs the same commands and compares against tests/fixtures/golden_losses.json.
 One thread: the losses must not depend on how torch splits a matmul over the cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "golden_losses.json"
 SST2 = ROOT / "tests" / "fixtures" / "sst2_slice"
-COMMON = ["trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=10", "trainer.eval_batches=4",
-          "trainer.progress=false"]
+COMMON = [
+    "trainer.max_steps=20",
+    "trainer.log_every=1",
+    "trainer.eval_every=10",
+    "trainer.eval_batches=4",
+    "trainer.progress=false",
+]
 
 
 def _run(args: list[str], run_dir: Path) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "llmtrain", *args, *COMMON, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir.parent, capture_output=True, text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmtrain", *args, *COMMON, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{args}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -36,12 +53,22 @@ def _run(args: list[str], run_dir: Path) -> list[float]:
 def record(base: Path) -> dict[str, list[float]]:
     pre = base / "pretrain"
     out = {"pretrain_gpt_small": _run(["pretrain", "+experiment=gpt_small"], pre)}
-    out["finetune_lm"] = _run(["finetune", f"init_from={pre}", "data.seq_len=64", "data.batch_size=8"],
-                              base / "finetune_lm")
+    out["finetune_lm"] = _run(
+        ["finetune", f"init_from={pre}", "data.seq_len=64", "data.batch_size=8"], base / "finetune_lm"
+    )
     out["finetune_classification"] = _run(
-        ["finetune", f"init_from={pre}", "task=classification", f"task.train_path={SST2}/train.tsv",
-         f"task.val_path={SST2}/dev.tsv", "task.text_field=sentence", "data.seq_len=64",
-         "data.batch_size=8"], base / "finetune_cls")
+        [
+            "finetune",
+            f"init_from={pre}",
+            "task=classification",
+            f"task.train_path={SST2}/train.tsv",
+            f"task.val_path={SST2}/dev.tsv",
+            "task.text_field=sentence",
+            "data.seq_len=64",
+            "data.batch_size=8",
+        ],
+        base / "finetune_cls",
+    )
     return out
 
 

@@ -1,5 +1,6 @@
 """The one checkpoint loader (llmtrain.checkpoints): every form of path resolves to the same
 objects, fine-tuned and LoRA checkpoints come back as their task models, hf: directories too."""
+
 from __future__ import annotations
 
 import json
@@ -63,11 +64,24 @@ def test_lora_run_intermediate_and_final(pretrained, tmp_path):
     (tmp_path / "train.tsv").write_text("\n".join(lines[:1] + lines[41:141]) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(lines[:41]) + "\n")
     run = tmp_path / "lora"
-    proc = run_cli("finetune", f"init_from={pretrained}", "task=classification",
-                   f"task.train_path={tmp_path / 'train.tsv'}", f"task.val_path={tmp_path / 'dev.tsv'}",
-                   "task.text_field=sentence", "data.seq_len=32", "data.batch_size=8", "finetune.lora.r=4",
-                   "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.keep_last=0", "trainer.eval_every=2",
-                   "trainer.progress=false", "optim.lr=1e-2", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "finetune",
+        f"init_from={pretrained}",
+        "task=classification",
+        f"task.train_path={tmp_path / 'train.tsv'}",
+        f"task.val_path={tmp_path / 'dev.tsv'}",
+        "task.text_field=sentence",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "finetune.lora.r=4",
+        "trainer.max_steps=4",
+        "trainer.ckpt_every=2",
+        "trainer.keep_last=0",
+        "trainer.eval_every=2",
+        "trainer.progress=false",
+        "optim.lr=1e-2",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     middle, final = ckpt.list_checkpoints(run / "checkpoints")
     assert json.loads((middle / ckpt.META).read_text())["lora"]["merged"] is False

@@ -1,4 +1,5 @@
 """The CLI composes the real conf/ tree: experiments, overrides, --cfg job, help, bad configs."""
+
 from __future__ import annotations
 
 import yaml
@@ -69,8 +70,11 @@ def test_unknown_model_preset_exits_2():
 def test_unknown_optimizer_and_muon_under_fsdp_exit_2(tmp_path):
     assert_user_error(run_cli("pretrain", "optim.name=sgd"), "optim.name 'sgd'", "adamw, muon")
     run = tmp_path / "run"
-    assert_user_error(run_cli("pretrain", "optim=muon", "trainer.strategy=fsdp", f"hydra.run.dir={run}"),
-                      "optim=muon", "trainer.strategy=ddp")
+    assert_user_error(
+        run_cli("pretrain", "optim=muon", "trainer.strategy=fsdp", f"hydra.run.dir={run}"),
+        "optim=muon",
+        "trainer.strategy=ddp",
+    )
     assert not run.exists()  # refused before anything is written
 
 

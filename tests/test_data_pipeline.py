@@ -3,6 +3,7 @@
 
 Every test writes only under tmp_path (data.cache_dir / LLMTRAIN_CACHE_DIR point there).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,9 +21,9 @@ from llmtrain.config.schema import DataConfig, RunConfig, TokenizerConfig
 from llmtrain.data import prepare as prep
 from llmtrain.data.corpus import split_tokens
 from llmtrain.data.loader import PackedWindows, sequential_windows
+from llmtrain.data.pipeline import load_corpus, run_tokenizer
 from llmtrain.data.sources import read_documents
 from llmtrain.errors import UserError
-from llmtrain.data.pipeline import load_corpus, run_tokenizer
 from llmtrain.tokenizers.char import CharTokenizer
 from llmtrain.tokenizers.train import train_sentencepiece
 
@@ -34,8 +35,11 @@ WIKI_DOCS = r"^ = [^=].* = $"
 
 def _wiki_small(tmp_path: Path) -> Path:
     """The first ~200 KB of WikiText-2 valid (several articles): fast to tokenize."""
-    text = WIKI.read_text(encoding="utf-8")[:200_000] if WIKI.exists() else (
-        "".join(f" = Title {i} = \n\n word {i} and more words here .\n" * 40 for i in range(30)))
+    text = (
+        WIKI.read_text(encoding="utf-8")[:200_000]
+        if WIKI.exists()
+        else ("".join(f" = Title {i} = \n\n word {i} and more words here .\n" * 40 for i in range(30)))
+    )
     p = tmp_path / "wiki.txt"
     p.write_text(text, encoding="utf-8")
     return p
@@ -89,8 +93,8 @@ def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monk
     ref = [np.array(sp.sp.encode(d) + [sp.eos_id]) for d in docs]
     n_val = round(len(docs) * 0.1)
     assert np.array_equal(splits.train, np.concatenate(ref[: len(docs) - n_val]))
-    assert np.array_equal(splits.val, np.concatenate(ref[len(docs) - n_val:]))
-    assert splits.val_bytes == sum(len(d.encode()) for d in docs[len(docs) - n_val:])
+    assert np.array_equal(splits.val, np.concatenate(ref[len(docs) - n_val :]))
+    assert splits.val_bytes == sum(len(d.encode()) for d in docs[len(docs) - n_val :])
 
 
 def test_word_cache_encoding_is_exact(sp, tmp_path):
@@ -99,11 +103,27 @@ def test_word_cache_encoding_is_exact(sp, tmp_path):
     from llmtrain.data.corpus import encode_mode, encode_texts
 
     assert encode_mode(sp) == "words" and encode_mode(CharTokenizer("ab")) == "lines"
-    unigram = train_sentencepiece(read_documents(str(_wiki_small(tmp_path)))[:1], TokenizerConfig(
-        name="sentencepiece", vocab_size=500, model_type="unigram"), tmp_path / "uni.model")
+    unigram = train_sentencepiece(
+        read_documents(str(_wiki_small(tmp_path)))[:1],
+        TokenizerConfig(name="sentencepiece", vocab_size=500, model_type="unigram"),
+        tmp_path / "uni.model",
+    )
     assert encode_mode(unigram) == "lines"
-    texts = ["", " ", "   ", "a", "  two  spaces  ", "tab\there \t x", " lead", "trail \n\n  \n",
-             "日本語 😀 ünïcödé", "12345 678.9", "[CLS] x [SEP][MASK]", "a\r\nb\x0c c", "end   "]
+    texts = [
+        "",
+        " ",
+        "   ",
+        "a",
+        "  two  spaces  ",
+        "tab\there \t x",
+        " lead",
+        "trail \n\n  \n",
+        "日本語 😀 ünïcödé",
+        "12345 678.9",
+        "[CLS] x [SEP][MASK]",
+        "a\r\nb\x0c c",
+        "end   ",
+    ]
     text = gzip.decompress(SHAKESPEARE.read_bytes()).decode()
     texts += [text[:300_000], _wiki_small(tmp_path).read_text()]
     got = encode_texts(sp, texts, "words")
@@ -140,7 +160,9 @@ def test_reuse_and_invalidation(tmp_path, sp):
     # Another tokenizer: another entry, its own tokens (never mixed with the first).
     other = prep.prepare(data, sp, verbose=False)
     assert other.dir != first.dir and not other.reused
-    assert np.array_equal(other.splits().train[:50], sp.encode(read_documents(data.path, doc_pattern=WIKI_DOCS)[0])[:50])
+    assert np.array_equal(
+        other.splits().train[:50], sp.encode(read_documents(data.path, doc_pattern=WIKI_DOCS)[0])[:50]
+    )
     # Changed source (same size, new content): detected by the hash, prepared anew.
     text = src.read_text()
     src.write_text(text.replace("the", "teh"))
@@ -214,8 +236,10 @@ def test_packed_windows_disjoint_across_ranks_and_cover_epoch(tmp_path):
     # A pure function of (seed, step, rank): a fresh loader gives the same batch.
     again = PackedWindows(tokens, T, B, seed=3, rank=1, world_size=2)
     assert torch.equal(again.batch(5)["input_ids"], ranks[1].batch(5)["input_ids"])
-    assert not torch.equal(PackedWindows(tokens, T, B, seed=4).batch(5)["input_ids"],
-                           PackedWindows(tokens, T, B, seed=3).batch(5)["input_ids"])
+    assert not torch.equal(
+        PackedWindows(tokens, T, B, seed=4).batch(5)["input_ids"],
+        PackedWindows(tokens, T, B, seed=3).batch(5)["input_ids"],
+    )
 
 
 def test_packed_windows_memmap_equals_array_and_stays_mapped(tmp_path):
@@ -241,9 +265,17 @@ def test_sequential_windows_score_every_token_once(tmp_path):
 
 def test_pretrain_trains_sentencepiece_once_then_reuses(tmp_path):
     src, cache = _wiki_small(tmp_path), tmp_path / "cache"
-    args = ["pretrain", *TINY, "data=text", f"data.path={src}", "tokenizer=sentencepiece",
-            "tokenizer.vocab_size=400", "trainer.max_steps=2", "trainer.eval_batches=1",
-            f"data.cache_dir={cache}"]
+    args = [
+        "pretrain",
+        *TINY,
+        "data=text",
+        f"data.path={src}",
+        "tokenizer=sentencepiece",
+        "tokenizer.vocab_size=400",
+        "trainer.max_steps=2",
+        "trainer.eval_batches=1",
+        f"data.cache_dir={cache}",
+    ]
     first = run_cli(*args, f"hydra.run.dir={tmp_path / 'r1'}")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "training sentencepiece tokenizer" in first.stdout and "prepared " in first.stdout
@@ -264,15 +296,31 @@ def test_pretrain_trains_sentencepiece_once_then_reuses(tmp_path):
 def test_tokenizer_train_and_data_prepare_cli(tmp_path):
     src = _wiki_small(tmp_path)
     out = tmp_path / "tok"
-    proc = run_cli("tokenizer", "train", "data=text", f"data.path={src}", "tokenizer=sentencepiece",
-                   "tokenizer.vocab_size=500", "tokenizer.model_type=unigram", f"hydra.run.dir={out}")
+    proc = run_cli(
+        "tokenizer",
+        "train",
+        "data=text",
+        f"data.path={src}",
+        "tokenizer=sentencepiece",
+        "tokenizer.vocab_size=500",
+        "tokenizer.model_type=unigram",
+        f"hydra.run.dir={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((out / "tokenizer.json").read_text())
     assert meta["settings"]["model_type"] == "unigram" and meta["stats"]["vocab_size"] == 500
     cache = tmp_path / "cache"
-    prep_args = ["data", "prepare", "data=text", f"data.path={src}", "tokenizer=sentencepiece",
-                 f"tokenizer.path={out / 'tokenizer.model'}", f"data.cache_dir={cache}", "data.num_proc=2",
-                 f"hydra.run.dir={tmp_path / 'p'}"]
+    prep_args = [
+        "data",
+        "prepare",
+        "data=text",
+        f"data.path={src}",
+        "tokenizer=sentencepiece",
+        f"tokenizer.path={out / 'tokenizer.model'}",
+        f"data.cache_dir={cache}",
+        "data.num_proc=2",
+        f"hydra.run.dir={tmp_path / 'p'}",
+    ]
     proc = run_cli(*prep_args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (entry,) = (cache / "prepared").iterdir()
@@ -284,8 +332,9 @@ def test_tokenizer_train_and_data_prepare_cli(tmp_path):
     # Reference: the raw sentencepiece processor, line by line (a unigram model may break exact
     # score ties differently on one long input; every llmtrain stage encodes line by line).
     lines = src.read_text().split("\n")
-    whole = [i for k, line in enumerate(lines)
-             for i in tok.sp.encode(line + "\n" if k < len(lines) - 1 else line)] + [tok.eos_id]
+    whole = [i for k, line in enumerate(lines) for i in tok.sp.encode(line + "\n" if k < len(lines) - 1 else line)] + [
+        tok.eos_id
+    ]
     train = np.fromfile(entry / "train.bin", dtype=np.uint16)
     val = np.fromfile(entry / "val.bin", dtype=np.uint16)
     assert np.array_equal(np.concatenate([train, val]), whole)
@@ -294,8 +343,15 @@ def test_tokenizer_train_and_data_prepare_cli(tmp_path):
     again = prep.prepare(cfg.data, tok, verbose=False)
     assert again.reused and again.dir == entry  # the CLI's entry is found and reused
     # Pointing data.cache_dir at those shards while using another tokenizer: refused, not mixed.
-    proc = run_cli("pretrain", *TINY, "data=text", f"data.path={src}", "tokenizer=char",
-                   f"data.cache_dir={entry}", f"hydra.run.dir={tmp_path / 'mixed'}")
+    proc = run_cli(
+        "pretrain",
+        *TINY,
+        "data=text",
+        f"data.path={src}",
+        "tokenizer=char",
+        f"data.cache_dir={entry}",
+        f"hydra.run.dir={tmp_path / 'mixed'}",
+    )
     assert_user_error(proc, "data.cache_dir", "another tokenizer")
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
@@ -309,8 +365,14 @@ def test_hf_dataset_local_and_offline_error(tmp_path):
     with pytest.raises(UserError, match="no field 'body'"):
         read_documents(f"hf:{d}", text_field="body")
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = run_cli("tokenizer", "train", "data=text", "data.path=hf:nobody/no-such-dataset:cfg@train",
-                   f"hydra.run.dir={tmp_path / 'r'}", env=env)
+    proc = run_cli(
+        "tokenizer",
+        "train",
+        "data=text",
+        "data.path=hf:nobody/no-such-dataset:cfg@train",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        env=env,
+    )
     assert_user_error(proc, "hf:nobody/no-such-dataset", "Hugging Face dataset")
 
 
@@ -318,8 +380,9 @@ def test_hf_dataset_local_and_offline_error(tmp_path):
 
 
 def _cfg(tmp_path: Path, data_path, **tok) -> RunConfig:
-    return replace(RunConfig(), data=_data(tmp_path, data_path, seq_len=16),
-                   tokenizer=replace(TokenizerConfig(), **tok))
+    return replace(
+        RunConfig(), data=_data(tmp_path, data_path, seq_len=16), tokenizer=replace(TokenizerConfig(), **tok)
+    )
 
 
 @pytest.mark.parametrize("case", ["missing", "whitespace", "non_utf8", "jsonl_field", "csv_field", "surrogate"])
@@ -337,19 +400,31 @@ def test_bad_sources(tmp_path, case):
         name, blob = files[case]
         path = tmp_path / name
         path.write_bytes(blob)
-    needle = {"missing": "not found", "whitespace": "empty", "non_utf8": "byte offset 6",
-              "jsonl_field": "'text'", "csv_field": "'text'",
-              "surrogate": r"s.jsonl: line 2 holds an unpaired surrogate \\ud800"}[case]
+    needle = {
+        "missing": "not found",
+        "whitespace": "empty",
+        "non_utf8": "byte offset 6",
+        "jsonl_field": "'text'",
+        "csv_field": "'text'",
+        "surrogate": r"s.jsonl: line 2 holds an unpaired surrogate \\ud800",
+    }[case]
     for name in ("char", "sentencepiece"):
         with pytest.raises(UserError, match=needle):
             load_corpus(_cfg(tmp_path, path, name=name, vocab_size=300))
     assert not (tmp_path / "cache").exists() or not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
 
 
-@pytest.mark.parametrize("name, blob, want", [
-    ("bad.txt", b"hello there\n\xff world of text\n" * 20, "\ufffd world"),  # undecodable bytes
-    ("s.jsonl", b'{"text": "half \\udc80 a pair and more text"}\n' * 20, "half \ufffd a pair"),  # half a surrogate pair
-])
+@pytest.mark.parametrize(
+    "name, blob, want",
+    [
+        ("bad.txt", b"hello there\n\xff world of text\n" * 20, "\ufffd world"),  # undecodable bytes
+        (
+            "s.jsonl",
+            b'{"text": "half \\udc80 a pair and more text"}\n' * 20,
+            "half \ufffd a pair",
+        ),  # half a surrogate pair
+    ],
+)
 def test_encoding_errors_replace_accepts_bad_text(tmp_path, name, blob, want):
     path = tmp_path / name
     path.write_bytes(blob)
@@ -363,8 +438,16 @@ def test_vocab_too_large_via_cli_writes_nothing(tmp_path):
     src = tmp_path / "small.txt"
     src.write_text("a tiny corpus with few words\n" * 30)
     cache = tmp_path / "cache"
-    proc = run_cli("pretrain", *TINY, "data=text", f"data.path={src}", "tokenizer=sentencepiece",
-                   "tokenizer.vocab_size=5000", f"data.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'r'}")
+    proc = run_cli(
+        "pretrain",
+        *TINY,
+        "data=text",
+        f"data.path={src}",
+        "tokenizer=sentencepiece",
+        "tokenizer.vocab_size=5000",
+        f"data.cache_dir={cache}",
+        f"hydra.run.dir={tmp_path / 'r'}",
+    )
     assert_user_error(proc, "tokenizer.vocab_size=5000")
     assert not any(p.is_file() for p in cache.rglob("*")) if cache.exists() else True
     assert not (tmp_path / "r" / "checkpoints").exists()

@@ -2,6 +2,7 @@
 DDP equals gradient accumulation, FSDP (+ activation checkpointing) matches DDP and resumes from
 its own checkpoint. `trainer.compile=true` is not tested here (tens of seconds of CPU compile).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,17 @@ from conftest import TINY, run_cli
 
 STEPS = 6
 # Constant lr: a 3-step run resumed to 6 steps is the same computation as one 6-step run.
-BASE = [*TINY, "model.dropout=0.0", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
-        "optim.lr=3e-3", "scheduler.name=constant", "scheduler.warmup_steps=0", "trainer.device=cpu"]
+BASE = [
+    *TINY,
+    "model.dropout=0.0",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=2",
+    "optim.lr=3e-3",
+    "scheduler.name=constant",
+    "scheduler.warmup_steps=0",
+    "trainer.device=cpu",
+]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
@@ -48,9 +58,14 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "llmtrain", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **ENV})
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "llmtrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **ENV},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +79,9 @@ def ddp_run(tmp_path_factory) -> Path:
 
 def test_ddp_two_ranks_equals_one_rank_with_twice_the_accumulation(ddp_run, tmp_path):
     single = tmp_path / "single"
-    proc = run_cli("pretrain", *BASE, f"trainer.max_steps={STEPS}", "trainer.grad_accum=2",
-                   f"hydra.run.dir={single}", env=ENV)
+    proc = run_cli(
+        "pretrain", *BASE, f"trainer.max_steps={STEPS}", "trainer.grad_accum=2", f"hydra.run.dir={single}", env=ENV
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(ddp_run), losses(single)
     assert sorted(a) == list(range(1, STEPS + 1)) and a.keys() == b.keys()
@@ -76,8 +92,9 @@ def test_ddp_two_ranks_equals_one_rank_with_twice_the_accumulation(ddp_run, tmp_
 
 def test_fsdp_self_launched_matches_ddp_and_resumes(ddp_run, tmp_path):
     # trainer.devices=2 without torchrun: the CLI starts both ranks; one run dir, one metrics.jsonl.
-    proc = run_cli("pretrain", *BASE, "trainer.max_steps=3", "trainer.devices=2", "trainer.strategy=fsdp",
-                   cwd=tmp_path, env=ENV)
+    proc = run_cli(
+        "pretrain", *BASE, "trainer.max_steps=3", "trainer.devices=2", "trainer.strategy=fsdp", cwd=tmp_path, env=ENV
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run_dir(tmp_path)
     assert (run / "checkpoints" / "step_0000003" / "train_state.pt").is_file()
@@ -85,9 +102,18 @@ def test_fsdp_self_launched_matches_ddp_and_resumes(ddp_run, tmp_path):
     assert weights(run, 3).keys() == weights(ddp_run, STEPS).keys()
 
     # The second half also recomputes activations (trainer.activation_checkpointing): same numbers.
-    proc = run_cli("pretrain", *BASE, f"trainer.max_steps={STEPS}", "trainer.devices=2", "trainer.strategy=fsdp",
-                   "trainer.activation_checkpointing=true", "trainer.resume=auto", f"hydra.run.dir={run}",
-                   cwd=tmp_path, env=ENV)
+    proc = run_cli(
+        "pretrain",
+        *BASE,
+        f"trainer.max_steps={STEPS}",
+        "trainer.devices=2",
+        "trainer.strategy=fsdp",
+        "trainer.activation_checkpointing=true",
+        "trainer.resume=auto",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = losses(run), losses(ddp_run)

@@ -1,5 +1,6 @@
 """`llmtrain evaluate`: each metric against an independent reference on fixed examples, the same
 numbers from 2 processes as from 1, the reports, and `llmtrain plot`."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, SHARED, assert_user_error, run_cli
-
+from llmtrain.checkpoints import load as load_checkpoint
 from llmtrain.eval.report import markdown_report
 from llmtrain.eval.suite import classification_result, report_task_output
 from llmtrain.generation import sample_text
-from llmtrain.checkpoints import load as load_checkpoint
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 12
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 12
 
 
 def _eval(run_dir: Path) -> dict:
@@ -41,23 +43,40 @@ def inputs(pretrained, tmp_path_factory) -> dict:
     text.write_text(TEXT)
     loaded = load_checkpoint(str(pretrained))
     prompts = ["ROMEO:", "Speak, speak.\n", "First Citizen:\nYou are", "All", "What say you to this?"]
-    refs = [["ROMEO: I will go."], ["All: we know it."], [_greedy(loaded.model, loaded.tokenizer, prompts[2], 8)],
-            ["All:\nAgainst him first.", "All: no more talking on it"], ["Let it be done."]]
+    refs = [
+        ["ROMEO: I will go."],
+        ["All: we know it."],
+        [_greedy(loaded.model, loaded.tokenizer, prompts[2], 8)],
+        ["All:\nAgainst him first.", "All: no more talking on it"],
+        ["Let it be done."],
+    ]
     path = root / "refs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "response": r if len(r) > 1 else r[0]}) + "\n"
-                            for p, r in zip(prompts, refs)))
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "response": r if len(r) > 1 else r[0]}) + "\n" for p, r in zip(prompts, refs))
+    )
     return {"text": text, "refs_file": path, "prompts": prompts, "refs": refs, "loaded": loaded}
 
 
-EVAL_ARGS = ["eval.tasks=[lm,generation]", "data=text", "data.seq_len=16", "data.batch_size=2",
-             "eval.max_new_tokens=8", "eval.batch_size=2"]
+EVAL_ARGS = [
+    "eval.tasks=[lm,generation]",
+    "data=text",
+    "data.seq_len=16",
+    "data.batch_size=2",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=2",
+]
 
 
 @pytest.fixture(scope="module")
 def one_process(pretrained, inputs, tmp_path_factory) -> tuple[Path, list]:
     out = tmp_path_factory.mktemp("eval_one")
-    args = ["evaluate", f"checkpoint={pretrained}", *EVAL_ARGS, f"data.path={inputs['text']}",
-            f"task.val_path={inputs['refs_file']}"]
+    args = [
+        "evaluate",
+        f"checkpoint={pretrained}",
+        *EVAL_ARGS,
+        f"data.path={inputs['text']}",
+        f"task.val_path={inputs['refs_file']}",
+    ]
     proc = run_cli(*args, f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr
     return out, args, proc
@@ -71,12 +90,12 @@ def test_lm_matches_token_nll_computed_independently(inputs, one_process):
     # consecutive 16-token windows (the last one shorter), per-token NLL summed with torch.
     tok, model = inputs["loaded"].tokenizer, inputs["loaded"].model.eval()
     ids = tok.encode(TEXT) + [tok.eos_id]
-    val = ids[int(len(ids) * 0.9):]
+    val = ids[int(len(ids) * 0.9) :]
     nll, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(val) - 1, 16):
-            y = torch.tensor(val[s + 1:s + 17])
-            logits = model(torch.tensor([val[s:s + len(y)]]))[0]
+            y = torch.tensor(val[s + 1 : s + 17])
+            logits = model(torch.tensor([val[s : s + len(y)]]))[0]
             nll += F.cross_entropy(logits.double(), y, reduction="sum").item()
             n += len(y)
     n_bytes = len(tok.decode(val[1:]).encode("utf-8"))
@@ -142,9 +161,18 @@ def test_two_processes_give_the_one_process_numbers(inputs, one_process, tmp_pat
 # ----------------------------------------------------------------------------- encoders
 def test_mlm_accuracy_reproduces_the_trainer(tmp_path):
     run = tmp_path / "bert"
-    proc = run_cli("pretrain", "model=bert_tiny", "objective=mlm", "data.seq_len=32", "data.batch_size=8",
-                   "trainer.max_steps=4", "trainer.eval_every=4", "trainer.eval_batches=3",
-                   "trainer.progress=false", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "pretrain",
+        "model=bert_tiny",
+        "objective=mlm",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "trainer.eval_batches=3",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in final if "val/mlm_accuracy" in r][-1]
@@ -159,8 +187,24 @@ def test_mlm_accuracy_reproduces_the_trainer(tmp_path):
 # ----------------------------------------------------------------------------- fine-tuned tasks
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "llmtrain", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "llmtrain",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
@@ -170,10 +214,20 @@ def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
     (tmp_path / "train.tsv").write_text("\n".join(lines[:1] + lines[41:141]) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(lines[:41]) + "\n")
     run = tmp_path / "cls"
-    proc = run_cli("finetune", f"init_from={pretrained}", "task=classification", f"task.train_path={tmp_path / 'train.tsv'}",
-                   f"task.val_path={tmp_path / 'dev.tsv'}", "task.text_field=sentence", "data.seq_len=48",
-                   "data.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=4", "trainer.progress=false",
-                   f"hydra.run.dir={run}")
+    proc = run_cli(
+        "finetune",
+        f"init_from={pretrained}",
+        "task=classification",
+        f"task.train_path={tmp_path / 'train.tsv'}",
+        f"task.val_path={tmp_path / 'dev.tsv'}",
+        "task.text_field=sentence",
+        "data.seq_len=48",
+        "data.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = _torchrun("evaluate", f"checkpoint={run}", "eval.batch_size=7", f"hydra.run.dir={tmp_path / 'ev'}")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -184,7 +238,9 @@ def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
     model, task = loaded.model, loaded.task
     examples = task.val_examples()
     with torch.no_grad():
-        preds = [int(model(**{k: v for k, v in task.collate([e]).items() if k != "labels"}).argmax(-1)) for e in examples]
+        preds = [
+            int(model(**{k: v for k, v in task.collate([e]).items() if k != "labels"}).argmax(-1)) for e in examples
+        ]
     gold = [e["label"] for e in examples]
     assert got["classification/n"] == len(gold) == 40
     assert got["classification/accuracy"] == pytest.approx(sum(p == g for p, g in zip(preds, gold)) / 40)
@@ -210,11 +266,15 @@ def test_classification_report_matches_hand_computed():
     assert m["classification/recall[neu]"] == pytest.approx(1 / 2)
     assert m["classification/precision[pos]"] == pytest.approx(3 / 4)
     assert m["classification/recall[pos]"] == pytest.approx(3 / 5)
-    f1 = lambda p, r: 2 * p * r / (p + r)
+
+    def f1(p, r):
+        return 2 * p * r / (p + r)
+
     assert m["classification/macro_f1"] == pytest.approx((f1(1 / 3, 1 / 3) + f1(1 / 3, 1 / 2) + f1(3 / 4, 3 / 5)) / 3)
     assert res.details["confusion_matrix"] == [[1, 1, 1], [1, 1, 0], [1, 1, 3]]
-    md = markdown_report({"checkpoint": "c", "tasks": ["classification"], **m,
-                          "details": {"classification": res.details}})
+    md = markdown_report(
+        {"checkpoint": "c", "tasks": ["classification"], **m, "details": {"classification": res.details}}
+    )
     assert "| neg | 1 | 1 | 1 |" in md and "| pos | 0.7500 | 0.6000 |" in md
 
 
@@ -233,12 +293,24 @@ def test_qa_report_of_official_squad_scores():
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_eval_input(pretrained, tmp_path):
-    assert_user_error(run_cli("evaluate", f"checkpoint={pretrained}", "eval.tasks=[lm,bogus]",
-                              f"hydra.run.dir={tmp_path / 'a'}"), "eval.tasks", "bogus")
+    assert_user_error(
+        run_cli("evaluate", f"checkpoint={pretrained}", "eval.tasks=[lm,bogus]", f"hydra.run.dir={tmp_path / 'a'}"),
+        "eval.tasks",
+        "bogus",
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
-    assert_user_error(run_cli("evaluate", f"checkpoint={pretrained}", "eval.tasks=[generation]",
-                              f"task.val_path={bad}", f"hydra.run.dir={tmp_path / 'c'}"), "bad.jsonl", "record 2")
+    assert_user_error(
+        run_cli(
+            "evaluate",
+            f"checkpoint={pretrained}",
+            "eval.tasks=[generation]",
+            f"task.val_path={bad}",
+            f"hydra.run.dir={tmp_path / 'c'}",
+        ),
+        "bad.jsonl",
+        "record 2",
+    )
     assert not (tmp_path / "c" / "eval.json").exists()
 
 
@@ -254,7 +326,7 @@ def test_pretrain_writes_curves_and_plot_overlays_a_sweep(pretrained, tmp_path):
     proc = run_cli("plot", str(sweep), "-o", str(tmp_path / "sweep.png"))
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    from llmtrain.eval.plot import short_labels, run_label
+    from llmtrain.eval.plot import run_label, short_labels
 
     labels, title = short_labels([run_label(sweep / "0"), run_label(sweep / "1")], [sweep / "0", sweep / "1"])
     assert labels == ["optim.lr=1e-3", "optim.lr=3e-4"] and title == "model=gpt_tiny"

@@ -1,4 +1,5 @@
 """finetune tasks end to end (tiny checkpoints, few steps), LoRA, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,18 @@ def _final(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def bert_ckpt(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bert")
-    proc = run_cli("pretrain", "model=bert_tiny", "objective=mlm", "data.seq_len=64", "data.batch_size=8",
-                   "trainer.max_steps=6", "trainer.eval_every=6", "trainer.eval_batches=1", "trainer.progress=false",
-                   f"hydra.run.dir={run}")
+    proc = run_cli(
+        "pretrain",
+        "model=bert_tiny",
+        "objective=mlm",
+        "data.seq_len=64",
+        "data.batch_size=8",
+        "trainer.max_steps=6",
+        "trainer.eval_every=6",
+        "trainer.eval_batches=1",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run
 
@@ -68,8 +78,11 @@ def test_lora_freezes_base_and_merge_matches_adapter_model():
                 m.lora_B.normal_()  # a clearly non-zero adapter
         adapted = model(x)
         # the merged weight is W + (alpha / r) B A, computed here independently of merge_lora
-        expect = {f"{n}.weight": dict(model.named_modules())[n].base.weight + 2.0 * (
-            dict(model.named_modules())[n].lora_B @ dict(model.named_modules())[n].lora_A) for n in names}
+        expect = {
+            f"{n}.weight": dict(model.named_modules())[n].base.weight
+            + 2.0 * (dict(model.named_modules())[n].lora_B @ dict(model.named_modules())[n].lora_A)
+            for n in names
+        }
         merge_lora(model)
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
         sd = model.state_dict()
@@ -94,13 +107,24 @@ def _task(name, tmp_path=None, model="gpt2", seq_len=48, **kw):
 
     tok = CharTokenizer("".join(chr(c) for c in range(32, 127)) + "\n")
     mc = ModelConfig(name=model, n_layer=1, n_head=2, d_model=16, vocab_size=128, max_seq_len=128)
-    return build_task(TaskConfig(name=name, **kw), tok, mc, DataConfig(seq_len=seq_len, batch_size=4, val_fraction=0.25)), tok
+    return build_task(
+        TaskConfig(name=name, **kw), tok, mc, DataConfig(seq_len=seq_len, batch_size=4, val_fraction=0.25)
+    ), tok
 
 
 def test_instruction_loss_is_on_assistant_tokens_only(tmp_path):
-    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q{i}?"},
-                             {"role": "assistant", "content": f"A{i}."}, {"role": "user", "content": "More?"},
-                             {"role": "assistant", "content": "No."}]} for i in range(8)]
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Q{i}?"},
+                {"role": "assistant", "content": f"A{i}."},
+                {"role": "user", "content": "More?"},
+                {"role": "assistant", "content": "No."},
+            ]
+        }
+        for i in range(8)
+    ]
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in records))
     task, tok = _task("instruction", train_path=str(f), seq_len=128)
@@ -137,8 +161,14 @@ def test_long_examples_are_truncated_and_reported(tmp_path):
 
 
 def test_qa_features_point_at_the_answer():
-    task, tok = _task("extractive_qa", model="bert", seq_len=64, train_path=str(SHARED / "squad_v2_subset" / "dev.json"),
-                      max_examples=30, doc_stride=16)
+    task, tok = _task(
+        "extractive_qa",
+        model="bert",
+        seq_len=64,
+        train_path=str(SHARED / "squad_v2_subset" / "dev.json"),
+        max_examples=30,
+        doc_stride=16,
+    )
     hits = 0
     for f in task.train_examples():
         if f["start"]:
@@ -156,10 +186,13 @@ def _squad_answers():
     return {q["id"]: q["answers"] for a in data for p in a["paragraphs"] for q in p["qas"]}
 
 
-@pytest.mark.parametrize("content, bad", [
-    ('[{"instruction": "Hi", "input": "", "output": ""}]', "empty response"),
-    ('[{"instruction": " ", "input": "", "output": "x"}]', "empty prompt"),
-])
+@pytest.mark.parametrize(
+    "content, bad",
+    [
+        ('[{"instruction": "Hi", "input": "", "output": ""}]', "empty response"),
+        ('[{"instruction": " ", "input": "", "output": "x"}]', "empty prompt"),
+    ],
+)
 def test_empty_prompt_or_response_names_the_record(tmp_path, content, bad):
     f = tmp_path / "a.json"
     f.write_text(content)
@@ -168,12 +201,22 @@ def test_empty_prompt_or_response_names_the_record(tmp_path, content, bad):
         task.train_examples()
 
 
-@pytest.mark.parametrize("name, content, where", [
-    ("a.json", r'[{"instruction": "Hi", "output": "ok"}, {"instruction": "x \ud83d y", "output": "z"}]',
-     "record 2 field 'instruction'"),
-    ("c.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n'
-                r'{"messages": [{"role": "user", "content": "\udfff"}]}', "record 2 field 'messages[0].content'"),
-])
+@pytest.mark.parametrize(
+    "name, content, where",
+    [
+        (
+            "a.json",
+            r'[{"instruction": "Hi", "output": "ok"}, {"instruction": "x \ud83d y", "output": "z"}]',
+            "record 2 field 'instruction'",
+        ),
+        (
+            "c.jsonl",
+            '{"messages": [{"role": "user", "content": "hi"}]}\n'
+            r'{"messages": [{"role": "user", "content": "\udfff"}]}',
+            "record 2 field 'messages[0].content'",
+        ),
+    ],
+)
 def test_unpaired_surrogate_names_the_record(tmp_path, name, content, where):
     """A JSON escape that spells half a surrogate pair is not text: named, not a crash later."""
     f = tmp_path / name
@@ -201,10 +244,21 @@ def test_label_outside_declared_set(tmp_path):
 # ----------------------------------------------------------------------------- end to end (CLI)
 def test_classification_lora_end_to_end(pretrained, tmp_path):
     run = tmp_path / "sst2"
-    proc = run_cli("finetune", "+experiment=finetune_sst2", f"init_from={pretrained}", *FAST,
-                   f"task.train_path={SHARED / 'sst2' / 'train.tsv'}", f"task.val_path={SHARED / 'sst2' / 'dev.tsv'}", "data.seq_len=48",
-                   "task.max_examples=64", "trainer.max_steps=4", "trainer.eval_every=4", "finetune.lora.r=4",
-                   "optim.lr=1e-2", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "finetune",
+        "+experiment=finetune_sst2",
+        f"init_from={pretrained}",
+        *FAST,
+        f"task.train_path={SHARED / 'sst2' / 'train.tsv'}",
+        f"task.val_path={SHARED / 'sst2' / 'dev.tsv'}",
+        "data.seq_len=48",
+        "task.max_examples=64",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "finetune.lora.r=4",
+        "optim.lr=1e-2",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "new heads (randomly initialised): head.weight [2, 64], head.bias [2]" in proc.stdout
     assert "LoRA r=4" in proc.stdout and "trainable of" in proc.stdout
@@ -247,21 +301,46 @@ def test_classification_lora_end_to_end(pretrained, tmp_path):
 
 def test_bert_qa_and_pair_classification(bert_ckpt, tmp_path):
     run = tmp_path / "qa"
-    proc = run_cli("finetune", "+experiment=qa_squad", f"init_from={bert_ckpt}", *FAST,
-                   f"task.train_path={SHARED / 'squad_v2_subset' / 'dev.json'}", "data.seq_len=64",
-                   "task.max_examples=8", "trainer.max_steps=3", "trainer.eval_every=3", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "finetune",
+        "+experiment=qa_squad",
+        f"init_from={bert_ckpt}",
+        *FAST,
+        f"task.train_path={SHARED / 'squad_v2_subset' / 'dev.json'}",
+        "data.seq_len=64",
+        "task.max_examples=8",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = _metrics(run)[-1]
     assert {"val/exact", "val/f1", "val/HasAns_f1", "val/NoAns_exact"} <= set(final)
     assert "val/span_accuracy" in _metrics(run)[-2]
 
     pairs = tmp_path / "nli.jsonl"
-    pairs.write_text("".join(json.dumps({"premise": "a b" * (i % 5 + 1), "hypothesis": "c", "gold": ["yes", "no", "maybe"][i % 3]})
-                             + "\n" for i in range(30)))
+    pairs.write_text(
+        "".join(
+            json.dumps({"premise": "a b" * (i % 5 + 1), "hypothesis": "c", "gold": ["yes", "no", "maybe"][i % 3]})
+            + "\n"
+            for i in range(30)
+        )
+    )
     run2 = tmp_path / "nli"
-    proc = run_cli("finetune", "task=classification", f"init_from={run}", *FAST, "data.seq_len=32",
-                   f"task.train_path={pairs}", "task.text_field=premise", "task.text_pair_field=hypothesis",
-                   "task.label_field=gold", "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.run.dir={run2}")
+    proc = run_cli(
+        "finetune",
+        "task=classification",
+        f"init_from={run}",
+        *FAST,
+        "data.seq_len=32",
+        f"task.train_path={pairs}",
+        "task.text_field=premise",
+        "task.text_pair_field=hypothesis",
+        "task.label_field=gold",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        f"hydra.run.dir={run2}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "head.weight [3, 64]" in proc.stdout  # init from the QA fine-tune: a new head for the new task
     assert json.loads((_final(run2) / "meta.json").read_text())["task"]["state"]["labels"] == ["maybe", "no", "yes"]
@@ -269,23 +348,48 @@ def test_bert_qa_and_pair_classification(bert_ckpt, tmp_path):
 
 def test_sft_and_summarization_end_to_end(pretrained, tmp_path):
     run = tmp_path / "sft"
-    proc = run_cli("finetune", "+experiment=sft_dolly", f"init_from={pretrained}", *FAST,
-                   f"task.train_path={SHARED / 'dolly_chat' / 'train.jsonl'}", "data.seq_len=64",
-                   "task.max_examples=24", "trainer.max_steps=3", "trainer.eval_every=3", "eval.max_examples=2",
-                   "task.max_new_tokens=8", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "finetune",
+        "+experiment=sft_dolly",
+        f"init_from={pretrained}",
+        *FAST,
+        f"task.train_path={SHARED / 'dolly_chat' / 'train.jsonl'}",
+        "data.seq_len=64",
+        "task.max_examples=24",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        "eval.max_examples=2",
+        "task.max_new_tokens=8",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"val/rougeL", "val/bleu"} <= set(_metrics(run)[-1]) and "generated:" in proc.stdout
     # a plain decoder checkpoint (no head): loadable by every stage, e.g. generate
-    gen = run_cli("generate", f"checkpoint={run}", "generate.prompt=### User:", "generate.max_new_tokens=5",
-                  f"hydra.run.dir={tmp_path / 'g'}")
+    gen = run_cli(
+        "generate",
+        f"checkpoint={run}",
+        "generate.prompt=### User:",
+        "generate.max_new_tokens=5",
+        f"hydra.run.dir={tmp_path / 'g'}",
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
 
     run2 = tmp_path / "sum"
-    proc = run_cli("finetune", "+experiment=summarize_scitldr", f"init_from={pretrained}", *FAST,
-                   f"task.train_path={SHARED / 'scitldr' / 'train.jsonl'}",
-                   f"task.val_path={SHARED / 'scitldr' / 'dev.jsonl'}", "data.seq_len=64",
-                   "task.max_examples=16", "trainer.max_steps=2", "trainer.eval_every=2", "eval.max_examples=2",
-                   "task.max_new_tokens=8", f"hydra.run.dir={run2}")
+    proc = run_cli(
+        "finetune",
+        "+experiment=summarize_scitldr",
+        f"init_from={pretrained}",
+        *FAST,
+        f"task.train_path={SHARED / 'scitldr' / 'train.jsonl'}",
+        f"task.val_path={SHARED / 'scitldr' / 'dev.jsonl'}",
+        "data.seq_len=64",
+        "task.max_examples=16",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "eval.max_examples=2",
+        "task.max_new_tokens=8",
+        f"hydra.run.dir={run2}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "truncated" in proc.stdout and {"val/rouge1", "val/rouge2"} <= set(_metrics(run2)[-1])
 
@@ -293,15 +397,46 @@ def test_sft_and_summarization_end_to_end(pretrained, tmp_path):
 def test_bad_inputs_exit_2(pretrained, tmp_path):
     f = tmp_path / "no_label.tsv"
     f.write_text("sentence\tpolarity\nfine\t1\nbad\t0\n")
-    assert_user_error(run_cli("finetune", "task=classification", f"init_from={pretrained}", f"task.train_path={f}",
-                              "task.text_field=sentence", f"hydra.run.dir={tmp_path / 'a'}"),
-                      "no_label.tsv: record 1 has no field 'label'")
+    assert_user_error(
+        run_cli(
+            "finetune",
+            "task=classification",
+            f"init_from={pretrained}",
+            f"task.train_path={f}",
+            "task.text_field=sentence",
+            f"hydra.run.dir={tmp_path / 'a'}",
+        ),
+        "no_label.tsv: record 1 has no field 'label'",
+    )
     chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-                    + "\n" + json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
-    assert_user_error(run_cli("finetune", "task=instruction", f"init_from={pretrained}", f"task.train_path={chat}",
-                              f"task.val_path={chat}", "data.seq_len=32", f"hydra.run.dir={tmp_path / 'b'}"),
-                      "chat.jsonl: record 2", "unknown role 'robot'")
-    assert_user_error(run_cli("finetune", "+experiment=sft_alpaca", f"init_from={pretrained}", "tokenizer=byte",
-                              f"task.train_path={SHARED / 'alpaca_demo' / 'train.json'}",
-                              "data.seq_len=32", f"hydra.run.dir={tmp_path / 'd'}"), "checkpoint's tokenizer")
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "robot", "content": "beep"}]})
+        + "\n"
+    )
+    assert_user_error(
+        run_cli(
+            "finetune",
+            "task=instruction",
+            f"init_from={pretrained}",
+            f"task.train_path={chat}",
+            f"task.val_path={chat}",
+            "data.seq_len=32",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ),
+        "chat.jsonl: record 2",
+        "unknown role 'robot'",
+    )
+    assert_user_error(
+        run_cli(
+            "finetune",
+            "+experiment=sft_alpaca",
+            f"init_from={pretrained}",
+            "tokenizer=byte",
+            f"task.train_path={SHARED / 'alpaca_demo' / 'train.json'}",
+            "data.seq_len=32",
+            f"hydra.run.dir={tmp_path / 'd'}",
+        ),
+        "checkpoint's tokenizer",
+    )

@@ -1,5 +1,6 @@
 """Tests for llmtrain.generation: KV cache vs full recompute, left padding, sampling filters,
 stopping and the context limit, on tiny randomly initialised decoders."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,12 @@ import torch
 
 from llmtrain.config.schema import ModelConfig
 from llmtrain.generation import (
-    GenerationResult, generate, sample_next, sample_text, top_k_filter, top_p_filter,
+    GenerationResult,
+    generate,
+    sample_next,
+    sample_text,
+    top_k_filter,
+    top_p_filter,
 )
 
 VOCAB = 64
@@ -21,7 +27,7 @@ def _registered(name: str) -> bool:
 
     try:
         return name in registry.names("model")
-    except Exception:
+    except Exception:  # noqa: BLE001 - a registry failure means "not registered" here
         return False
 
 
@@ -33,8 +39,7 @@ def tiny_model(name: str = "gpt2", max_seq_len: int = 64, **kw):
     torch.manual_seed(0)
     # a large init_std gives peaked, well separated logits, so greedy argmax is not decided by
     # float noise between the cached and the recomputed path
-    cfg = dict(name=name, n_layer=2, n_head=2, d_model=32, vocab_size=VOCAB, max_seq_len=max_seq_len,
-               init_std=0.5)
+    cfg = dict(name=name, n_layer=2, n_head=2, d_model=32, vocab_size=VOCAB, max_seq_len=max_seq_len, init_std=0.5)
     if name == "llama":
         cfg.update(n_head=4, n_kv_heads=2)  # exercise grouped-query attention too
     cfg.update(kw)
@@ -79,7 +84,7 @@ def test_cached_greedy_matches_manual_full_forward(name):
     with torch.no_grad():
         for _ in range(10):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_top_k_1_equals_greedy():
@@ -93,8 +98,9 @@ def test_top_k_1_equals_greedy():
 def test_tiny_top_p_equals_greedy():
     model = tiny_model()
     greedy = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
-    nucleus = generate(model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=1e-6,
-                       generator=torch.Generator().manual_seed(5))
+    nucleus = generate(
+        model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(5)
+    )
     assert nucleus.tokens == greedy.tokens
 
 
@@ -129,9 +135,8 @@ def test_stop_sequence_truncates_and_is_excluded():
     full = generate(model, [prompt], max_new_tokens=20, temperature=0.0).tokens[0]
     stop = full[5:7]
     # first place where the stop sequence ends
-    end = next(i + 2 for i in range(len(full) - 1) if full[i:i + 2] == stop)
-    out = generate(model, [prompt], max_new_tokens=20, temperature=0.0,
-                   stop_sequences=[[VOCAB + 5, VOCAB + 6], stop])
+    end = next(i + 2 for i in range(len(full) - 1) if full[i : i + 2] == stop)
+    out = generate(model, [prompt], max_new_tokens=20, temperature=0.0, stop_sequences=[[VOCAB + 5, VOCAB + 6], stop])
     assert out.tokens[0] == full[: end - 2]
 
 
@@ -258,18 +263,22 @@ def test_sample_text_and_stop_strings():
     tok = _char_tokenizer()
     text = sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False)
     assert isinstance(text, str)
-    assert text == tok.decode(generate(model, [tok.encode("hello")], max_new_tokens=30,
-                                       temperature=0.0).tokens[0])
+    assert text == tok.decode(generate(model, [tok.encode("hello")], max_new_tokens=30, temperature=0.0).tokens[0])
     visible = [c for c in text if c]
     assert len(visible) >= 3, text
     stop = text[2:4] if len(text) >= 4 else text[2]
-    trimmed = sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False,
-                          stop_strings=["\u2603", stop])
+    trimmed = sample_text(
+        model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False, stop_strings=["\u2603", stop]
+    )
     assert trimmed == text[: text.find(stop)]
     assert stop not in trimmed
-    assert sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False,
-                       include_prompt=True) == "hello" + text
+    assert (
+        sample_text(model, tok, "hello", max_new_tokens=30, temperature=0.0, stop_at_eos=False, include_prompt=True)
+        == "hello" + text
+    )
     # empty prompt starts from bos; a seeded sample is reproducible
-    s1, s2 = (sample_text(model, tok, "", max_new_tokens=10, temperature=1.0,
-                          generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    s1, s2 = (
+        sample_text(model, tok, "", max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(1))
+        for _ in range(2)
+    )
     assert s1 == s2

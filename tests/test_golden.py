@@ -1,6 +1,7 @@
 """The restructure must not change what is trained: per-step losses of a 20-step gpt_small
 pretrain and of 20-step fine-tunes (lm, classification) equal the fixture recorded on the code
 before it (tests/golden_losses.py --write)."""
+
 from __future__ import annotations
 
 import json

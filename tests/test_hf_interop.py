@@ -1,6 +1,7 @@
 """Hugging Face interchange: our checkpoints load in transformers (Auto classes, no missing or
 unexpected keys, same logits, same token ids) and transformers directories load as ours.
 Everything is built locally from tiny random models; nothing is downloaded."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,11 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import SHARED, TINY, assert_user_error, run_cli  # noqa: E402
+from llmtrain.checkpoints import checkpoint_meta, load as load_checkpoint  # noqa: E402
 from llmtrain.config.schema import ExportConfig, ModelConfig, RunConfig, TokenizerConfig  # noqa: E402
 from llmtrain.errors import UserError  # noqa: E402
 from llmtrain.hf.export import export_hf  # noqa: E402
-from llmtrain.models import build_model  # noqa: E402
-from llmtrain.checkpoints import checkpoint_meta, load as load_checkpoint  # noqa: E402
-from llmtrain.models import resolve_model_config  # noqa: E402
+from llmtrain.models import build_model, resolve_model_config  # noqa: E402
 from llmtrain.tokenizers.byte import ByteTokenizer  # noqa: E402
 from llmtrain.tokenizers.char import CharTokenizer  # noqa: E402
 from llmtrain.train.checkpoint import save_checkpoint  # noqa: E402
@@ -52,8 +52,9 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> None:
 def our_checkpoint(tmp_path: Path, arch: str, tokenizer) -> Path:
     """A tiny model of ours, saved as a pretrain checkpoint would be."""
     extra, _ = OURS[arch]
-    cfg = resolve_model_config(ModelConfig(name=arch, n_layer=2, n_head=4, d_model=32, max_seq_len=48, **extra),
-                               tokenizer)
+    cfg = resolve_model_config(
+        ModelConfig(name=arch, n_layer=2, n_head=4, d_model=32, max_seq_len=48, **extra), tokenizer
+    )
     assert cfg.vocab_size % 64 == 0 and cfg.vocab_size > tokenizer.vocab_size  # padded vocab
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -76,8 +77,9 @@ def make_tokenizer(kind: str, tmp_path: Path):
         return ByteTokenizer()
     from llmtrain.tokenizers.train import train_sentencepiece
 
-    return train_sentencepiece([shakespeare(60000)], TokenizerConfig(name="sentencepiece", vocab_size=400),
-                               tmp_path / "sp.model")
+    return train_sentencepiece(
+        [shakespeare(60000)], TokenizerConfig(name="sentencepiece", vocab_size=400), tmp_path / "sp.model"
+    )
 
 
 # each architecture with another of our tokenizers, so all three go through a full export
@@ -162,8 +164,9 @@ def test_export_fine_tuned_task_model(tmp_path, task_name):
 
     arch, hf_cls, r = TASKS[task_name]
     tok = CharTokenizer.train([shakespeare(20000)])
-    cfg = resolve_model_config(ModelConfig(name=arch, n_layer=2, n_head=4, d_model=32, max_seq_len=48,
-                                           **OURS[arch][0]), tok)
+    cfg = resolve_model_config(
+        ModelConfig(name=arch, n_layer=2, n_head=4, d_model=32, max_seq_len=48, **OURS[arch][0]), tok
+    )
     labels = ["neg", "neutral", "pos"]
     task = tasks.build_task(TaskConfig(name=task_name, labels=labels), tok, cfg, DataConfig())
     torch.manual_seed(0)
@@ -181,7 +184,7 @@ def test_export_fine_tuned_task_model(tmp_path, task_name):
     export_stage.run(RunConfig(checkpoint=str(ck), export=ExportConfig(out=str(out))))
     hf, info = getattr(transformers, hf_cls).from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info
-    x = torch.tensor([tok.encode(shakespeare(20000)[i:i + 30]) for i in (0, 500)])
+    x = torch.tensor([tok.encode(shakespeare(20000)[i : i + 30]) for i in (0, 500)])
     with torch.no_grad():
         ours = model(x)
         theirs = hf(input_ids=x)
@@ -205,16 +208,21 @@ def foreign_tokenizer(d: Path, kind: str):
         t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         t.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-        t.post_processor = processors.BertProcessing(("[SEP]", t.token_to_id("[SEP]")),
-                                                     ("[CLS]", t.token_to_id("[CLS]")))
+        t.post_processor = processors.BertProcessing(
+            ("[SEP]", t.token_to_id("[SEP]")), ("[CLS]", t.token_to_id("[CLS]"))
+        )
         t.decoder = decoders.WordPiece()
         kw = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     else:
         t = Tokenizer(models.BPE())
         t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         t.decoder = decoders.ByteLevel()
-        t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        t.train_from_iterator(
+            text,
+            trainers.BpeTrainer(
+                vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            ),
+        )
         kw = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, **kw)
     hf_tok.save_pretrained(str(d))
@@ -222,14 +230,31 @@ def foreign_tokenizer(d: Path, kind: str):
 
 
 HF_MODELS = {
-    "gpt2": lambda V: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=4)),
-    "llama": lambda V: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=40, tie_word_embeddings=False)),
-    "bert": lambda V: transformers.BertForPreTraining(transformers.BertConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40)),
+    "gpt2": lambda V: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=4)
+    ),
+    "llama": lambda V: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=40,
+            tie_word_embeddings=False,
+        )
+    ),
+    "bert": lambda V: transformers.BertForPreTraining(
+        transformers.BertConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        )
+    ),
 }
 
 
@@ -298,6 +323,7 @@ def test_export_never_clobbers(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(exp, "hf_model", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_hf(loaded, out)
@@ -325,22 +351,39 @@ def test_cli_export_then_finetune_and_evaluate_from_hf(tmp_path):
 
     small = tmp_path / "small.txt"
     small.write_text(shakespeare(30000), encoding="utf-8")
-    p = run_cli("finetune", f"init_from=hf:{out}", *TINY, "data=text", f"data.path={small}", "trainer.max_steps=3",
-                "trainer.eval_every=3", f"hydra.run.dir={tmp_path / 'ft'}")
+    p = run_cli(
+        "finetune",
+        f"init_from=hf:{out}",
+        *TINY,
+        "data=text",
+        f"data.path={small}",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        f"hydra.run.dir={tmp_path / 'ft'}",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "initialised from" in p.stdout and list((tmp_path / "ft" / "checkpoints").glob("step_*"))
 
     bad = tmp_path / "opt"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "opt"}))
-    assert_user_error(run_cli("finetune", f"init_from=hf:{bad}", f"hydra.run.dir={tmp_path / 'ft2'}"),
-                      "'opt'", "gpt2, llama, bert")
+    assert_user_error(
+        run_cli("finetune", f"init_from=hf:{bad}", f"hydra.run.dir={tmp_path / 'ft2'}"), "'opt'", "gpt2, llama, bert"
+    )
 
     if not _evaluate_accepts_hf():
-        pytest.skip("llmtrain/stages/evaluate.py resolves checkpoint= itself and does not route hf: "
-                    "to load_checkpoint yet (see the HF interchange notes)")
-    p = run_cli("evaluate", f"checkpoint=hf:{out}", "trainer.eval_batches=2", "data=text", f"data.path={small}",
-                f"hydra.run.dir={tmp_path / 'ev'}")
+        pytest.skip(
+            "llmtrain/stages/evaluate.py resolves checkpoint= itself and does not route hf: "
+            "to load_checkpoint yet (see the HF interchange notes)"
+        )
+    p = run_cli(
+        "evaluate",
+        f"checkpoint=hf:{out}",
+        "trainer.eval_batches=2",
+        "data=text",
+        f"data.path={small}",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["val/loss"] > 0
 
@@ -352,7 +395,8 @@ def test_export_stage_and_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="someorg/somemodel.*not a local directory"):
         load_checkpoint("hf:someorg/somemodel")
     with pytest.raises(UserError, match="format='onnx'"):
-        export_stage.run(RunConfig(checkpoint=str(tmp_path),
-                                   export=ExportConfig(out=str(tmp_path / "x"), format="onnx")))
+        export_stage.run(
+            RunConfig(checkpoint=str(tmp_path), export=ExportConfig(out=str(tmp_path / "x"), format="onnx"))
+        )
     with pytest.raises(UserError, match="out=DIR"):
         export_stage.run(RunConfig(checkpoint=str(tmp_path)))

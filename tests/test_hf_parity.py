@@ -1,5 +1,6 @@
 """Our models vs the Hugging Face reference classes, random init (no download): the state-dict
 mapping must load strictly and the logits must agree to 1e-5 in float32."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,7 @@ CASES = {
 
 def build(case: str):
     mod, cls, hf_name, kw = CASES[case]
-    cfg = ModelConfig(name=cls.__name__.lower(), n_layer=2, n_head=4, d_model=32, vocab_size=V,
-                      max_seq_len=40, **kw)
+    cfg = ModelConfig(name=cls.__name__.lower(), n_layer=2, n_head=4, d_model=32, vocab_size=V, max_seq_len=40, **kw)
     torch.manual_seed(0)
     ours = cls(cfg).eval()
     with torch.no_grad():  # perturb everything (zero biases / unit norms would hide mapping bugs)
@@ -60,8 +60,17 @@ def test_state_dict_round_trip(case):
 def test_config_round_trip(case):
     mod, cfg, ours, hf = build(case)
     back = mod.config_from_hf(mod.hf_config(cfg))
-    fields = ["name", "n_layer", "n_head", "d_model", "vocab_size", "max_seq_len", "tie_embeddings",
-              "norm_eps", "rope_theta" if cfg.name == "llama" else "init_std"]
+    fields = [
+        "name",
+        "n_layer",
+        "n_head",
+        "d_model",
+        "vocab_size",
+        "max_seq_len",
+        "tie_embeddings",
+        "norm_eps",
+        "rope_theta" if cfg.name == "llama" else "init_std",
+    ]
     for f in fields:
         assert getattr(back, f) == getattr(cfg, f), f
     assert type(ours)(back).num_params() == ours.num_params()

@@ -1,4 +1,5 @@
 """Tests for llmtrain.eval.metrics: reference implementations and hand-computed cases."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Model architectures: shapes, masking, KV cache, GQA, parameter counts (CPU, tiny sizes)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -106,8 +107,8 @@ def left_pad(seqs, pad_id=0):
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = torch.tensor(s)
+        mask[i, T - len(s) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
 
@@ -122,7 +123,7 @@ def test_left_padding_matches_unpadded(name):
     assert torch.isfinite(logits).all()
     for i, s in enumerate(seqs):
         ref = m(torch.tensor([s]))[0]
-        torch.testing.assert_close(logits[i, -len(s):], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[i, -len(s) :], ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -176,7 +177,7 @@ def test_kv_cache_left_padded_batch(name):
             ref = m(row)[0, -1]
             torch.testing.assert_close(outs[t][i], ref, atol=1e-5, rtol=1e-5)
             row = torch.cat([row, ref.argmax().view(1, 1)], 1)
-        assert row[0, len(s):].tolist() == gen[i].tolist()
+        assert row[0, len(s) :].tolist() == gen[i].tolist()
 
 
 def test_kv_cache_overflow_and_reset():
@@ -239,7 +240,7 @@ def test_gpt2_124m_param_count_and_flops():
     assert m.num_params(non_embedding=True) == expected - T * d
     assert m.flops_per_token(T) == 6 * (expected - T * d) + 12 * L * d * T
     # nanoGPT init: residual projections get std / sqrt(2 * n_layer)
-    assert abs(m.blocks[0].attn.proj.weight.std().item() - 0.02 / (24 ** 0.5)) < 5e-4
+    assert abs(m.blocks[0].attn.proj.weight.std().item() - 0.02 / (24**0.5)) < 5e-4
     assert abs(m.blocks[0].attn.qkv.weight.std().item() - 0.02) < 5e-4
 
 

@@ -1,5 +1,6 @@
 """Typed per-stage config: old flat spellings are refused with one line naming the new key, the
 new keys work, and checkpoints saved with the old `options` dicts and dead keys still load."""
+
 from __future__ import annotations
 
 import json
@@ -51,28 +52,37 @@ def test_new_keys_and_stage_keys_elsewhere_are_not_refused():
         assert "was removed" in moved_key_error("pretrain", [dead]), dead
 
 
-@pytest.mark.parametrize("stage,override,new", [
-    ("generate", "prompt=ROMEO:", "generate.prompt"),
-    ("generate", "+prompt=ROMEO:", "generate.prompt"),
-    ("generate", "num_samples=2", "generate.num_samples"),
-    ("chat", "temperature=1.0", "chat.temperature"),
-    ("chat", "task.chat_template=chatml", "chat.template"),
-    ("export", "out=exports/x", "export.out"),
-    ("export", "format=hf", "export.format"),
-    ("finetune", "task.options.null_threshold=0.5", "task.null_threshold"),
-    ("evaluate", "eval.options.stop=[x]", "eval.stop"),
-])
+@pytest.mark.parametrize(
+    "stage,override,new",
+    [
+        ("generate", "prompt=ROMEO:", "generate.prompt"),
+        ("generate", "+prompt=ROMEO:", "generate.prompt"),
+        ("generate", "num_samples=2", "generate.num_samples"),
+        ("chat", "temperature=1.0", "chat.temperature"),
+        ("chat", "task.chat_template=chatml", "chat.template"),
+        ("export", "out=exports/x", "export.out"),
+        ("export", "format=hf", "export.format"),
+        ("finetune", "task.options.null_threshold=0.5", "task.null_threshold"),
+        ("evaluate", "eval.options.stop=[x]", "eval.stop"),
+    ],
+)
 def test_cli_refuses_old_spelling_before_writing(tmp_path, stage, override, new):
     run = tmp_path / "run"
     key = override.split("=", 1)[0].lstrip("+")
-    assert_user_error(run_cli(stage, "checkpoint=nowhere", override, f"hydra.run.dir={run}"),
-                      f"'{key}' is now '{new}'")
+    assert_user_error(run_cli(stage, "checkpoint=nowhere", override, f"hydra.run.dir={run}"), f"'{key}' is now '{new}'")
     assert not run.exists()
 
 
 def test_typed_task_and_eval_fields_compose():
-    proc = run_cli("finetune", "task=extractive_qa", "task.train_path=squad.json", "task.null_threshold=0.5",
-                   "eval.stop=[END]", "--cfg", "job")
+    proc = run_cli(
+        "finetune",
+        "task=extractive_qa",
+        "task.train_path=squad.json",
+        "task.null_threshold=0.5",
+        "eval.stop=[END]",
+        "--cfg",
+        "job",
+    )
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["task"]["null_threshold"] == 0.5 and cfg["eval"]["stop"] == ["END"]
@@ -96,19 +106,33 @@ def test_summarization_prompt_suffix_and_all_targets_are_typed(tmp_path):
 
 
 def test_generate_num_samples_and_chat_template(pretrained, tmp_path):
-    proc = run_cli("generate", f"checkpoint={pretrained}", "generate.prompt=ROMEO:", "generate.num_samples=2",
-                   "generate.max_new_tokens=5", f"hydra.run.dir={tmp_path / 'g'}")
+    proc = run_cli(
+        "generate",
+        f"checkpoint={pretrained}",
+        "generate.prompt=ROMEO:",
+        "generate.num_samples=2",
+        "generate.max_new_tokens=5",
+        f"hydra.run.dir={tmp_path / 'g'}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("--- sample") == 2 and "2 samples" in proc.stderr
-    proc = run_cli("chat", f"checkpoint={pretrained}", "chat.template=chatml", "chat.max_new_tokens=3",
-                   f"hydra.run.dir={tmp_path / 'c'}")
+    proc = run_cli(
+        "chat",
+        f"checkpoint={pretrained}",
+        "chat.template=chatml",
+        "chat.max_new_tokens=3",
+        f"hydra.run.dir={tmp_path / 'c'}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "(template chatml)" in proc.stderr
 
 
 def test_stored_options_and_dead_keys_are_read_as_typed_fields():
-    saved = {"name": "summarization", "packing": True, "options": {"prompt_suffix": " => ", "all_targets": True,
-                                                                    "no_longer_a_key": 1}}
+    saved = {
+        "name": "summarization",
+        "packing": True,
+        "options": {"prompt_suffix": " => ", "all_targets": True, "no_longer_a_key": 1},
+    }
     cfg = TaskConfig(**known_fields(TaskConfig, saved))
     assert (cfg.prompt_suffix, cfg.all_targets, cfg.packing) == (" => ", True, True)
     data = {"name": "text", "path": "x.txt", "val_path": None, "num_workers": 4, "seq_len": 16}
@@ -136,8 +160,7 @@ def test_checkpoint_with_old_config_loads(pretrained, tmp_path):
 
     ck = _old_style(pretrained, tmp_path / "old")
     assert checkpoints.load(str(ck)).task.cfg.max_new_tokens == 8
-    proc = run_cli("evaluate", f"checkpoint={ck}", "trainer.eval_batches=2",
-                   f"hydra.run.dir={tmp_path / 'ev'}")
+    proc = run_cli("evaluate", f"checkpoint={ck}", "trainer.eval_batches=2", f"hydra.run.dir={tmp_path / 'ev'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["val/loss"] > 0
     proc = run_cli("export", f"checkpoint={ck}", f"export.out={tmp_path / 'hf'}")

@@ -1,4 +1,5 @@
 """Pretraining objectives: MLM masking statistics, NSP pairs, and training runs through the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED, assert_user_error, run_cli
 from llmtrain.config.schema import DataConfig, ObjectiveConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.errors import UserError
 from llmtrain.objectives import build_objective
 from llmtrain.objectives.mlm import Masker
 from llmtrain.tokenizers.char import CharTokenizer
-from conftest import SHARED, assert_user_error, run_cli
 
 N_DOCS, DOC_LEN = 12, 200
 
@@ -94,8 +95,9 @@ def test_mlm_batches_layout_and_determinism(tok):
     again = objective("mlm", tok, splits, data, seed=7).train_source().batch(5)
     assert all(torch.equal(b[k], again[k]) for k in b)
     assert not torch.equal(b["labels"] != -100, src.batch(6)["labels"] != -100)
-    assert not torch.equal(b["labels"] != -100,
-                           objective("mlm", tok, splits, data, seed=8).train_source().batch(5)["labels"] != -100)
+    assert not torch.equal(
+        b["labels"] != -100, objective("mlm", tok, splits, data, seed=8).train_source().batch(5)["labels"] != -100
+    )
     # Ranks read different windows.
     rank1 = objective("mlm", tok, splits, data, seed=7).train_source(rank=1, world=2)
     assert not torch.equal(b["input_ids"], rank1.batch(5)["input_ids"])
@@ -104,7 +106,7 @@ def test_mlm_batches_layout_and_determinism(tok):
 def test_masks_redrawn_when_a_sequence_is_seen_again(tok):
     """The same window at two steps (a corpus of exactly one window) gets different masks."""
     data = DataConfig(seq_len=16, batch_size=1)
-    tokens = unique_token_docs(tok, n_docs=1, doc_len=2 * 13 + 1)[:2 * 13 + 2]  # n_windows == 1
+    tokens = unique_token_docs(tok, n_docs=1, doc_len=2 * 13 + 1)[: 2 * 13 + 2]  # n_windows == 1
     src = objective("mlm", tok, splits_of(tokens), data, seed=0).train_source()
     seen: dict[tuple, list[torch.Tensor]] = {}
     for step in range(40):
@@ -209,7 +211,9 @@ def test_mlm_loss_on_selected_positions_equals_dense_loss(tok):
     from llmtrain.objectives.mlm import masked_lm_terms
 
     torch.manual_seed(0)
-    model = Bert(ModelConfig(name="bert", vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=48)).eval()
+    model = Bert(
+        ModelConfig(name="bert", vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=48)
+    ).eval()
     splits, data = splits_of(unique_token_docs(tok)), DataConfig(seq_len=48, batch_size=8)
     for name in ("mlm", "mlm_nsp"):
         b = objective(name, tok, splits, data, seed=3).train_source().batch(2)
@@ -219,8 +223,9 @@ def test_mlm_loss_on_selected_positions_equals_dense_loss(tok):
             ce, correct, n = masked_lm_terms(model, hidden, b)
             dense = model.lm_logits(hidden)
         labels = b["labels"]
-        want = torch.nn.functional.cross_entropy(dense.reshape(-1, dense.size(-1)), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        want = torch.nn.functional.cross_entropy(
+            dense.reshape(-1, dense.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         assert int(n) == int((labels != -100).sum()) > 0
         assert torch.allclose(ce, want, rtol=1e-5), (ce, want)
         assert int(correct) == int(((dense.argmax(-1) == labels) & (labels != -100)).sum())
@@ -240,11 +245,24 @@ def read_metrics(run_dir) -> list[dict]:
 
 @pytest.mark.skipif(not (SHARED / "wikitext2" / "valid.txt").exists(), reason="needs shared WikiText-2")
 def test_bert_mlm_nsp_pretrain_cli(tmp_path):
-    proc = run_cli("pretrain", "model=bert_tiny", "objective=mlm_nsp", "data=wikitext2",
-                   f"data.path={SHARED / 'wikitext2' / 'valid.txt'}", "data.seq_len=64",
-                   "data.batch_size=16", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.eval_batches=4",
-                   "trainer.log_every=10", "trainer.progress=false", "optim.lr=2e-3", "scheduler.warmup_steps=5",
-                   f"hydra.run.dir={tmp_path}", timeout=600)
+    proc = run_cli(
+        "pretrain",
+        "model=bert_tiny",
+        "objective=mlm_nsp",
+        "data=wikitext2",
+        f"data.path={SHARED / 'wikitext2' / 'valid.txt'}",
+        "data.seq_len=64",
+        "data.batch_size=16",
+        "trainer.max_steps=40",
+        "trainer.eval_every=20",
+        "trainer.eval_batches=4",
+        "trainer.log_every=10",
+        "trainer.progress=false",
+        "optim.lr=2e-3",
+        "scheduler.warmup_steps=5",
+        f"hydra.run.dir={tmp_path}",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(tmp_path)
     train = [r["train/loss"] for r in records if "train/loss" in r]
@@ -259,13 +277,28 @@ def test_bert_mlm_nsp_pretrain_cli(tmp_path):
     last_train = [r for r in records if "train/loss" in r][-1]
     for key in ("train/mlm_loss", "train/nsp_loss", "train/mlm_accuracy", "train/nsp_accuracy"):
         assert key in last_train, last_train
-    assert abs(last_train["train/mlm_loss"] + last_train["train/nsp_loss"] - last_train["train/loss"]) < 0.02 * last_train["train/loss"]
+    assert (
+        abs(last_train["train/mlm_loss"] + last_train["train/nsp_loss"] - last_train["train/loss"])
+        < 0.02 * last_train["train/loss"]
+    )
 
 
 def test_llama_clm_pretrain_cli(tmp_path):
-    proc = run_cli("pretrain", "model=llama_tiny", "data.seq_len=32", "data.batch_size=8", "trainer.max_steps=30",
-                   "trainer.eval_every=30", "trainer.eval_batches=4", "trainer.log_every=5", "trainer.progress=false",
-                   "optim.lr=3e-3", "scheduler.warmup_steps=5", f"hydra.run.dir={tmp_path}", timeout=600)
+    proc = run_cli(
+        "pretrain",
+        "model=llama_tiny",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "trainer.max_steps=30",
+        "trainer.eval_every=30",
+        "trainer.eval_batches=4",
+        "trainer.log_every=5",
+        "trainer.progress=false",
+        "optim.lr=3e-3",
+        "scheduler.warmup_steps=5",
+        f"hydra.run.dir={tmp_path}",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
     assert train[-1] < train[0] - 0.3, train
@@ -273,17 +306,29 @@ def test_llama_clm_pretrain_cli(tmp_path):
     assert "name: llama" in config and "n_kv_heads: 2" in config
 
 
-@pytest.mark.parametrize("model, objective, needle", [
-    ("gpt_tiny", "mlm", "objective=mlm"),
-    ("bert_tiny", "clm", "objective=clm"),
-])
+@pytest.mark.parametrize(
+    "model, objective, needle",
+    [
+        ("gpt_tiny", "mlm", "objective=mlm"),
+        ("bert_tiny", "clm", "objective=clm"),
+    ],
+)
 def test_objective_model_mismatch_is_user_error(tmp_path, model, objective, needle):
-    proc = run_cli("pretrain", f"model={model}", f"objective={objective}", "trainer.max_steps=1",
-                   f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "pretrain", f"model={model}", f"objective={objective}", "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"
+    )
     assert_user_error(proc, needle)
 
 
 def test_nsp_on_single_document_is_user_error(tmp_path):
-    proc = run_cli("pretrain", "model=bert_tiny", "objective=nsp", "data=shakespeare", "data.seq_len=32",
-                   "trainer.max_steps=1", "trainer.progress=false", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "pretrain",
+        "model=bert_tiny",
+        "objective=nsp",
+        "data=shakespeare",
+        "data.seq_len=32",
+        "trainer.max_steps=1",
+        "trainer.progress=false",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert_user_error(proc, "documents")

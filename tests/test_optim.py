@@ -1,5 +1,6 @@
 """Optimizers: Muon's orthogonalisation, MuonAdamW against torch's AdamW, the on-device skip of
 non-finite steps, and a Muon run that trains and resumes exactly through the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import json
 import pytest
 import torch
 
+from conftest import TINY, run_cli
 from llmtrain.config.schema import ModelConfig, OptimConfig
 from llmtrain.errors import UserError
 from llmtrain.models import build_model
 from llmtrain.train.optim import MuonAdamW, build_optimizer, orthogonalize
-from conftest import TINY, run_cli
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])  # wide and tall (transposed inside)
@@ -49,14 +50,20 @@ def test_muon_groups_and_adamw_part_match_torch():
     assert names and all(n.startswith("blocks.") and model.get_parameter(n).ndim == 2 for n in names)
     assert not any("wte" in n or "wpe" in n for n in names)  # embeddings / tied head stay on AdamW
     ref_params = dict(ref.named_parameters())
-    groups = [{"params": [ref_params[n] for n, p in model.named_parameters() if any(p is q for q in g["params"])],
-               "weight_decay": g["weight_decay"]} for g in opt.param_groups if not g["muon"]]
+    groups = [
+        {
+            "params": [ref_params[n] for n, p in model.named_parameters() if any(p is q for q in g["params"])],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in opt.param_groups
+        if not g["muon"]
+    ]
     ref_opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     g = torch.Generator().manual_seed(1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for i in range(3):  # the same gradients into both (of shrinking size: bias correction matters)
         for n, p in model.named_parameters():
-            p.grad = torch.randn(p.shape, generator=g) * 10.0 ** -i
+            p.grad = torch.randn(p.shape, generator=g) * 10.0**-i
             ref_params[n].grad = p.grad.clone()
         opt.step()
         ref_opt.step()
@@ -76,8 +83,11 @@ def test_muon_moves_the_hidden_matrices_by_an_orthogonal_step():
     _loss(model, x).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
-    w = "blocks.0.mlp.fc.weight" if "blocks.0.mlp.fc.weight" in before else next(
-        n for n in before if n.startswith("blocks.0") and before[n].ndim == 2)
+    w = (
+        "blocks.0.mlp.fc.weight"
+        if "blocks.0.mlp.fc.weight" in before
+        else next(n for n in before if n.startswith("blocks.0") and before[n].ndim == 2)
+    )
     step = before[w] - model.get_parameter(w).detach()
     # momentum 0: the step is -lr * scale * orthogonalize(grad), whose singular values are ~1
     scale = 0.02 * max(1.0, step.size(0) / step.size(1)) ** 0.5
@@ -110,8 +120,16 @@ def test_unknown_optimizer_is_a_user_error():
 
 
 def test_muon_pretrain_trains_and_resumes_exactly(tmp_path):
-    base = [*TINY, "optim=muon", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
-            "scheduler.name=constant", "scheduler.warmup_steps=0", "trainer.ckpt_every=5"]
+    base = [
+        *TINY,
+        "optim=muon",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.eval_batches=2",
+        "scheduler.name=constant",
+        "scheduler.warmup_steps=0",
+        "trainer.ckpt_every=5",
+    ]
 
     def losses(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
 """Tests for llmtrain.eval.plot: fake run directories in, a valid PNG out."""
+
 from __future__ import annotations
 
 import builtins
@@ -19,13 +20,15 @@ def fake_run(root: Path, name: str, overrides: list[str] | None, lr: float, step
     run.mkdir(parents=True)
     lines = []
     for step in range(1, steps + 1):
-        lines.append({
-            "step": step,
-            "train/loss": 4.0 * math.exp(-step / 20) + 1.0,
-            "train/lr": lr * min(1.0, step / 10),
-            "train/tokens_per_s": 1000.0 + 10 * (step % 7),
-            "train/tokens": step * 2048,
-        })
+        lines.append(
+            {
+                "step": step,
+                "train/loss": 4.0 * math.exp(-step / 20) + 1.0,
+                "train/lr": lr * min(1.0, step / 10),
+                "train/tokens_per_s": 1000.0 + 10 * (step % 7),
+                "train/tokens": step * 2048,
+            }
+        )
         if step % 10 == 0:
             lines.append({"step": step, "val/loss": 4.2 * math.exp(-step / 20) + 1.1})
     text = "\n".join(json.dumps(r) for r in lines) + "\n"

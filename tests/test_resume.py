@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, graceful SIGTERM, corrupt checkpoints, the NaN guard and checkpoint
 retention: each through the real CLI in its own process (CPU, float32)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY, assert_user_error, run_cli
 
 # log_every=1: every step's loss is recorded; constant lr so segments are comparable at any length.
-BASE = [*TINY, "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2", "optim.lr=3e-3",
-        "scheduler.name=constant", "scheduler.warmup_steps=0"]
+BASE = [
+    *TINY,
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=2",
+    "optim.lr=3e-3",
+    "scheduler.name=constant",
+    "scheduler.warmup_steps=0",
+]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -38,8 +46,14 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 def popen_cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmtrain", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(pred, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -65,8 +79,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     killed_at = max(train_losses(run))
     assert killed_at < steps, "the run finished before it was killed: nothing was tested"
 
-    proc = run_cli("pretrain", *BASE, f"trainer.max_steps={steps}", "trainer.ckpt_every=5", "trainer.resume=auto",
-                   f"hydra.run.dir={run}")
+    proc = run_cli(
+        "pretrain",
+        *BASE,
+        f"trainer.max_steps={steps}",
+        "trainer.ckpt_every=5",
+        "trainer.resume=auto",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout + proc.stderr
     got, want = train_losses(run), train_losses(ref)
@@ -133,8 +153,16 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     # lr=1e30 without clipping: the first update blows the weights up, so from step 2 on the loss
     # is NaN (checked below from the log, so the guard is really exercised).
     run = tmp_path / "nan"
-    proc = run_cli("pretrain", *BASE, "trainer.max_steps=50", "trainer.ckpt_every=1", "trainer.max_bad_steps=3",
-                   "optim.lr=1e30", "optim.grad_clip=0", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "pretrain",
+        *BASE,
+        "trainer.max_steps=50",
+        "trainer.ckpt_every=1",
+        "trainer.max_bad_steps=3",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        f"hydra.run.dir={run}",
+    )
     assert_user_error(proc, "trainer.max_bad_steps=3")
     losses = train_losses(run)
     assert math.isfinite(losses[1]) and all(not math.isfinite(float(v)) for s, v in losses.items() if s > 1)

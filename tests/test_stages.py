@@ -1,4 +1,5 @@
 """End to end through the CLI: pretrain -> checkpoint -> evaluate / generate / finetune."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,20 @@ def test_pretrain_lowers_loss_and_writes_run_dir(pretrained):
 
 
 def test_same_seed_same_run(pretrained, tmp_path):
-    proc = run_cli("pretrain", *TINY, "trainer.max_steps=60", "trainer.eval_every=30", "optim.lr=3e-3",
-                   "scheduler.warmup_steps=10", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "pretrain",
+        *TINY,
+        "trainer.max_steps=60",
+        "trainer.eval_every=30",
+        "optim.lr=3e-3",
+        "scheduler.warmup_steps=10",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr
-    strip = lambda rs: [{k: v for k, v in r.items() if "tokens_per_s" not in k and "step_time" not in k} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if "tokens_per_s" not in k and "step_time" not in k} for r in rs]
+
     assert strip(_metrics(tmp_path)) == strip(_metrics(pretrained))
 
 
@@ -50,24 +61,45 @@ def test_evaluate_round_trip(pretrained, tmp_path):
 def test_evaluate_on_other_text(pretrained, tmp_path):
     text = tmp_path / "other.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 200)
-    proc = run_cli("evaluate", f"checkpoint={pretrained}/checkpoints/step_0000060", "data=text",
-                   f"data.path={text}", "data.seq_len=32", f"hydra.run.dir={tmp_path / 'ev'}")
+    proc = run_cli(
+        "evaluate",
+        f"checkpoint={pretrained}/checkpoints/step_0000060",
+        "data=text",
+        f"data.path={text}",
+        "data.seq_len=32",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["data"] == str(text)
 
 
 def test_generate_samples_text(pretrained, tmp_path):
-    proc = run_cli("generate", f"checkpoint={pretrained}", "generate.prompt=ROMEO:", "generate.max_new_tokens=40",
-                   "generate.temperature=0.8", "generate.top_k=20", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "generate",
+        f"checkpoint={pretrained}",
+        "generate.prompt=ROMEO:",
+        "generate.max_new_tokens=40",
+        "generate.temperature=0.8",
+        "generate.top_k=20",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.strip()
     assert out.startswith("ROMEO:") and len(out) > len("ROMEO:") + 10
 
 
 def test_finetune_from_checkpoint(pretrained, tmp_path):
-    proc = run_cli("finetune", f"init_from={pretrained}", "data=wikitext2",
-                   f"data.path={SHARED / 'wikitext2' / 'valid.txt'}", *TINY, "trainer.max_steps=20",
-                   "trainer.eval_every=10", "optim.lr=1e-3", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(
+        "finetune",
+        f"init_from={pretrained}",
+        "data=wikitext2",
+        f"data.path={SHARED / 'wikitext2' / 'valid.txt'}",
+        *TINY,
+        "trainer.max_steps=20",
+        "trainer.eval_every=10",
+        "optim.lr=1e-3",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "initialised from" in proc.stdout
     meta = json.loads((tmp_path / "checkpoints" / "step_0000020" / "meta.json").read_text())
@@ -78,28 +110,31 @@ def test_finetune_from_checkpoint(pretrained, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def test_missing_data_file(tmp_path):
-    assert_user_error(run_cli("pretrain", "data=text", f"data.path={tmp_path / 'nope.txt'}",
-                              f"hydra.run.dir={tmp_path / 'r'}"), "nope.txt")
+    assert_user_error(
+        run_cli("pretrain", "data=text", f"data.path={tmp_path / 'nope.txt'}", f"hydra.run.dir={tmp_path / 'r'}"),
+        "nope.txt",
+    )
 
 
 def test_empty_and_whitespace_corpus(tmp_path):
     for name, content in (("empty.txt", ""), ("blank.txt", "  \n\t \n")):
         f = tmp_path / name
         f.write_text(content)
-        assert_user_error(run_cli("pretrain", "data=text", f"data.path={f}", f"hydra.run.dir={tmp_path / 'r'}"),
-                          name)
+        assert_user_error(run_cli("pretrain", "data=text", f"data.path={f}", f"hydra.run.dir={tmp_path / 'r'}"), name)
 
 
 def test_non_utf8_corpus_names_offset(tmp_path):
     f = tmp_path / "latin1.txt"
     f.write_bytes(b"hello world " * 10 + b"caf\xe9")
-    assert_user_error(run_cli("pretrain", "data=text", f"data.path={f}", f"hydra.run.dir={tmp_path / 'r'}"),
-                      "latin1.txt", "offset 123")
+    assert_user_error(
+        run_cli("pretrain", "data=text", f"data.path={f}", f"hydra.run.dir={tmp_path / 'r'}"),
+        "latin1.txt",
+        "offset 123",
+    )
 
 
 def test_missing_checkpoint(tmp_path):
-    assert_user_error(run_cli("evaluate", f"checkpoint={tmp_path / 'none'}", f"hydra.run.dir={tmp_path / 'r'}"),
-                      "none")
+    assert_user_error(run_cli("evaluate", f"checkpoint={tmp_path / 'none'}", f"hydra.run.dir={tmp_path / 'r'}"), "none")
 
 
 def test_corrupt_checkpoint_does_not_touch_earlier_output(pretrained, tmp_path):
@@ -129,4 +164,3 @@ def test_bad_data_keeps_existing_run_outputs(pretrained, tmp_path):
 
 def test_finetune_needs_init_from(tmp_path):
     assert_user_error(run_cli("finetune", f"hydra.run.dir={tmp_path}"), "init_from")
-

@@ -1,6 +1,7 @@
 """The package's layering rules, checked on the source (see docs/design.md):
 the registry is the bottom layer, no module imports another's underscore names, one loader reads
 checkpoints, one function writes files atomically."""
+
 from __future__ import annotations
 
 import ast
@@ -37,14 +38,20 @@ def test_no_underscore_names_imported_across_modules():
             for module, names in _imports(tree):
                 if not module.startswith("llmtrain"):
                     continue
-                bad += [f"{path.relative_to(root.parent)}: {module}.{n}" for n in names
-                        if n.startswith("_") and not n.startswith("__")]
+                bad += [
+                    f"{path.relative_to(root.parent)}: {module}.{n}"
+                    for n in names
+                    if n.startswith("_") and not n.startswith("__")
+                ]
     assert not bad, bad
 
 
 def _calls(tree: ast.AST, name: str) -> int:
-    return sum(1 for n in ast.walk(tree) if isinstance(n, ast.Call) and (
-        getattr(n.func, "attr", None) == name or getattr(n.func, "id", None) == name))
+    return sum(
+        1
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and (getattr(n.func, "attr", None) == name or getattr(n.func, "id", None) == name)
+    )
 
 
 def test_one_checkpoint_loader():
@@ -56,6 +63,10 @@ def test_one_checkpoint_loader():
 
 
 def test_one_atomic_write():
-    defs = [(p, n.name) for p, tree in _modules(PKG) for n in ast.walk(tree)
-            if isinstance(n, ast.FunctionDef) and "atomic_write" in n.name]
+    defs = [
+        (p, n.name)
+        for p, tree in _modules(PKG)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and "atomic_write" in n.name
+    ]
     assert [(str(p.relative_to(PKG)), name) for p, name in defs] == [("files.py", "atomic_write")]

@@ -1,4 +1,5 @@
 """Sweeps (-m grid, Optuna), the end-of-sweep summary, failing jobs, run records and trackers."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,14 @@ import yaml
 from conftest import ROOT, assert_user_error, run_cli
 
 # A few steps of a 2-layer GPT: each job takes well under a second.
-FAST = ["model=gpt_tiny", "data.seq_len=32", "data.batch_size=4", "trainer.max_steps=3",
-        "trainer.eval_batches=2", "trainer.progress=false"]
+FAST = [
+    "model=gpt_tiny",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "trainer.max_steps=3",
+    "trainer.eval_batches=2",
+    "trainer.progress=false",
+]
 ASSET = "${asset:tinyshakespeare.txt.gz}"
 
 
@@ -70,8 +77,15 @@ def test_grid_sweep_runs_every_combination_and_marks_the_best(tmp_path):
 
 def test_optuna_search_runs_trials_in_the_search_space(tmp_path):
     sweep = tmp_path / "optuna"
-    proc = run_cli("pretrain", "-m", "+hparams_search=optuna", *FAST, "hydra.sweeper.n_trials=3",
-                   "hydra.sweeper.n_jobs=1", f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "pretrain",
+        "-m",
+        "+hparams_search=optuna",
+        *FAST,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [j.name for j in jobs] == ["0", "1", "2"]
@@ -100,9 +114,17 @@ def _rdb_storage_works() -> bool:
 def test_optuna_study_continues_from_its_storage(tmp_path):
     db = f"sqlite:///{tmp_path / 'study.db'}"
     for i, seed in enumerate((1, 2)):  # a new seed, or the continued study repeats its random trials
-        proc = run_cli("pretrain", "-m", "+hparams_search=optuna", *FAST, "hydra.sweeper.n_trials=1",
-                       f"hydra.sweeper.storage={db}", "hydra.sweeper.study_name=cont",
-                       f"hydra.sweeper.sampler.seed={seed}", f"hydra.sweep.dir={tmp_path / str(i)}")
+        proc = run_cli(
+            "pretrain",
+            "-m",
+            "+hparams_search=optuna",
+            *FAST,
+            "hydra.sweeper.n_trials=1",
+            f"hydra.sweeper.storage={db}",
+            "hydra.sweeper.study_name=cont",
+            f"hydra.sweeper.sampler.seed={seed}",
+            f"hydra.sweep.dir={tmp_path / str(i)}",
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     import optuna
 
@@ -113,16 +135,22 @@ def test_optuna_study_continues_from_its_storage(tmp_path):
 
 @pytest.mark.skipif(_rdb_storage_works(), reason="the storage works here")
 def test_optuna_storage_that_cannot_work_is_one_line(tmp_path):
-    proc = run_cli("pretrain", "-m", "+hparams_search=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/s.db",
-                   f"hydra.sweep.dir={tmp_path / 'sw'}")
+    proc = run_cli(
+        "pretrain",
+        "-m",
+        "+hparams_search=optuna",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/s.db",
+        f"hydra.sweep.dir={tmp_path / 'sw'}",
+    )
     assert_user_error(proc, "sqlalchemy<2")
 
 
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "failing"
     missing = tmp_path / "missing.txt"
-    proc = run_cli("pretrain", "-m", *FAST, f"data.path={missing},{ASSET}", "logger=tensorboard",
-                   f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "pretrain", "-m", *FAST, f"data.path={missing},{ASSET}", "logger=tensorboard", f"hydra.sweep.dir={sweep}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     failed, ok = sweep / "0", sweep / "1"
@@ -153,10 +181,24 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_wandb_offline_run_keeps_its_files_in_the_run_dir(tmp_path):
     sweep = tmp_path / "wb"
     # An unreachable server: offline mode must neither need nor wait for the network.
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
-    proc = run_cli("pretrain", "-m", *FAST, "logger=wandb", "logger.tags=[smoke]", "optim.lr=1e-3",
-                   f"hydra.sweep.dir={sweep}", env=env, timeout=240)
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+    }
+    proc = run_cli(
+        "pretrain",
+        "-m",
+        *FAST,
+        "logger=wandb",
+        "logger.tags=[smoke]",
+        "optim.lr=1e-3",
+        f"hydra.sweep.dir={sweep}",
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = sweep / "0"
     runs = list((job / "wandb").glob("offline-run-*"))
@@ -202,12 +244,24 @@ def test_summary_maximizes_accuracy_and_skips_failed_and_nan(tmp_path):
     from llmtrain.sweep.summary import write_summary
 
     ov = lambda lr: ["model=gpt_tiny", f"optim.lr={lr}"]  # noqa: E731
-    _fake_job(tmp_path, 0, {"status": "completed", "overrides": ov(1), "value": 0.7, "metric": "val/accuracy"},
-              [{"step": 5, "val/accuracy": 0.7, "val/loss": 1.0}])
-    _fake_job(tmp_path, 1, {"status": "completed", "overrides": ov(2), "value": 0.9, "metric": "val/accuracy"},
-              [{"step": 5, "val/accuracy": 0.9, "val/loss": 2.0}])
-    _fake_job(tmp_path, 2, {"status": "completed", "overrides": ov(3), "value": "nan", "metric": "val/accuracy"},
-              [{"step": 5, "val/accuracy": "nan"}])
+    _fake_job(
+        tmp_path,
+        0,
+        {"status": "completed", "overrides": ov(1), "value": 0.7, "metric": "val/accuracy"},
+        [{"step": 5, "val/accuracy": 0.7, "val/loss": 1.0}],
+    )
+    _fake_job(
+        tmp_path,
+        1,
+        {"status": "completed", "overrides": ov(2), "value": 0.9, "metric": "val/accuracy"},
+        [{"step": 5, "val/accuracy": 0.9, "val/loss": 2.0}],
+    )
+    _fake_job(
+        tmp_path,
+        2,
+        {"status": "completed", "overrides": ov(3), "value": "nan", "metric": "val/accuracy"},
+        [{"step": 5, "val/accuracy": "nan"}],
+    )
     _fake_job(tmp_path, 3, {"status": "failed", "overrides": ov(4), "value": None, "error": "boom"}, [])
     _fake_job(tmp_path, 10, None, [{"step": 1, "train/loss": 3.0}])  # killed: no status
     (tmp_path / "10" / "overrides.yaml").write_text(yaml.safe_dump(ov(5)))  # overrides from here then

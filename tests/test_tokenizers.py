@@ -1,4 +1,5 @@
 """Tokenizers: byte, sentencepiece (training, loading, state round trip) and build_tokenizer."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The shared validation pass (llmtrain/data/validation.py) and the trainer's one contract."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ def test_shards_cover_the_capped_batches_once_whatever_the_world_size(max_batche
     items = list(range(23))
     single = shard(items, 5, max_batches)
     assert [b for b, _ in single] == list(range(3 if max_batches else 5))
-    assert [x for _, chunk in single for x in chunk] == items[:15 if max_batches else 23]
+    assert [x for _, chunk in single for x in chunk] == items[: 15 if max_batches else 23]
     for world in (2, 3, 7):
         parts = [shard(items, 5, max_batches, rank, world) for rank in range(world)]
         for rank, part in enumerate(parts):

@@ -1,4 +1,5 @@
 """Config: the typed schema (schema.py), the conf/ tree location and semantic checks."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain.config.schema import ModelConfig, RunConfig, register_configs
 from llmtrain.errors import UserError
 
-__all__ = ["CONF_DIR", "ModelConfig", "RunConfig", "asset_path", "register_configs", "to_run_config",
-           "validate_config"]
+__all__ = ["CONF_DIR", "ModelConfig", "RunConfig", "asset_path", "register_configs", "to_run_config", "validate_config"]
 
 
 def _find_conf_dir() -> Path:
@@ -52,11 +52,15 @@ def validate_config(cfg: RunConfig) -> None:
         needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
         if needs is True and not is_decoder:
-            raise UserError(f"objective={cfg.objective.name} needs a causal decoder, but model "
-                            f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp or mlm_nsp)")
+            raise UserError(
+                f"objective={cfg.objective.name} needs a causal decoder, but model "
+                f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp or mlm_nsp)"
+            )
         if needs is False and is_decoder:
-            raise UserError(f"objective={cfg.objective.name} needs a bidirectional encoder, but model "
-                            f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)")
+            raise UserError(
+                f"objective={cfg.objective.name} needs a bidirectional encoder, but model "
+                f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)"
+            )
     tokenizer_class(cfg.tokenizer.name)
     check_required_files(cfg)
     m, d, t = cfg.model, cfg.data, cfg.trainer
@@ -69,9 +73,14 @@ def validate_config(cfg: RunConfig) -> None:
         raise UserError(f"model.n_head={m.n_head} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if d.seq_len > m.max_seq_len:
         raise UserError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
-                       ("trainer.max_steps", t.max_steps), ("trainer.log_every", t.log_every),
-                       ("trainer.grad_accum", t.grad_accum), ("model.n_layer", m.n_layer)):
+    for key, value in (
+        ("data.seq_len", d.seq_len),
+        ("data.batch_size", d.batch_size),
+        ("trainer.max_steps", t.max_steps),
+        ("trainer.log_every", t.log_every),
+        ("trainer.grad_accum", t.grad_accum),
+        ("model.n_layer", m.n_layer),
+    ):
         if value < 1:
             raise UserError(f"{key} must be >= 1, got {value}")
 
@@ -80,9 +89,11 @@ def check_required_files(cfg: RunConfig) -> None:
     """Presets mark the user's files `???`, but OmegaConf's merge keeps the schema's None under a
     `???`, so the composed config cannot tell; check here, before Hydra creates the run directory."""
     reads_data = cfg.stage in ("pretrain", "tokenizer_train", "data_prepare") or (
-        cfg.stage == "finetune" and cfg.task.name == "lm")
+        cfg.stage == "finetune" and cfg.task.name == "lm"
+    )
     if reads_data and not cfg.data.path:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
     if cfg.stage == "finetune" and cfg.task.name != "lm" and not cfg.task.train_path:
-        raise UserError(f"task.train_path is required for task={cfg.task.name}: the training file "
-                        f"(e.g. task.train_path=FILE)")
+        raise UserError(
+            f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"
+        )

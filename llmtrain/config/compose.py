@@ -6,6 +6,7 @@ file (`COMPOSED_ENV`), and the job runs through Hydra's own `run_job` (output di
 logging, HydraConfig) on it. Sweeps (-m) go through `hydra.main`, whose launcher composes each
 job; the CLI validates the sweep's first values beforehand with `compose_run` as well.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,6 +89,12 @@ def run_composed(task: Callable[[DictConfig], Any], cfg: DictConfig, *, configur
     from hydra.types import HydraContext
 
     context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))
-    ret = run_job(task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
-                  hydra_context=context, configure_logging=configure_logging)
+    ret = run_job(
+        task_function=task,
+        config=cfg,
+        job_dir_key="hydra.run.dir",
+        job_subdir_key=None,
+        hydra_context=context,
+        configure_logging=configure_logging,
+    )
     return ret.return_value  # re-raises the task's exception, as hydra.main does

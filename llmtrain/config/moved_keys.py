@@ -9,6 +9,7 @@ Stored configs: checkpoints written before the move keep `options` dicts and dea
 meta["config"] and meta["task"]["config"]; `known_fields` reads such a section into today's
 dataclass fields, so old checkpoints load unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,7 @@ def new_key(stage: str, key: str) -> str | None:
         if key == prefix:  # the whole dict at once: each entry is a field now
             return f"{group}.<option>"
         if key.startswith(prefix + "."):
-            return f"{group}.{key[len(prefix) + 1:]}"
+            return f"{group}.{key[len(prefix) + 1 :]}"
     return None
 
 

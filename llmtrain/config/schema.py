@@ -1,5 +1,6 @@
 """Typed config schema. Hydra merges the YAML tree in conf/ onto these dataclasses, so a
 misspelled key or a wrong type is rejected while the config is composed, before any work."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ short inputs than on one long one and spreads them over its threads. For BPE, ch
 the ids are those of encoding the whole text; a unigram model may break exact score ties
 differently, so every stage encodes the same way (this module and prepare.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ def newline_is_atomic(tok: Tokenizer) -> bool:
         return True
     try:
         nl = tok.encode("\n")
-        return len(nl) == 1 and nl[0] != tok.unk_id and tok.encode("a\n\n b\n") == (
-            tok.encode("a") + nl + nl + tok.encode(" b") + nl)
+        return (
+            len(nl) == 1
+            and nl[0] != tok.unk_id
+            and tok.encode("a\n\n b\n") == (tok.encode("a") + nl + nl + tok.encode(" b") + nl)
+        )
     except Exception:  # noqa: BLE001 - a tokenizer we know nothing about: encode texts whole
         return False
 
@@ -61,10 +65,17 @@ def _bpe_splits_at_spaces(tok: Tokenizer) -> bool:
     except Exception:  # noqa: BLE001 - protobuf missing or an unexpected model: no shortcut
         return False
     t, n = m.trainer_spec, m.normalizer_spec
-    return (t.model_type == pb.TrainerSpec.BPE and t.split_by_whitespace and not t.treat_whitespace_as_suffix
-            and not getattr(t, "pretokenization_delimiter", "") and n.name == "identity"
-            and not n.add_dummy_prefix and not n.remove_extra_whitespaces and not n.normalization_rule_tsv
-            and not any(" " in p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED))
+    return (
+        t.model_type == pb.TrainerSpec.BPE
+        and t.split_by_whitespace
+        and not t.treat_whitespace_as_suffix
+        and not getattr(t, "pretokenization_delimiter", "")
+        and n.name == "identity"
+        and not n.add_dummy_prefix
+        and not n.remove_extra_whitespaces
+        and not n.normalization_rule_tsv
+        and not any(" " in p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED)
+    )
 
 
 def encode_mode(tok: Tokenizer) -> str:
@@ -115,7 +126,9 @@ def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
     word_starts = np.flatnonzero(is_start)
     offsets = np.append(word_starts, n)
     if n < 2**31:
-        words = pa.StringArray.from_buffers(len(word_starts), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
+        words = pa.StringArray.from_buffers(
+            len(word_starts), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)
+        )
     else:
         words = pa.LargeStringArray.from_buffers(len(word_starts), pa.py_buffer(offsets), pa.py_buffer(data))
     grouped = words.dictionary_encode()

@@ -5,6 +5,7 @@ ranks read disjoint windows by construction. The CLM source tiles the token stre
 non-overlapping windows of seq_len+1 tokens, reshuffled each epoch with a fresh random
 offset, so every token is seen once per epoch and windows do not repeat between epochs.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -24,8 +25,9 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
 class PackedWindows:
     """Random, epoch-shuffled, non-overlapping windows over a token array (CLM training)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         # Kept as given (often a read-only np.memmap of a prepared split): each batch reads only
         # its own windows, so memory does not grow with the corpus or the number of steps.
         self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
@@ -66,8 +68,9 @@ class PackedWindows:
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
 
-def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0,
-                       rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def sequential_windows(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
     """Non-overlapping windows in order, covering the whole split once (evaluation).
 
     The final partial window is kept, so every token of the split is scored exactly once.

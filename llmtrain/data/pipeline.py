@@ -1,5 +1,6 @@
 """The data path of a training stage: the tokenizer (built, trained once and cached, or reused)
 and the prepared train / validation token splits of data.path."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     if prepared.reused and is_main():
         print(f"using prepared data {prepared.dir}", flush=True)
     if len(splits.train) <= cfg.data.seq_len + 1:
-        raise UserError(f"data {cfg.data.path}: {len(splits.train)} training tokens are too few "
-                        f"for data.seq_len={cfg.data.seq_len}")
+        raise UserError(
+            f"data {cfg.data.path}: {len(splits.train)} training tokens are too few for data.seq_len={cfg.data.seq_len}"
+        )
     return tok, splits
 
 
@@ -45,8 +47,8 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
     corpus and settings into <cache root>/tokenizers/ and reused from there while its settings
     JSON matches."""
     from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint
-    from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
     from llmtrain.tokenizers import build_tokenizer as build
+    from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
     from llmtrain.tokenizers.train import recorded_settings, train_sentencepiece
 
     docs_fn = docs if callable(docs) else (lambda: docs)
@@ -67,6 +69,8 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
         if target.exists() and recorded == settings:
             print(f"using sentencepiece tokenizer {target}", flush=True)
             return SentencePieceTokenizer.load(target)
-    print(f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path} "
-          f"-> {target}", flush=True)
+    print(
+        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path} -> {target}",
+        flush=True,
+    )
     return train_sentencepiece(docs_fn(), tc, target)

@@ -14,6 +14,7 @@ is that of `corpus.split_tokens` (one document: by position; several: by documen
 tokens are identical to it: documents are only cut at newlines, and encoded the same way
 (`corpus.encode_texts`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,7 @@ def source_fingerprint(data: Any) -> str:
         entries.append(entry)
     # Settings that change which documents are read (files are named by their resolved paths
     # above, so "data/x.txt" and "./data/x.txt" share an entry).
-    settings = [path if path.startswith(HF_PREFIX) else None, data.text_field, data.doc_pattern,
-                data.encoding_errors]
+    settings = [path if path.startswith(HF_PREFIX) else None, data.text_field, data.doc_pattern, data.encoding_errors]
     return sha_of([settings, entries])[:16]
 
 
@@ -123,8 +123,7 @@ def _init_worker(state: dict[str, Any]) -> None:
     _worker_tok = tokenizer_from_state(state)
 
 
-def _encode_task(task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None = None
-                 ) -> tuple[np.ndarray, int, int]:
+def _encode_task(task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None = None) -> tuple[np.ndarray, int, int]:
     """-> (token ids with eos after each finished document, documents finished, characters)."""
     tok = tok or _worker_tok
     assert tok is not None
@@ -141,8 +140,9 @@ def _progress(total_chars: int, what: str):
     from tqdm import tqdm
 
     # disable=None: only on a terminal, so logs and captured output stay clean.
-    return tqdm(total=total_chars, unit="char", unit_scale=True, desc=what, disable=None,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total_chars, unit="char", unit_scale=True, desc=what, disable=None, file=sys.stderr, dynamic_ncols=True
+    )
 
 
 def _write_tokens(docs: list[str], tok: Tokenizer, out, num_proc: int, bar) -> tuple[int, int]:
@@ -187,8 +187,12 @@ class Prepared:
                 return np.zeros(0, dtype=dtype)
             return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(n,))
 
-        return TokenSplits(train=open_split("train"), val=open_split("val"),
-                           n_docs=self.meta["documents"], val_bytes=self.meta["val"]["bytes"])
+        return TokenSplits(
+            train=open_split("train"),
+            val=open_split("val"),
+            n_docs=self.meta["documents"],
+            val_bytes=self.meta["val"]["bytes"],
+        )
 
 
 def _check_entry(entry: Path, tok: Tokenizer, source_fp: str) -> str | None:
@@ -200,8 +204,10 @@ def _check_entry(entry: Path, tok: Tokenizer, source_fp: str) -> str | None:
     if meta.get("format") != FORMAT:
         return f"it has format {meta.get('format')}, not {FORMAT}"
     if meta.get("tokenizer", {}).get("fingerprint") != tok.fingerprint():
-        return (f"it was prepared with another tokenizer ({meta.get('tokenizer', {}).get('name')} "
-                f"{meta.get('tokenizer', {}).get('fingerprint')}, not {tok.name} {tok.fingerprint()})")
+        return (
+            f"it was prepared with another tokenizer ({meta.get('tokenizer', {}).get('name')} "
+            f"{meta.get('tokenizer', {}).get('fingerprint')}, not {tok.name} {tok.fingerprint()})"
+        )
     if meta.get("source", {}).get("fingerprint") != source_fp:
         return f"it was prepared from another source ({meta.get('source', {}).get('path')})"
     itemsize = np.dtype(meta["dtype"]).itemsize
@@ -212,8 +218,9 @@ def _check_entry(entry: Path, tok: Tokenizer, source_fp: str) -> str | None:
     return None
 
 
-def prepare(data: Any, tok: Tokenizer, *, docs: Callable[[], list[str]] | None = None,
-            force: bool = False, verbose: bool = True) -> Prepared:
+def prepare(
+    data: Any, tok: Tokenizer, *, docs: Callable[[], list[str]] | None = None, force: bool = False, verbose: bool = True
+) -> Prepared:
     """The prepared entry for `data` (a DataConfig) and `tok`, built if missing or stale.
     `docs()` returns the documents if the caller has (or can cache) them; else they are read.
 
@@ -227,8 +234,10 @@ def prepare(data: Any, tok: Tokenizer, *, docs: Callable[[], list[str]] | None =
     if (root / META).exists():
         why = _check_entry(root, tok, source_fp)
         if why:
-            raise UserError(f"data.cache_dir {root} holds prepared data that does not match this run: {why}; "
-                            "point data.cache_dir at a cache root (or an empty directory) instead")
+            raise UserError(
+                f"data.cache_dir {root} holds prepared data that does not match this run: {why}; "
+                "point data.cache_dir at a cache root (or an empty directory) instead"
+            )
         return Prepared(root, json.loads((root / META).read_text()), reused=True)
     entry = root / "prepared" / entry_key(data, tok)
     if not force and entry.exists():
@@ -252,14 +261,18 @@ def prepare(data: Any, tok: Tokenizer, *, docs: Callable[[], list[str]] | None =
         raise
     if verbose:
         mb = meta["source"]["chars"] / 1e6
-        print(f"prepared {data.path}: {meta['documents']:,} documents, {meta['train']['tokens']:,} train / "
-              f"{meta['val']['tokens']:,} val tokens ({meta['dtype']}) in {meta['seconds']:.1f}s "
-              f"({mb / max(meta['seconds'], 1e-9):.1f}M chars/s) -> {entry}", flush=True)
+        print(
+            f"prepared {data.path}: {meta['documents']:,} documents, {meta['train']['tokens']:,} train / "
+            f"{meta['val']['tokens']:,} val tokens ({meta['dtype']}) in {meta['seconds']:.1f}s "
+            f"({mb / max(meta['seconds'], 1e-9):.1f}M chars/s) -> {entry}",
+            flush=True,
+        )
     return Prepared(entry, meta, reused=False)
 
 
-def _build(data: Any, tok: Tokenizer, tmp: Path, source_fp: str,
-           docs_fn: Callable[[], list[str]] | None) -> dict[str, Any]:
+def _build(
+    data: Any, tok: Tokenizer, tmp: Path, source_fp: str, docs_fn: Callable[[], list[str]] | None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     if docs_fn is not None:
         docs = docs_fn()
@@ -272,7 +285,7 @@ def _build(data: Any, tok: Tokenizer, tmp: Path, source_fp: str,
     if len(docs) > 1:
         n_val = int(round(len(docs) * data.val_fraction))
         n_val = max(1, n_val) if data.val_fraction > 0 else 0
-        parts = {"train": docs[: len(docs) - n_val], "val": docs[len(docs) - n_val:]}
+        parts = {"train": docs[: len(docs) - n_val], "val": docs[len(docs) - n_val :]}
     else:
         parts = {"train": docs, "val": []}
     counts = {}
@@ -301,9 +314,14 @@ def _build(data: Any, tok: Tokenizer, tmp: Path, source_fp: str,
         "format": FORMAT,
         "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
         "dtype": dtype.name,
-        "source": {"path": data.path, "fingerprint": source_fp, "chars": total_chars,
-                   "text_field": data.text_field, "doc_pattern": data.doc_pattern,
-                   "encoding_errors": data.encoding_errors},
+        "source": {
+            "path": data.path,
+            "fingerprint": source_fp,
+            "chars": total_chars,
+            "text_field": data.text_field,
+            "doc_pattern": data.doc_pattern,
+            "encoding_errors": data.encoding_errors,
+        },
         "split": {"val_fraction": data.val_fraction, "by": "position" if len(docs) == 1 else "document"},
         "documents": len(docs),
         "train": {"file": "train.bin", "tokens": counts["train"][0], "documents": counts["train"][1]},

@@ -5,6 +5,7 @@ Face dataset as `hf:NAME[:CONFIG][@SPLIT]` (a hub name, or a local directory of 
 Every failure is a UserError naming the file: missing, unreadable, not UTF-8 (with the byte
 offset), without the configured field, or empty.
 """
+
 from __future__ import annotations
 
 import csv
@@ -83,8 +84,10 @@ def valid_text(value: str, path: object, where: str, errors: str = "strict", hin
         return value
     if errors == "replace":
         return _SURROGATE.sub("\ufffd", value)
-    raise UserError(f"{path}: {where} holds an unpaired surrogate \\u{ord(m.group()):04x} at character "
-                    f"{m.start()}, which is not valid Unicode{hint}")
+    raise UserError(
+        f"{path}: {where} holds an unpaired surrogate \\u{ord(m.group()):04x} at character "
+        f"{m.start()}, which is not valid Unicode{hint}"
+    )
 
 
 def _field(record: object, field: str, path: Path, where: str, errors: str = "strict") -> str:
@@ -157,7 +160,7 @@ HF_PREFIX = "hf:"
 
 def parse_hf_spec(path: str) -> tuple[str, str | None, str]:
     """`hf:NAME[:CONFIG][@SPLIT]` -> (name, config, split); the split defaults to train."""
-    spec = path[len(HF_PREFIX):]
+    spec = path[len(HF_PREFIX) :]
     spec, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "train")
     name, _, config = spec.partition(":")
     if not name or not split:
@@ -201,8 +204,9 @@ def iter_hf_documents(path: str, text_field: str = "text") -> Iterator[str]:
         raise UserError(f"data.path {path!r}: cannot load Hugging Face dataset {name!r}: {msg}") from None
 
 
-def read_documents(path: str | None, text_field: str = "text", errors: str = "strict",
-                   doc_pattern: str | None = None) -> list[str]:
+def read_documents(
+    path: str | None, text_field: str = "text", errors: str = "strict", doc_pattern: str | None = None
+) -> list[str]:
     """All non-empty documents under `path`; an empty corpus is an error."""
     if not path:
         raise UserError("data.path is not set (e.g. data=text data.path=FILE)")

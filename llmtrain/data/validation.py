@@ -11,6 +11,7 @@ Sums: loss * n_targets, n_targets and each extra's (sum, count) are accumulated 
 the device (no host sync per batch), so the mean over the whole set is exact for any batching
 and any number of ranks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from llmtrain.distributed import all_reduce_sum
 T = TypeVar("T")
 
 
-def shard(items: Sequence[T], batch_size: int, max_batches: int = 0, rank: int = 0,
-          world: int = 1) -> list[tuple[int, Sequence[T]]]:
+def shard(
+    items: Sequence[T], batch_size: int, max_batches: int = 0, rank: int = 0, world: int = 1
+) -> list[tuple[int, Sequence[T]]]:
     """This rank's (batch index, batch) pairs: `items` cut into batch_size chunks in order, the
     first max_batches of them (0: all), and of those every world-th from the rank's own."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), max(1, batch_size))]
@@ -67,8 +69,12 @@ class LossSums:
 
 
 @torch.no_grad()
-def sum_losses(loss_fn: Callable[[dict[str, torch.Tensor]], Any], batches: Iterable[dict[str, torch.Tensor]],
-               device: torch.device, weights: Sequence[float] | None = None) -> LossSums:
+def sum_losses(
+    loss_fn: Callable[[dict[str, torch.Tensor]], Any],
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    weights: Sequence[float] | None = None,
+) -> LossSums:
     """LossSums of loss_fn (batch -> llmtrain.objectives.LossOutput; it applies any autocast)
     over `batches`, each moved to `device`.
 

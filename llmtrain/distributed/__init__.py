@@ -1,7 +1,31 @@
 """Process-group setup, model wrapping (DDP / FSDP2) and the local multi-process launcher."""
-from llmtrain.distributed.setup import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier,
-                                        broadcast_str, gather_indexed, init_distributed, is_main, sum_across_ranks,
-                                        world)
 
-__all__ = ["DistInfo", "all_gather_object", "all_reduce_max", "all_reduce_sum", "any_rank", "barrier",
-           "broadcast_str", "gather_indexed", "init_distributed", "is_main", "sum_across_ranks", "world"]
+from llmtrain.distributed.setup import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_str,
+    gather_indexed,
+    init_distributed,
+    is_main,
+    sum_across_ranks,
+    world,
+)
+
+__all__ = [
+    "DistInfo",
+    "all_gather_object",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "any_rank",
+    "barrier",
+    "broadcast_str",
+    "gather_indexed",
+    "init_distributed",
+    "is_main",
+    "sum_across_ranks",
+    "world",
+]

@@ -8,6 +8,7 @@ ranks' output goes to log files (shown if a worker fails). Under an external lau
 SLURM srun), WORLD_SIZE is set and nothing is launched here: every rank composes its own config
 and the other ranks take rank 0's run directory (llmtrain/cli.py, llmtrain/runtime.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,10 +70,16 @@ def launch_local(nproc: int, cmd_args: list[str]) -> int:
     quiet.propagate = False
     log_dir = tempfile.mkdtemp(prefix="llmtrain-workers-")
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-        logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects={r: Std.ALL for r in range(1, nproc)},
-                                    local_ranks_filter={0}),
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        logs_specs=DefaultLogsSpecs(
+            log_dir=log_dir, redirects={r: Std.ALL for r in range(1, nproc)}, local_ranks_filter={0}
+        ),
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)(*cmd_args)
@@ -81,16 +88,21 @@ def launch_local(nproc: int, cmd_args: list[str]) -> int:
         if any(rank == 0 and f.exitcode == 2 for rank, f in failures):
             return 2  # rank 0 has printed the one-line error already
         rank, f = failures[0]
-        print(f"error: worker rank {rank} exited with code {f.exitcode}; worker logs in {log_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: worker rank {rank} exited with code {f.exitcode}; worker logs in {log_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         return f.exitcode if f.exitcode > 0 else 1
     except SignalException as e:
         # The agent has forwarded the signal to the workers and waited for them: they stopped at
         # the step boundary and saved a checkpoint (rank 0 said so above). Exit like a signalled
         # process would, so schedulers see the job was stopped.
-        print(f"launcher stopped by {signal.Signals(e.sigval).name}; worker logs in {log_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"launcher stopped by {signal.Signals(e.sigval).name}; worker logs in {log_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(e.sigval)
     shutil.rmtree(log_dir, ignore_errors=True)
     return 0
-

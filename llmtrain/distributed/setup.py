@@ -1,5 +1,6 @@
 """torch.distributed setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), and the
 collectives the stages use; each is a no-op in a single process."""
+
 from __future__ import annotations
 
 import atexit

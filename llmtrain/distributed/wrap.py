@@ -9,6 +9,7 @@ Order follows torchtitan: activation checkpointing -> compile -> DDP / FSDP2.
           whenever the loss is computed, whichever model methods the objective calls. With bf16,
           parameters are gathered in bf16 and gradients reduced in fp32 (MixedPrecisionPolicy).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,13 +37,16 @@ def resolve_strategy(tc: TrainerConfig, dist: DistInfo) -> str:
 def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     blocks = getattr(module, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList):
-        raise UserError(f"{type(module).__name__} has no `blocks` ModuleList; "
-                        "trainer.strategy=fsdp and trainer.activation_checkpointing need one")
+        raise UserError(
+            f"{type(module).__name__} has no `blocks` ModuleList; "
+            "trainer.strategy=fsdp and trainer.activation_checkpointing need one"
+        )
     return list(blocks)
 
 
-def wrap_model(module: torch.nn.Module, tc: TrainerConfig, device: torch.device, precision: str,
-               dist: DistInfo) -> torch.nn.Module:
+def wrap_model(
+    module: torch.nn.Module, tc: TrainerConfig, device: torch.device, precision: str, dist: DistInfo
+) -> torch.nn.Module:
     """`module` is a LossModule (`.model` is the transformer). Parameters are moved to `device`;
     the returned module is what the trainer calls. The inner model keeps its parameter names."""
     strategy = resolve_strategy(tc, dist)

@@ -10,6 +10,7 @@ Conventions:
 - SQuAD scores are percentages in [0, 100], exactly like the official v2.0 evaluation script.
 - Empty inputs and length mismatches raise ``ValueError`` instead of returning a made-up number.
 """
+
 from __future__ import annotations
 
 import collections

@@ -5,6 +5,7 @@ train/loss, train/lr, train/tokens_per_s and train/tokens (cumulative), eval lin
 One PNG with four panels: loss vs step (train solid, val dashed), loss vs tokens seen, learning
 rate vs step and throughput vs step. Several runs overlay, one colour each.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ def run_label(run_dir: PathLike) -> str:
         import yaml
 
         overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable overrides file only costs the label
         return name
     if isinstance(overrides, list) and overrides:
         return " ".join(str(o) for o in overrides)
@@ -122,8 +123,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
         if tr_steps:
             ax_step.plot(tr_steps, tr_loss, color=color, lw=1.2, label=_kind(label, "train"))
         if va_steps:
-            ax_step.plot(va_steps, va_loss, color=color, ls="--", marker="o", ms=3,
-                         label=_kind(label, "val"))
+            ax_step.plot(va_steps, va_loss, color=color, ls="--", marker="o", ms=3, label=_kind(label, "val"))
         if tok_steps:
             tr_tok = _tokens_at(tr_steps, tok_steps, tokens)
             pts = [(t, v) for t, v in zip(tr_tok, tr_loss) if t is not None]

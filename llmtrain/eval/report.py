@@ -1,4 +1,5 @@
 """Evaluation reports: eval.json (everything), eval.md (a short Markdown summary), a console table."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ def format_value(v: Any) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    def esc(s):
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
     out = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return out
@@ -33,8 +36,13 @@ def metric_items(results: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def markdown_report(results: dict[str, Any]) -> str:
     """Metrics table, then per task: per-class scores and confusion matrix, a few sample generations."""
-    lines = ["# Evaluation", "", f"- checkpoint: `{results.get('checkpoint')}`",
-             f"- tasks: {', '.join(results.get('tasks', []))}", ""]
+    lines = [
+        "# Evaluation",
+        "",
+        f"- checkpoint: `{results.get('checkpoint')}`",
+        f"- tasks: {', '.join(results.get('tasks', []))}",
+        "",
+    ]
     lines += _md_table(["metric", "value"], [[k, format_value(v)] for k, v in metric_items(results)])
     for task, det in results.get("details", {}).items():
         if not isinstance(det, dict):
@@ -42,9 +50,17 @@ def markdown_report(results: dict[str, Any]) -> str:
         per_class, cm = det.get("per_class"), det.get("confusion_matrix")
         if isinstance(per_class, dict) and per_class:
             lines += ["", f"## {task}: per class", ""]
-            lines += _md_table(["class", "precision", "recall", "f1", "support"],
-                               [[name, *(format_value(s.get(k, math.nan)) for k in ("precision", "recall", "f1")),
-                                 format_value(s.get("support", 0))] for name, s in per_class.items()])
+            lines += _md_table(
+                ["class", "precision", "recall", "f1", "support"],
+                [
+                    [
+                        name,
+                        *(format_value(s.get(k, math.nan)) for k in ("precision", "recall", "f1")),
+                        format_value(s.get("support", 0)),
+                    ]
+                    for name, s in per_class.items()
+                ],
+            )
         if isinstance(cm, list) and cm:
             names = det.get("labels") or [str(i) for i in range(len(cm))]
             lines += ["", f"## {task}: confusion matrix (rows: true, columns: predicted)", ""]
@@ -53,8 +69,11 @@ def markdown_report(results: dict[str, Any]) -> str:
         if isinstance(samples, list) and samples:
             lines += ["", f"## {task}: samples", ""]
             for s in samples[:3]:
-                lines += [f"- prompt: `{s['prompt'][-200:]!r}`", f"  - generated: `{s['generated'][:300]!r}`",
-                          f"  - reference: `{s['references'][0][:300]!r}`"]
+                lines += [
+                    f"- prompt: `{s['prompt'][-200:]!r}`",
+                    f"  - generated: `{s['generated'][:300]!r}`",
+                    f"  - reference: `{s['references'][0][:300]!r}`",
+                ]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ all-reduced and per-example outputs gathered, so every example counts exactly on
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
 """
+
 from __future__ import annotations
 
 import json
@@ -74,6 +75,7 @@ def eval_task(name: str):
     def deco(fn):
         EVAL_TASKS[name] = fn
         return fn
+
     return deco
 
 
@@ -87,8 +89,12 @@ def task_config_of(meta: dict[str, Any]) -> dict[str, Any]:
 
 def default_tasks(meta: dict[str, Any]) -> list[str]:
     """What to evaluate when eval.tasks is empty: the checkpoint's own task or objective."""
-    by_task = {"classification": "classification", "extractive_qa": "qa", "instruction": "generation",
-               "summarization": "generation"}
+    by_task = {
+        "classification": "classification",
+        "extractive_qa": "qa",
+        "instruction": "generation",
+        "summarization": "generation",
+    }
     task = task_config_of(meta).get("name")
     if task in by_task:
         return [by_task[task]]
@@ -131,8 +137,10 @@ def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
     """lm / mlm / nsp / generation score the language-model head; a classifier or a span model has none."""
     task = ctx.load().task
     if task is not None and getattr(task, "name", "") in ("classification", "extractive_qa"):
-        raise UserError(f"eval task {eval_name} needs a language model; checkpoint has a {task.name} head "
-                        f"(use eval.tasks=[{'qa' if task.name == 'extractive_qa' else task.name}])")
+        raise UserError(
+            f"eval task {eval_name} needs a language model; checkpoint has a {task.name} head "
+            f"(use eval.tasks=[{'qa' if task.name == 'extractive_qa' else task.name}])"
+        )
 
 
 def score_objective(ctx: EvalContext, objective) -> tuple[float, float, dict[str, float]]:
@@ -163,14 +171,17 @@ def lm_task(ctx: EvalContext) -> TaskResult:
     if count == 0:
         raise UserError(f"data {data.path}: no validation tokens to score")
     # The validation windows are scored in order, so the scored targets are val[1 : 1 + count].
-    n_bytes = metrics.utf8_num_bytes(ctx.tokenizer.decode(splits.val[1:1 + int(count)].tolist()))
+    n_bytes = metrics.utf8_num_bytes(ctx.tokenizer.decode(splits.val[1 : 1 + int(count)].tolist()))
     loss = total / count
-    return TaskResult({
-        "val/loss": loss,
-        "val/ppl": metrics.perplexity(total, int(count)),
-        "val/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
-        "val/tokens": int(count),
-    }, {"data": data.path})
+    return TaskResult(
+        {
+            "val/loss": loss,
+            "val/ppl": metrics.perplexity(total, int(count)),
+            "val/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
+            "val/tokens": int(count),
+        },
+        {"data": data.path},
+    )
 
 
 def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
@@ -235,8 +246,9 @@ def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[
             src, tgt = "prompt", "response"
         elif "messages" in rec:
             msgs = rec["messages"]
-            if not (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict)
-                    and msgs[-1].get("role") == "assistant"):
+            if not (
+                isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant"
+            ):
                 raise UserError(f"{where}: messages must end with an assistant turn (the reference)")
             out.append({"messages": msgs[:-1], "references": [_text(msgs[-1].get("content"), where)]})
             continue
@@ -280,17 +292,35 @@ def prompt_ids(example: dict[str, Any], tokenizer, template: str | None, prompt_
     return ids or [tokenizer.bos_id]
 
 
-def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                   top_k: int | None = None, top_p: float | None = None, stop_strings: list[str] | None = None,
-                   generator: torch.Generator | None = None):
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_strings: list[str] | None = None,
+    generator: torch.Generator | None = None,
+):
     """Batched, left-padded generation from token-id prompts; texts cut at eos and at stop strings."""
     from llmtrain.generation import generate, trim_at_stop
 
     stops = [s for s in (stop_strings or []) if s]
     stop_fn = (lambda _row, new: trim_at_stop(tokenizer.decode(new), stops)[1]) if stops else None
-    res = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
-                   generator=generator, stop_fn=stop_fn)
+    res = generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id or 0,
+        generator=generator,
+        stop_fn=stop_fn,
+    )
     texts = [trim_at_stop(tokenizer.decode(t), stops)[0] for t in res.tokens]
     return texts, res
 
@@ -305,9 +335,12 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
     if task is not None and hasattr(task, "generate_responses"):
         examples = [e for e in task.val_examples() if e.get("prompt")]
         if cfg.eval.max_examples:
-            examples = examples[:cfg.eval.max_examples]
-        return [list(e["prompt"]) for e in examples], [list(e["refs"]) for e in examples], \
-            stops + list(task.stop_strings())
+            examples = examples[: cfg.eval.max_examples]
+        return (
+            [list(e["prompt"]) for e in examples],
+            [list(e["refs"]) for e in examples],
+            stops + list(task.stop_strings()),
+        )
     path = cfg.task.val_path
     if not path:
         raise UserError("eval task generation needs task.val_path=FILE.jsonl (prompt/response or source/target)")
@@ -318,8 +351,11 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
         from llmtrain.tasks.chat_template import stop_strings
 
         stops += stop_strings(template)
-    return [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples], \
-        [ex["references"] for ex in examples], stops
+    return (
+        [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples],
+        [ex["references"] for ex in examples],
+        stops,
+    )
 
 
 @eval_task("generation")
@@ -333,10 +369,17 @@ def generation_task(ctx: EvalContext) -> TaskResult:
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed + rank)
     pairs, n_tokens, seconds = [], 0, 0.0
     for _, batch in shard(list(enumerate(prompts)), cfg.eval.batch_size, rank=rank, world=world_size):
-        texts, res = generate_texts(ctx.model, ctx.tokenizer, [p for _, p in batch],
-                                    max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                                    top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, stop_strings=stops,
-                                    generator=gen)
+        texts, res = generate_texts(
+            ctx.model,
+            ctx.tokenizer,
+            [p for _, p in batch],
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature,
+            top_k=cfg.eval.top_k,
+            top_p=cfg.eval.top_p,
+            stop_strings=stops,
+            generator=gen,
+        )
         pairs += [(i, t.strip()) for (i, _), t in zip(batch, texts)]
         n_tokens, seconds = n_tokens + res.num_generated, seconds + res.seconds
     hyps = gather_indexed(pairs)
@@ -351,8 +394,9 @@ def generation_task(ctx: EvalContext) -> TaskResult:
         "generation/examples": len(hyps),
         "generation/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,  # per process
     }
-    samples = [{"prompt": ctx.tokenizer.decode(p), "generated": h, "references": r}
-               for p, h, r in zip(prompts, hyps, refs)]
+    samples = [
+        {"prompt": ctx.tokenizer.decode(p), "generated": h, "references": r} for p, h, r in zip(prompts, hyps, refs)
+    ]
     return TaskResult(out, {"samples": samples})
 
 
@@ -383,8 +427,9 @@ def report_task_output(prefix: str, out: dict[str, Any]) -> TaskResult:
 def _require_task(ctx: EvalContext, eval_name: str, task_name: str):
     task = ctx.load().task
     if task is None:
-        raise UserError(f"eval task {eval_name} needs a checkpoint fine-tuned on task {task_name} "
-                        f"(this one has no task)")
+        raise UserError(
+            f"eval task {eval_name} needs a checkpoint fine-tuned on task {task_name} (this one has no task)"
+        )
     if getattr(task, "name", task_name) != task_name:
         raise UserError(f"eval task {eval_name} needs a {task_name} checkpoint; this one is {task.name}")
     return task
@@ -401,8 +446,11 @@ def _rank0_evaluate(ctx: EvalContext, task, eval_name: str) -> TaskResult:
 
 def classification_result(preds: list[int], labels: list[int], names: list[str]) -> TaskResult:
     m = metrics.classification_metrics(preds, labels, names)
-    out: dict[str, float | int] = {"classification/accuracy": m["accuracy"],
-                                   "classification/macro_f1": m["macro_f1"], "classification/n": m["n"]}
+    out: dict[str, float | int] = {
+        "classification/accuracy": m["accuracy"],
+        "classification/macro_f1": m["macro_f1"],
+        "classification/n": m["n"],
+    }
     for name, s in m["per_class"].items():
         out[f"classification/precision[{name}]"] = s["precision"]
         out[f"classification/recall[{name}]"] = s["recall"]
@@ -416,7 +464,7 @@ def classification_task(ctx: EvalContext) -> TaskResult:
         return _rank0_evaluate(ctx, task, "classification")
     examples = task.val_examples()
     if ctx.cfg.eval.max_examples:
-        examples = examples[:ctx.cfg.eval.max_examples]
+        examples = examples[: ctx.cfg.eval.max_examples]
     rank, world_size = world()
     pairs = []
     for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
@@ -439,7 +487,7 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         by_q.setdefault(f["qid"], []).append(f)
     qids = list(by_q)
     if ctx.cfg.eval.max_examples:
-        qids = qids[:ctx.cfg.eval.max_examples]
+        qids = qids[: ctx.cfg.eval.max_examples]
     rank, world_size = world()
     pairs = []
     for _, batch in shard(list(enumerate(qids)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
@@ -448,6 +496,7 @@ def qa_task(ctx: EvalContext) -> TaskResult:
     preds = dict(gather_indexed(pairs))
     refs = {q: [a["text"] for a in task.val_questions[q]["answers"]] or [""] for q in qids}
     res = report_task_output("qa", metrics.squad_metrics(preds, refs))
-    res.details["samples"] = [{"prompt": task.val_questions[q]["question"], "generated": preds[q],
-                               "references": refs[q]} for q in qids[:5]]
+    res.details["samples"] = [
+        {"prompt": task.val_questions[q]["question"], "generated": preds[q], "references": refs[q]} for q in qids[:5]
+    ]
     return res

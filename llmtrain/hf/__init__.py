@@ -1,5 +1,6 @@
 """Hugging Face interchange: export our checkpoints as transformers model directories
 (export.py) and load transformers directories as our models (load.py)."""
+
 from __future__ import annotations
 
 from types import ModuleType

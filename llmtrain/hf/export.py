@@ -10,6 +10,7 @@ config.json's vocab_size is the model's padded vocabulary (a multiple of 64); th
 fewer tokens and never produces the extra ids. LoRA adapters are merged into the weights.
 Everything is written to a temporary directory that replaces OUT only when complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def merge_adapters(model: torch.nn.Module, source) -> torch.nn.Module:
     try:
         from llmtrain.models.lora import merge_lora
     except ImportError:
-        raise UserError(f"checkpoint {source} has LoRA adapters but llmtrain.models.lora is not available "
-                        "to merge them") from None
+        raise UserError(
+            f"checkpoint {source} has LoRA adapters but llmtrain.models.lora is not available to merge them"
+        ) from None
     return merge_lora(model)
 
 
@@ -66,8 +68,10 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
     if head is not None:
         key = (type(model).__name__, model_cfg.name)
         if key not in TASK_CLASSES:
-            raise UserError(f"a fine-tuned {type(model).__name__} on {model_cfg.name} has no exact transformers "
-                            "class (exportable task models: " + ", ".join(f"{a}/{b}" for a, b in TASK_CLASSES) + ")")
+            raise UserError(
+                f"a fine-tuned {type(model).__name__} on {model_cfg.name} has no exact transformers "
+                "class (exportable task models: " + ", ".join(f"{a}/{b}" for a, b in TASK_CLASSES) + ")"
+            )
         cls_name, head_name = TASK_CLASSES[key]
         if head_name == "classifier":
             config.num_labels = head.out_features
@@ -83,7 +87,7 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
         # pooler the task class lacks are not part of the task model's function
         base, prefix = _BASE_PREFIX[model_cfg.name], hf.base_model_prefix + "."
         target = hf.state_dict().keys()
-        sd = {prefix + k[len(base):]: v for k, v in sd.items() if k.startswith(base)}
+        sd = {prefix + k[len(base) :]: v for k, v in sd.items() if k.startswith(base)}
         sd = {k: v for k, v in sd.items() if k in target}
         sd[f"{head_name}.weight"] = head.weight.detach().float().cpu()
         sd[f"{head_name}.bias"] = head.bias.detach().float().cpu()
@@ -100,8 +104,9 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not all((out / m).exists() for m in _EXPORT_MARKERS):
-        raise UserError(f"out={out} is a non-empty directory that is not an llmtrain export; "
-                        "choose a new or empty directory")
+        raise UserError(
+            f"out={out} is a non-empty directory that is not an llmtrain export; choose a new or empty directory"
+        )
 
 
 def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, labels: list[str] | None = None) -> Path:
@@ -116,8 +121,9 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
     _check_out(out)
     cfg = loaded.model_cfg
     if cfg.name not in ARCHS:
-        raise UserError(f"checkpoint {loaded.path}: model {cfg.name!r} has no HF export "
-                        f"(supported: {', '.join(ARCHS)})")
+        raise UserError(
+            f"checkpoint {loaded.path}: model {cfg.name!r} has no HF export (supported: {', '.join(ARCHS)})"
+        )
     model = merge_adapters(model if model is not None else loaded.model, loaded.path)
     tok = loaded.tokenizer
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +138,11 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
         hf.save_pretrained(str(tmp), safe_serialization=True)
         gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         gen.save_pretrained(str(tmp))
-        info = {"source_checkpoint": str(loaded.path), "step": loaded.meta.get("step"),
-                "llmtrain_model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+        info = {
+            "source_checkpoint": str(loaded.path),
+            "step": loaded.meta.get("step"),
+            "llmtrain_model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        }
         (tmp / "llmtrain_export.json").write_text(json.dumps(info, indent=2, default=str))
         fsync_tree(tmp)
         if out.exists():  # replace a previous export: move it aside, rename, then delete it

@@ -5,6 +5,7 @@ The tokenizer is our own when the directory was exported by llmtrain (llmtrain_t
 exact round trip), otherwise the directory's HF tokenizer wrapped as tokenizer `hf`.
 Weights are read from safetensors (or pytorch_model.bin with torch.load(weights_only=True)).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,7 @@ IGNORED_HF = ("classifier.", "score.", "qa_outputs.")
 
 def resolve_dir(spec: str) -> Path:
     """hf:DIR -> DIR; a Hub id is only fetched from the local HF cache (no network here)."""
-    name = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    name = spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else spec
     if not name:
         raise UserError("hf: needs a directory or Hub id (e.g. init_from=hf:./my_model)")
     path = Path(name).expanduser()
@@ -44,9 +45,11 @@ def resolve_dir(spec: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:  # offline, unknown repo, auth: all one line
-        raise UserError(f"hf:{name}: not a local directory and the Hugging Face Hub is unreachable "
-                        f"({_first_line(e)}); download it first and pass hf:LOCAL_DIR") from None
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all one line
+        raise UserError(
+            f"hf:{name}: not a local directory and the Hugging Face Hub is unreachable "
+            f"({_first_line(e)}); download it first and pass hf:LOCAL_DIR"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -67,7 +70,7 @@ def read_config(path: Path):
         raise UserError(f"{f}: unsupported architecture {model_type!r}; supported: {', '.join(BY_MODEL_TYPE)}")
     try:
         return AutoConfig.from_pretrained(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
         raise UserError(f"{f}: transformers cannot read it ({_first_line(e)})") from None
 
 
@@ -85,7 +88,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         f = path / "pytorch_model.bin"
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any unpickling/format failure is a bad file
             raise UserError(f"{f}: unreadable weights ({_first_line(e)})") from None
     else:
         raise UserError(f"hf:{path}: no model.safetensors or pytorch_model.bin")
@@ -106,7 +109,7 @@ def _canonical(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if k.startswith(IGNORED_HF):
             continue
         if name == "llama" and k.startswith("transformer."):  # LlamaFor{QuestionAnswering,...}
-            k = "model." + k[len("transformer."):]
+            k = "model." + k[len("transformer.") :]
         if prefix and not k.startswith((prefix, "lm_head.", "cls.")):
             k = prefix + k
         out[k] = v.float() if v.is_floating_point() else v
@@ -125,8 +128,9 @@ def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
 
         tok = HFTokenizer.from_pretrained(str(path))
     if tok.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"hf:{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                        f"{model_cfg.vocab_size} embeddings")
+        raise UserError(
+            f"hf:{path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size} embeddings"
+        )
     return tok
 
 
@@ -153,14 +157,18 @@ def load_hf(spec: str) -> Loaded:
     missing, unexpected = load_model_state(model, sd, f"hf:{path}", strict=False)
     required = [k for k in missing if not k.startswith(OPTIONAL_HEADS)]
     if required or unexpected:
-        raise UserError(f"hf:{path}: weights do not match a {name} model "
-                        f"(e.g. {', '.join((required or unexpected)[:3])})")
+        raise UserError(
+            f"hf:{path}: weights do not match a {name} model (e.g. {', '.join((required or unexpected)[:3])})"
+        )
     if missing:
         import sys
 
         heads = sorted({k.split(".")[0] for k in missing})
-        print(f"note: hf:{path} has no weights for {', '.join(heads)}; they start from random init",
-              file=sys.stderr, flush=True)
+        print(
+            f"note: hf:{path} has no weights for {', '.join(heads)}; they start from random init",
+            file=sys.stderr,
+            flush=True,
+        )
     tokenizer = load_tokenizer(path, model_cfg)
     meta = synthesized_meta(path, model_cfg, tokenizer)
     return Loaded(path=path, meta=meta, model_cfg=model_cfg, tokenizer=tokenizer, model=model)
@@ -200,5 +208,4 @@ def hf_info(spec: str) -> Info:
     except (ValueError, AttributeError, TypeError) as e:
         raise UserError(f"{path / 'config.json'}: unsupported variant ({e})") from None
     tokenizer = load_tokenizer(path, model_cfg)
-    return Info(path=path, meta=synthesized_meta(path, model_cfg, tokenizer), model_cfg=model_cfg,
-                tokenizer=tokenizer)
+    return Info(path=path, meta=synthesized_meta(path, model_cfg, tokenizer), model_cfg=model_cfg, tokenizer=tokenizer)

@@ -14,6 +14,7 @@ ordinary characters. sentencepiece matches its user-defined [CLS]/[SEP]/[MASK] i
 does the export; the one known difference: "<pad>", "<unk>", "<s>", "</s>" typed literally in
 text become the special id in HF but characters in sentencepiece.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,19 @@ SIDE_FILE = "llmtrain_tokenizer.json"  # our tokenizer state, preferred on impor
 
 def _special_kwargs() -> dict[str, str]:
     s = SPECIAL_TOKENS
-    return dict(pad_token=s["pad"], unk_token=s["unk"], bos_token=s["bos"], eos_token=s["eos"],
-                cls_token=s["cls"], sep_token=s["sep"], mask_token=s["mask"])
+    return dict(
+        pad_token=s["pad"],
+        unk_token=s["unk"],
+        bos_token=s["bos"],
+        eos_token=s["eos"],
+        cls_token=s["cls"],
+        sep_token=s["sep"],
+        mask_token=s["mask"],
+    )
 
 
 def _char_pipeline(tok) -> Any:
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as TkTokenizer
+    from tokenizers import Regex, Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tok.itos)}
     t = TkTokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
@@ -45,8 +52,7 @@ def _char_pipeline(tok) -> Any:
 
 
 def _byte_pipeline(tok) -> Any:
-    from tokenizers import decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as TkTokenizer
+    from tokenizers import Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
 
     # byte b -> the printable stand-in ByteLevel maps it to (GPT-2's bytes_to_unicode)
     b2u = _bytes_to_unicode()
@@ -74,16 +80,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _sentencepiece_pipeline(tok) -> Any:
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as TkTokenizer
+    from tokenizers import Regex, Tokenizer as TkTokenizer, decoders, models, normalizers, pre_tokenizers
 
     m = pb.ModelProto()
     m.ParseFromString(tok.model_proto)
     ts, ns = m.trainer_spec, m.normalizer_spec
     where = tok.path or "sentencepiece model"
     if ns.add_dummy_prefix or ns.remove_extra_whitespaces or ns.precompiled_charsmap:
-        raise UserError(f"{where}: only sentencepiece models trained by llmtrain (identity normalization, "
-                        "no dummy prefix) can be exported with an equivalent HF tokenizer")
+        raise UserError(
+            f"{where}: only sentencepiece models trained by llmtrain (identity normalization, "
+            "no dummy prefix) can be exported with an equivalent HF tokenizer"
+        )
     if ts.treat_whitespace_as_suffix or not ts.split_by_whitespace:
         raise UserError(f"{where}: sentencepiece whitespace-suffix / no-split models have no exact HF equivalent")
     NORMAL, USER = 1, 4  # sentencepiece piece types
@@ -113,8 +120,11 @@ def _sentencepiece_pipeline(tok) -> Any:
     # user-defined pieces ([CLS] ... "\n" "\t") are matched in raw text by both, before splitting
     from tokenizers import AddedToken
 
-    user = [AddedToken(p, special=False, normalized=False, single_word=False) for p, _, ty in pieces
-            if ty == USER and p not in SPECIAL_TOKENS.values()]
+    user = [
+        AddedToken(p, special=False, normalized=False, single_word=False)
+        for p, _, ty in pieces
+        if ty == USER and p not in SPECIAL_TOKENS.values()
+    ]
     if user:
         t.add_tokens(user)
     return t
@@ -132,16 +142,19 @@ def to_hf_tokenizer(tok: Tokenizer):
         if tok.name == "hf":  # imported from HF: hand back the pipeline it came with
             pipeline = tok.hf_pipeline()
         else:
-            raise UserError(f"tokenizer {tok.name!r} has no Hugging Face equivalent "
-                            f"(exportable: {', '.join(sorted(PIPELINES))}, hf)")
+            raise UserError(
+                f"tokenizer {tok.name!r} has no Hugging Face equivalent "
+                f"(exportable: {', '.join(sorted(PIPELINES))}, hf)"
+            )
     else:
         pipeline = build(tok)
     kwargs = _special_kwargs() if tok.name != "hf" else tok.hf_special_kwargs()
     # char/byte encode "[CLS]" typed in text as characters: tell HF not to match special tokens in
     # text. sentencepiece does match its user-defined [CLS]/[SEP]/[MASK], so HF must too.
     split = tok.name in ("char", "byte")
-    hf = PreTrainedTokenizerFast(tokenizer_object=pipeline, clean_up_tokenization_spaces=False,
-                                 split_special_tokens=split, **kwargs)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=pipeline, clean_up_tokenization_spaces=False, split_special_tokens=split, **kwargs
+    )
     hf.add_bos_token = False  # ours never adds bos/eos; the data pipeline does
     hf.add_eos_token = False
     return hf

@@ -1,4 +1,5 @@
 """Model architectures. Importing this package registers them under kind "model"."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,9 @@ from llmtrain.models.llama import Llama
 def resolve_model_config(model: ModelConfig, tokenizer) -> ModelConfig:
     """Fill vocab_size from the tokenizer (padded up: multiples of 64 run faster on GPUs)."""
     if model.vocab_size and model.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
-                        f"vocabulary ({tokenizer.vocab_size})")
+        raise UserError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
     if model.vocab_size:
         return model
     mult = max(1, model.pad_vocab_multiple)

@@ -1,6 +1,7 @@
 """BERT: bidirectional encoder with word + position + token-type embeddings, post-LayerNorm
 blocks, exact (erf) GELU, an MLM head tied to the word embeddings and an NSP head on [CLS].
 The HF mapping at the bottom converts to/from BertForPreTraining."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmtrain.config.schema import ModelConfig
-from llmtrain.models.layers import (MLP, Attention, count_params, init_weights, layer_norm, make_attn_mask,
-                                    remap_state_dict)
+from llmtrain.models.layers import (
+    MLP,
+    Attention,
+    count_params,
+    init_weights,
+    layer_norm,
+    make_attn_mask,
+    remap_state_dict,
+)
 from llmtrain.registry import register
 
 
@@ -142,11 +150,18 @@ def hf_config(cfg: ModelConfig):
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff or 4 * cfg.d_model,
-        hidden_act="gelu", hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-        max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.init_std, layer_norm_eps=cfg.norm_eps,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.d_ff or 4 * cfg.d_model,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
     )
 
@@ -155,11 +170,19 @@ def config_from_hf(hf) -> ModelConfig:
     if hf.hidden_act != "gelu":
         raise ValueError(f"unsupported BERT activation {hf.hidden_act!r} (only 'gelu')")
     return ModelConfig(
-        name="bert", n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
-        d_model=hf.hidden_size, d_ff=hf.intermediate_size, vocab_size=hf.vocab_size,
-        max_seq_len=hf.max_position_embeddings, dropout=hf.hidden_dropout_prob, bias=True,
-        tie_embeddings=getattr(hf, "tie_word_embeddings", True), norm_eps=hf.layer_norm_eps,
-        type_vocab_size=hf.type_vocab_size, init_std=hf.initializer_range,
+        name="bert",
+        n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads,
+        d_model=hf.hidden_size,
+        d_ff=hf.intermediate_size,
+        vocab_size=hf.vocab_size,
+        max_seq_len=hf.max_position_embeddings,
+        dropout=hf.hidden_dropout_prob,
+        bias=True,
+        tie_embeddings=getattr(hf, "tie_word_embeddings", True),
+        norm_eps=hf.layer_norm_eps,
+        type_vocab_size=hf.type_vocab_size,
+        init_std=hf.initializer_range,
     )
 
 

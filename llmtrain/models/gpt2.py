@@ -1,5 +1,6 @@
 """GPT-2: learned absolute positions, pre-LayerNorm blocks, GELU (tanh) MLP, tied embeddings.
 Follows nanoGPT's model.py; the HF mapping at the bottom converts to/from GPT2LMHeadModel."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -8,8 +9,16 @@ import torch
 import torch.nn as nn
 
 from llmtrain.config.schema import ModelConfig
-from llmtrain.models.layers import (MLP, Attention, KVCache, count_params, init_weights, layer_norm,
-                                    make_attn_mask, remap_state_dict)
+from llmtrain.models.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    count_params,
+    init_weights,
+    layer_norm,
+    make_attn_mask,
+    remap_state_dict,
+)
 from llmtrain.registry import register
 
 
@@ -48,8 +57,9 @@ class GPT2(nn.Module):
 
     # -- interface ------------------------------------------------------------------------
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               kv_cache: Optional[KVCache] = None):
+    def encode(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, kv_cache: Optional[KVCache] = None
+    ):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -71,8 +81,15 @@ class GPT2(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.wte.weight
         a = self.blocks[0].attn
-        return KVCache(len(self.blocks), batch_size, a.n_kv_heads, max_len, a.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            len(self.blocks),
+            batch_size,
+            a.n_kv_heads,
+            max_len,
+            a.head_dim,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )
 
     def num_params(self, non_embedding: bool = False) -> int:
         """non_embedding=True leaves out pure lookup tables: the position embeddings, and the
@@ -120,19 +137,36 @@ def hf_config(cfg: ModelConfig):
 
     special = {} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}
     return GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff, activation_function="gelu_new",
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings, **special,
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.d_ff,
+        activation_function="gelu_new",
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **special,
     )
 
 
 def config_from_hf(hf) -> ModelConfig:
     return ModelConfig(
-        name="gpt2", n_layer=hf.n_layer, n_head=hf.n_head, d_model=hf.n_embd, d_ff=hf.n_inner,
-        vocab_size=hf.vocab_size, max_seq_len=hf.n_positions, dropout=hf.resid_pdrop, bias=True,
-        tie_embeddings=getattr(hf, "tie_word_embeddings", True), norm_eps=hf.layer_norm_epsilon,
+        name="gpt2",
+        n_layer=hf.n_layer,
+        n_head=hf.n_head,
+        d_model=hf.n_embd,
+        d_ff=hf.n_inner,
+        vocab_size=hf.vocab_size,
+        max_seq_len=hf.n_positions,
+        dropout=hf.resid_pdrop,
+        bias=True,
+        tie_embeddings=getattr(hf, "tie_word_embeddings", True),
+        norm_eps=hf.layer_norm_epsilon,
         init_std=hf.initializer_range,
     )
 

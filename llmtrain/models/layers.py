@@ -1,5 +1,6 @@
 """Building blocks shared by the architectures: attention, MLPs, norms, rotary embeddings,
 the attention-mask helper and the KV cache. Each model file only wires these together."""
+
 from __future__ import annotations
 
 import math
@@ -165,8 +166,7 @@ class Attention(nn.Module):
     """Multi-head attention with one fused qkv projection, grouped-query heads (n_kv_heads
     <= n_head) and torch's scaled_dot_product_attention."""
 
-    def __init__(self, d: int, n_head: int, n_kv_heads: Optional[int] = None, bias: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, d: int, n_head: int, n_kv_heads: Optional[int] = None, bias: bool = True, dropout: float = 0.0):
         super().__init__()
         assert d % n_head == 0, "d_model must be divisible by n_head"
         self.n_head = n_head
@@ -194,7 +194,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             # plain causal only when there is no explicit mask and no cached prefix

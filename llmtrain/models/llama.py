@@ -1,6 +1,7 @@
 """Llama: rotary positions, RMSNorm pre-norm blocks, SwiGLU MLP, grouped-query attention, no
 biases. The HF mapping at the bottom converts to/from LlamaForCausalLM (same rotate_half RoPE
 layout, so no q/k permutation is needed)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -9,8 +10,17 @@ import torch
 import torch.nn as nn
 
 from llmtrain.config.schema import ModelConfig
-from llmtrain.models.layers import (Attention, KVCache, RMSNorm, Rotary, SwiGLU, count_params, init_weights,
-                                    make_attn_mask, remap_state_dict)
+from llmtrain.models.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+    count_params,
+    init_weights,
+    make_attn_mask,
+    remap_state_dict,
+)
 from llmtrain.registry import register
 
 
@@ -55,8 +65,9 @@ class Llama(nn.Module):
 
     # -- interface ------------------------------------------------------------------------
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               kv_cache: Optional[KVCache] = None):
+    def encode(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, kv_cache: Optional[KVCache] = None
+    ):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -79,8 +90,15 @@ class Llama(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.tok_emb.weight
         a = self.blocks[0].attn
-        return KVCache(len(self.blocks), batch_size, a.n_kv_heads, max_len, a.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            len(self.blocks),
+            batch_size,
+            a.n_kv_heads,
+            max_len,
+            a.head_dim,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )
 
     def num_params(self, non_embedding: bool = False) -> int:
         """non_embedding=True leaves out the token-embedding lookup table unless it is tied to
@@ -118,13 +136,24 @@ def hf_config(cfg: ModelConfig):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff or default_d_ff(cfg.d_model), num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_heads or cfg.n_head,
-        hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
-        mlp_bias=False, attention_dropout=cfg.dropout, initializer_range=cfg.init_std,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff or default_d_ff(cfg.d_model),
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_head,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=cfg.dropout,
+        initializer_range=cfg.init_std,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
 
 
@@ -141,12 +170,20 @@ def config_from_hf(hf) -> ModelConfig:
         raise ValueError("head_dim * num_attention_heads must equal hidden_size")
     n_kv = hf.num_key_value_heads
     return ModelConfig(
-        name="llama", n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
-        n_kv_heads=None if n_kv == hf.num_attention_heads else n_kv, d_model=hf.hidden_size,
-        d_ff=hf.intermediate_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
-        dropout=getattr(hf, "attention_dropout", 0.0), bias=False,
-        tie_embeddings=getattr(hf, "tie_word_embeddings", False), norm_eps=hf.rms_norm_eps,
-        rope_theta=float(theta), init_std=hf.initializer_range,
+        name="llama",
+        n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads,
+        n_kv_heads=None if n_kv == hf.num_attention_heads else n_kv,
+        d_model=hf.hidden_size,
+        d_ff=hf.intermediate_size,
+        vocab_size=hf.vocab_size,
+        max_seq_len=hf.max_position_embeddings,
+        dropout=getattr(hf, "attention_dropout", 0.0),
+        bias=False,
+        tie_embeddings=getattr(hf, "tie_word_embeddings", False),
+        norm_eps=hf.rms_norm_eps,
+        rope_theta=float(theta),
+        init_std=hf.initializer_range,
     )
 
 

@@ -8,6 +8,7 @@ B [out, r] trained. B starts at zero, so an adapted model starts as exactly the 
 `...qkv.base.weight`, `...qkv.lora_A`, `...qkv.lora_B`; after merge_lora they are the plain
 `...qkv.weight` again and the model loads anywhere a base model does.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,11 +57,16 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if cfg.r <= 0:
         raise UserError(f"finetune.lora.r must be > 0 to apply LoRA, got {cfg.r}")
     tied = _tied_param_ids(model)  # merging into a tied weight would also change the embedding
-    hits = [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(t in name for t in cfg.targets) and id(m.weight) not in tied]
+    hits = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(t in name for t in cfg.targets) and id(m.weight) not in tied
+    ]
     if not hits:
-        raise UserError(f"finetune.lora.targets={list(cfg.targets)} match no linear layer of the model "
-                        "(e.g. attn, attn.qkv, attn.proj, mlp)")
+        raise UserError(
+            f"finetune.lora.targets={list(cfg.targets)} match no linear layer of the model "
+            "(e.g. attn, attn.qkv, attn.proj, mlp)"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for name in hits:
@@ -86,5 +92,6 @@ def has_lora(model: nn.Module) -> bool:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors (what LoRA trained)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if k.endswith((".lora_A", ".lora_B"))}
+    return {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))
+    }

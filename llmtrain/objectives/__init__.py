@@ -1,4 +1,5 @@
 """Pretraining objectives, chosen by `objective.name`. See base.py for the contract."""
+
 from __future__ import annotations
 
 from llmtrain import registry
@@ -16,7 +17,8 @@ def objective_class(name: str) -> type[Objective]:
     return registry.get("objective", name)
 
 
-def build_objective(cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig,
-                    seed: int) -> Objective:
+def build_objective(
+    cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig, seed: int
+) -> Objective:
     """The registered objective `cfg.name`, bound to its token splits, data config and seed."""
     return objective_class(cfg.name)(cfg, tokenizer, splits, data_cfg, seed)

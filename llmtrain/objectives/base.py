@@ -8,6 +8,7 @@ task): data are bound when it is built, then it gives batches and turns (model, 
 
 Batches are functions of (seed, step, rank) so runs are deterministic and resume exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,8 +55,9 @@ class Objective(Trainee):
     name = "base"
     needs_decoder: bool | None = None
 
-    def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig,
-                 seed: int):
+    def __init__(
+        self, cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig, seed: int
+    ):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.splits, self.data_cfg, self.seed = splits, data_cfg, seed  # the data it trains and validates on
 

@@ -1,4 +1,5 @@
 """Causal language modelling: predict token t+1 from tokens <= t on packed windows."""
+
 from __future__ import annotations
 
 from llmtrain.data.loader import PackedWindows, sequential_windows

@@ -7,6 +7,7 @@ Masks are drawn from a generator keyed by (seed, step, rank), like the windows t
 window seen again gets fresh masks (RoBERTa's dynamic masking) and a resumed run sees exactly
 the batches the uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,9 @@ class Masker:
         return batch
 
 
-def frame(firsts: list[torch.Tensor], seconds: list[torch.Tensor] | None, seq_len: int,
-          tok: Tokenizer) -> dict[str, torch.Tensor]:
+def frame(
+    firsts: list[torch.Tensor], seconds: list[torch.Tensor] | None, seq_len: int, tok: Tokenizer
+) -> dict[str, torch.Tensor]:
     """[CLS] A [SEP] (B [SEP]) per row, padded to seq_len.
 
     token_type_ids are 0 for [CLS] A [SEP] and 1 for B [SEP]; attention_mask is 0 on padding.
@@ -80,8 +82,9 @@ def frame(firsts: list[torch.Tensor], seconds: list[torch.Tensor] | None, seq_le
 
 def check_seq_len(seq_len: int, specials: int) -> None:
     if seq_len < specials + 2:
-        raise UserError(f"data.seq_len={seq_len} is too short: needs {specials} special tokens "
-                        f"and at least 2 text tokens")
+        raise UserError(
+            f"data.seq_len={seq_len} is too short: needs {specials} special tokens and at least 2 text tokens"
+        )
 
 
 def masked_lm_terms(model, hidden: torch.Tensor, batch: dict[str, torch.Tensor]):
@@ -111,8 +114,17 @@ def keep_params_in_graph(model, hidden: torch.Tensor, loss: torch.Tensor, head: 
 class MaskedWindows:
     """Training batches: epoch-shuffled corpus windows as [CLS] window [SEP], freshly masked."""
 
-    def __init__(self, tokens, seq_len: int, batch_size: int, tok: Tokenizer, masker: Masker,
-                 seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        tokens,
+        seq_len: int,
+        batch_size: int,
+        tok: Tokenizer,
+        masker: Masker,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         check_seq_len(seq_len, 2)
         # PackedWindows yields T+1 consecutive tokens per row (input + shifted label); with
         # T = seq_len - 3 that is exactly the seq_len - 2 tokens between [CLS] and [SEP].
@@ -138,8 +150,16 @@ class MaskedLM(Objective):
         self.masker = Masker(tokenizer, cfg.mask_prob)
 
     def train_source(self, rank=0, world=1):
-        return MaskedWindows(self.splits.train, self.data_cfg.seq_len, self.data_cfg.batch_size, self.tokenizer,
-                             self.masker, self.seed, rank, world)
+        return MaskedWindows(
+            self.splits.train,
+            self.data_cfg.seq_len,
+            self.data_cfg.batch_size,
+            self.tokenizer,
+            self.masker,
+            self.seed,
+            rank,
+            world,
+        )
 
     def val_batches(self, max_batches=0, rank=0, world=1):
         """The validation split once, in order, with masks fixed by (seed, batch index)."""

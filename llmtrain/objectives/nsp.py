@@ -7,6 +7,7 @@ Documents are delimited by the eos token that the corpus appends to each one, so
 data with several documents (e.g. data=wikitext2, whose data.doc_pattern splits articles).
 The negative B has the same length as the positive one would, so length gives nothing away.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,15 @@ from llmtrain.data.loader import step_generator
 from llmtrain.data.validation import shard
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Objective
-from llmtrain.objectives.mlm import (TRAIN_MASK_KEY, VAL_MASK_KEY, Masker, check_seq_len, frame,
-                                     keep_params_in_graph, masked_lm_terms)
+from llmtrain.objectives.mlm import (
+    TRAIN_MASK_KEY,
+    VAL_MASK_KEY,
+    Masker,
+    check_seq_len,
+    frame,
+    keep_params_in_graph,
+    masked_lm_terms,
+)
 from llmtrain.registry import register
 from llmtrain.tokenizers import Tokenizer
 
@@ -50,9 +58,11 @@ class PairMaker:
         self.tokens = tokens  # kept as given (possibly a memory-mapped split); spans are read on demand
         self.starts, self.lengths = document_spans(tokens, tok.eos_id)
         if len(self.starts) < 2:
-            raise UserError(f"next-sentence prediction needs at least 2 documents in the {split} split, found "
-                            f"{len(self.starts)}: use data with several documents (data.doc_pattern, several "
-                            f"files or records; e.g. data=wikitext2)")
+            raise UserError(
+                f"next-sentence prediction needs at least 2 documents in the {split} split, found "
+                f"{len(self.starts)}: use data with several documents (data.doc_pattern, several "
+                f"files or records; e.g. data=wikitext2)"
+            )
         self.cum = np.concatenate([[0], np.cumsum(self.lengths)])  # document offsets in "text only" order
         self.tok, self.seq_len, self.nsp_prob = tok, seq_len, nsp_prob
         self.budget = seq_len - 3  # text tokens per pair: [CLS] A [SEP] B [SEP]
@@ -124,8 +134,9 @@ class PairSource:
         return batch
 
 
-def pair_val_batches(maker: PairMaker, batch_size: int, masker: Masker | None, max_batches: int,
-                     rank: int, world: int, seed: int):
+def pair_val_batches(
+    maker: PairMaker, batch_size: int, masker: Masker | None, max_batches: int, rank: int, world: int, seed: int
+):
     """The validation documents once, in order; pairing and masks fixed by (seed, batch index)."""
     for bi, spans in shard(maker.sequential_spans(), batch_size, max_batches, rank, world):
         batch = maker.batch(spans, step_generator(seed, VAL_PAIR_KEY, bi))

@@ -9,6 +9,7 @@ allocator warm-up), synchronising the device around each timed round, and, when
 `bench.baseline=true`, a plain PyTorch loop of the same model and batch for comparison; the
 two take turns over `bench.rounds` rounds and each reports its best round.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,9 @@ def _time(fns: dict, steps: int, warmup: int, rounds: int, device: torch.device)
 def run(cfg: RunConfig) -> float:
     b = cfg.bench
     if b.steps < 1 or b.warmup < 0 or b.rounds < 1:
-        raise UserError(f"bench.steps and bench.rounds must be >= 1 and bench.warmup >= 0 "
-                        f"(got {b.steps}, {b.rounds}, {b.warmup})")
+        raise UserError(
+            f"bench.steps and bench.rounds must be >= 1 and bench.warmup >= 0 (got {b.steps}, {b.rounds}, {b.warmup})"
+        )
     rt = setup_runtime(cfg)
     tokenizer = ByteTokenizer()  # only its vocabulary size matters for synthetic tokens
     model_cfg = resolve_model_config(cfg.model, tokenizer)
@@ -76,8 +78,9 @@ def run(cfg: RunConfig) -> float:
     rng = np.random.default_rng(cfg.trainer.seed)
     tokens = rng.integers(0, min(model_cfg.vocab_size, 2**16), size=max(total, 4 * cfg.data.seq_len), dtype=np.uint16)
     splits = TokenSplits(train=tokens, val=tokens[: 2 * cfg.data.seq_len + 2], n_docs=1, val_bytes=1)
-    objective = build_objective(dataclasses.replace(cfg.objective, name="clm"), tokenizer, splits, cfg.data,
-                                cfg.trainer.seed)
+    objective = build_objective(
+        dataclasses.replace(cfg.objective, name="clm"), tokenizer, splits, cfg.data, cfg.trainer.seed
+    )
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(model_cfg)
@@ -100,7 +103,9 @@ def run(cfg: RunConfig) -> float:
         "batch_size": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len,
         "grad_accum": cfg.trainer.grad_accum,
-        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(rt.device)
+        if rt.device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads",
         "precision": rt.precision,
         "compile": cfg.trainer.compile,
         "steps": b.steps,

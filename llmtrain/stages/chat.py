@@ -4,6 +4,7 @@ stops at eos or where the template would start the next turn.
 
     /reset   forget the conversation        /exit (or end of input)   quit
 """
+
 from __future__ import annotations
 
 import sys
@@ -41,8 +42,11 @@ def run(cfg: RunConfig) -> None:
     stops = stop_strings(template)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     interactive = sys.stdin.isatty()
-    print(f"chat: {cfg.checkpoint} (template {template}); /reset clears the conversation, /exit quits",
-          file=sys.stderr, flush=True)
+    print(
+        f"chat: {cfg.checkpoint} (template {template}); /reset clears the conversation, /exit quits",
+        file=sys.stderr,
+        flush=True,
+    )
     history: list[dict] = []
     while True:
         if interactive:
@@ -63,9 +67,17 @@ def run(cfg: RunConfig) -> None:
         history.append({"role": "user", "content": text})
         ids = encode_chat(history, template, tok, add_generation_prompt=True)[0]
         c = cfg.chat
-        texts, _ = generate_texts(model, tok, [ids], max_new_tokens=c.max_new_tokens,
-                                  temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                                  stop_strings=stops, generator=gen)
+        texts, _ = generate_texts(
+            model,
+            tok,
+            [ids],
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            stop_strings=stops,
+            generator=gen,
+        )
         reply = texts[0].strip()
         history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)

@@ -7,6 +7,7 @@
 The tasks live in llmtrain/eval/suite.py; under torchrun each rank scores a shard and the
 metrics are combined exactly once (see llmtrain/data/validation.py).
 """
+
 from __future__ import annotations
 
 from llmtrain import checkpoints
@@ -20,12 +21,14 @@ from llmtrain.runtime import setup_runtime
 def _loader(path: str, device, task_cfg):
     """The checkpoint through the one loader; task.* keys given on the command line (e.g.
     task.val_path=OTHER_FILE) rebuild a fine-tuned checkpoint's task on other evaluation data."""
+
     def load():
         loaded = checkpoints.load(path, device)
         given = task_overrides(task_cfg)
         if loaded.task is not None and given:
             loaded.task = checkpoints.task_of(loaded, **given)
         return loaded
+
     return load
 
 

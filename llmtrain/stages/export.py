@@ -3,6 +3,7 @@
 Fine-tuned checkpoints are rebuilt through their task (LoRA adapters merged); a classification
 or span (QA) head becomes the matching transformers class where one computes the same thing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,6 +39,9 @@ def run(cfg: RunConfig) -> None:
     model = loaded.model
     out = export_hf(loaded, cfg.export.out, model=model, labels=labels_of(loaded))
     n = sum(p.numel() for p in model.parameters())
-    print(f"export: {type(model).__name__} ({loaded.model_cfg.name}, {n / 1e6:.2f}M params, vocab "
-          f"{loaded.model_cfg.vocab_size}, tokenizer {loaded.tokenizer.name} with {loaded.tokenizer.vocab_size} "
-          f"tokens) -> {out}", flush=True)
+    print(
+        f"export: {type(model).__name__} ({loaded.model_cfg.name}, {n / 1e6:.2f}M params, vocab "
+        f"{loaded.model_cfg.vocab_size}, tokenizer {loaded.tokenizer.name} with {loaded.tokenizer.vocab_size} "
+        f"tokens) -> {out}",
+        flush=True,
+    )

@@ -8,6 +8,7 @@ with LoRA, `adapter.safetensors` next to it holds only what was trained (adapter
 meta["init_from"] names the base. Task metrics (task.evaluate) are computed at the end and
 appended to metrics.jsonl as val/<name>.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,13 +16,13 @@ import dataclasses
 import torch
 from safetensors.torch import save_file
 
+from llmtrain import checkpoints
+from llmtrain.checkpoints import Loaded, checkpoint_meta
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.pipeline import load_corpus
 from llmtrain.errors import UserError
 from llmtrain.files import atomic_replace, tmp_name
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
-from llmtrain import checkpoints
-from llmtrain.checkpoints import Loaded, checkpoint_meta
-from llmtrain.data.pipeline import load_corpus
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.tasks import build_task, task_meta
@@ -54,8 +55,7 @@ def run(cfg: RunConfig) -> float | None:
             module.p = model_cfg.dropout
     _check_tokenizer(cfg, loaded)
     if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context "
-                        f"({model_cfg.max_seq_len})")
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")
 
     splits = load_corpus(cfg, tokenizer=tokenizer)[1] if cfg.task.name == "lm" else None
     task = build_task(cfg.task, tokenizer, model_cfg, cfg.data, seed=cfg.trainer.seed, splits=splits)
@@ -71,13 +71,18 @@ def run(cfg: RunConfig) -> float | None:
         write_run_files(rt.run_dir, cfg)
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
         new = [f"{n} {list(p.shape)}" for n, p in heads.items() if n not in reused]
-        print(f"finetune: new heads (randomly initialised): {', '.join(new) or 'none'}"
-              + (f"; reused from the checkpoint: {', '.join(reused)}" if reused else ""), flush=True)
+        print(
+            f"finetune: new heads (randomly initialised): {', '.join(new) or 'none'}"
+            + (f"; reused from the checkpoint: {', '.join(reused)}" if reused else ""),
+            flush=True,
+        )
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"finetune: {adapted}; {trainable:,} trainable of {total:,} parameters "
-              f"({100 * trainable / total:.2f}%), device {rt.device} {rt.precision}, run dir {rt.run_dir}",
-              flush=True)
+        print(
+            f"finetune: {adapted}; {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / total:.2f}%), device {rt.device} {rt.precision}, run dir {rt.run_dir}",
+            flush=True,
+        )
 
     meta = checkpoint_meta(cfg, model_cfg, tokenizer)
     meta.update(init_from=str(loaded.path), task=task_meta(task))
@@ -115,11 +120,15 @@ def _check_tokenizer(cfg: RunConfig, loaded: Loaded) -> None:
     tok = loaded.tokenizer
     chosen = [o for o in hydra_overrides() if o.lstrip("+~").startswith("tokenizer")]
     if chosen and cfg.tokenizer.name != tok.name:
-        raise UserError(f"tokenizer={cfg.tokenizer.name} differs from the checkpoint's tokenizer ({tok.name}, "
-                        f"{loaded.path}); fine-tuning always uses the checkpoint's tokenizer")
+        raise UserError(
+            f"tokenizer={cfg.tokenizer.name} differs from the checkpoint's tokenizer ({tok.name}, "
+            f"{loaded.path}); fine-tuning always uses the checkpoint's tokenizer"
+        )
     if tok.vocab_size > loaded.model_cfg.vocab_size:
-        raise UserError(f"checkpoint {loaded.path}: its tokenizer has {tok.vocab_size} tokens but the model "
-                        f"only {loaded.model_cfg.vocab_size} embeddings (tokenizer/vocab mismatch)")
+        raise UserError(
+            f"checkpoint {loaded.path}: its tokenizer has {tok.vocab_size} tokens but the model "
+            f"only {loaded.model_cfg.vocab_size} embeddings (tokenizer/vocab mismatch)"
+        )
 
 
 def _init_heads(model, backbone, init_state) -> tuple[dict[str, torch.nn.Parameter], list[str]]:
@@ -146,8 +155,10 @@ def _setup_method(cfg: RunConfig, model, backbone, heads) -> str:
         wrapped = apply_lora(model, ft.lora)
         for p in heads.values():  # new heads are trained in full
             p.requires_grad_(True)
-        return (f"LoRA r={ft.lora.r} alpha={ft.lora.alpha} on {len(wrapped)} layers "
-                f"({', '.join(wrapped[:4])}{', ...' if len(wrapped) > 4 else ''})")
+        return (
+            f"LoRA r={ft.lora.r} alpha={ft.lora.alpha} on {len(wrapped)} layers "
+            f"({', '.join(wrapped[:4])}{', ...' if len(wrapped) > 4 else ''})"
+        )
     if ft.freeze_backbone:
         if not heads:
             raise UserError(f"finetune.freeze_backbone=true but task={cfg.task.name} adds no head to train")
@@ -177,8 +188,10 @@ def _prefixes(names: list[str]) -> str:
 def _check_resumable(cfg: RunConfig, run_dir) -> None:
     found = ckpt.list_checkpoints(run_dir / "checkpoints") if cfg.trainer.resume == "auto" else []
     if found and (ckpt.load_meta(found[-1]).get("lora") or {}).get("merged"):
-        raise UserError(f"{found[-1]} is the merged final checkpoint of a finished LoRA run; "
-                        "nothing to resume (start a new run with init_from=it)")
+        raise UserError(
+            f"{found[-1]} is the merged final checkpoint of a finished LoRA run; "
+            "nothing to resume (start a new run with init_from=it)"
+        )
 
 
 def _save_merged(trainer: Trainer, model, meta: dict, metrics: dict) -> None:
@@ -186,8 +199,13 @@ def _save_merged(trainer: Trainer, model, meta: dict, metrics: dict) -> None:
     heads) on its own in adapter.safetensors."""
     trained = lora_state_dict(model)
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    trained.update({n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()
-                    if n in trainable_names and n not in trained})
+    trained.update(
+        {
+            n: t.detach().cpu().contiguous()
+            for n, t in model.state_dict().items()
+            if n in trainable_names and n not in trained
+        }
+    )
     merge_lora(model)
     meta["lora"]["merged"] = True
     meta["adapter"] = ADAPTER

@@ -1,4 +1,5 @@
 """generate: sample text from a checkpoint (generate.num_samples continuations of generate.prompt, in one batch)."""
+
 from __future__ import annotations
 
 import sys
@@ -30,13 +31,24 @@ def run(cfg: RunConfig) -> None:
     ids = tok.encode(g.prompt) or [tok.bos_id]  # an empty prompt starts from <s>
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     # The samples are rows of one batch: same prompt, independent draws.
-    res = generate(loaded.model, [ids] * g.num_samples, max_new_tokens=g.max_new_tokens,
-                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id or 0, generator=gen)
+    res = generate(
+        loaded.model,
+        [ids] * g.num_samples,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id or 0,
+        generator=gen,
+    )
     for i, new in enumerate(res.tokens):
         if g.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(g.prompt + tok.decode(new), flush=True)
-    print(f"generate: {res.num_generated} tokens in {res.seconds:.2f}s ({res.tokens_per_second:.1f} tokens/s, "
-          f"{g.num_samples} sample{'s' if g.num_samples > 1 else ''}, device {rt.device})",
-          file=sys.stderr, flush=True)
+    print(
+        f"generate: {res.num_generated} tokens in {res.seconds:.2f}s ({res.tokens_per_second:.1f} tokens/s, "
+        f"{g.num_samples} sample{'s' if g.num_samples > 1 else ''}, device {rt.device})",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -3,12 +3,13 @@
 pretrain does the same implicitly when the cache entry is missing; running it ahead of time
 moves the work out of the training job (and lets several jobs share one entry).
 """
+
 from __future__ import annotations
 
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.pipeline import run_tokenizer
 from llmtrain.data.prepare import prepare
 from llmtrain.data.sources import document_reader
-from llmtrain.data.pipeline import run_tokenizer
 
 
 def run(cfg: RunConfig) -> None:
@@ -17,5 +18,8 @@ def run(cfg: RunConfig) -> None:
     prepared = prepare(cfg.data, tok, docs=read)
     m = prepared.meta
     if prepared.reused:
-        print(f"up to date: {prepared.dir} ({m['train']['tokens']:,} train / {m['val']['tokens']:,} val "
-              f"tokens, {m['dtype']})", flush=True)
+        print(
+            f"up to date: {prepared.dir} ({m['train']['tokens']:,} train / {m['val']['tokens']:,} val "
+            f"tokens, {m['dtype']})",
+            flush=True,
+        )

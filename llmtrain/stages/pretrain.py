@@ -1,8 +1,9 @@
 """pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint."""
+
 from __future__ import annotations
 
-from llmtrain.config.schema import RunConfig
 from llmtrain.checkpoints import checkpoint_meta
+from llmtrain.config.schema import RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.models import build_model, resolve_model_config
 from llmtrain.objectives import build_objective
@@ -27,9 +28,12 @@ def train_and_report(cfg, rt, model, objective, splits, meta) -> float | None:
         write_run_files(rt.run_dir, cfg)
         n = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
-              f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
-              f"{rt.precision}, run dir {rt.run_dir}", flush=True)
+        print(
+            f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
+            f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
+            f"{rt.precision}, run dir {rt.run_dir}",
+            flush=True,
+        )
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     try:
         trainer = Trainer(cfg, rt, model, objective, logger, meta)

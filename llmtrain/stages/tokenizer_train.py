@@ -3,6 +3,7 @@
 Writes <run dir>/tokenizer.model (or tokenizer.path when set) and its settings JSON next to it;
 use it with `tokenizer=sentencepiece tokenizer.path=<that file>`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,18 +19,26 @@ from llmtrain.tokenizers.train import train_sentencepiece
 def run(cfg: RunConfig) -> None:
     tc = cfg.tokenizer
     if tc.name != "sentencepiece":
-        raise UserError(f"tokenizer train trains sentencepiece models (tokenizer=sentencepiece); "
-                        f"tokenizer.name={tc.name} needs no training step")
+        raise UserError(
+            f"tokenizer train trains sentencepiece models (tokenizer=sentencepiece); "
+            f"tokenizer.name={tc.name} needs no training step"
+        )
     docs = read_documents(cfg.data.path, cfg.data.text_field, cfg.data.encoding_errors, cfg.data.doc_pattern)
     run_dir = hydra_run_dir()
     out = Path(tc.path) if tc.path else run_dir / "tokenizer.model"
-    print(f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path}: "
-          f"{len(docs):,} documents, {sum(len(d) for d in docs):,} characters", flush=True)
+    print(
+        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path}: "
+        f"{len(docs):,} documents, {sum(len(d) for d in docs):,} characters",
+        flush=True,
+    )
     tok = train_sentencepiece(docs, tc, out)  # validates before writing anything
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_files(run_dir, cfg)
     # Characters per token on (a sample of) the corpus: how much the tokenizer compresses.
     sample = "".join(docs)[:1_000_000]
     cpt = len(sample) / max(len(tok.encode(sample)), 1)
-    print(f"wrote {out} and {out.with_suffix('.json')}: vocab {tok.vocab_size}, "
-          f"{cpt:.2f} characters per token, fingerprint {tok.fingerprint()}", flush=True)
+    print(
+        f"wrote {out} and {out.with_suffix('.json')}: vocab {tok.vocab_size}, "
+        f"{cpt:.2f} characters per token, fingerprint {tok.fingerprint()}",
+        flush=True,
+    )

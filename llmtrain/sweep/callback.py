@@ -5,6 +5,7 @@
 - on_job_end: record a job whose exception escaped the task function (the CLI's catches them).
 - on_multirun_end: print the summary table and write summary.csv / summary.md in the sweep dir.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,11 +43,16 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
         target = str(config.hydra.launcher.get("_target_", ""))
-        if "hydra_submitit_launcher" in target and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        if (
+            "hydra_submitit_launcher" in target
+            and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None
+        ):
             _exit("hydra/launcher=slurm needs the submitit launcher: pip install hydra-submitit-launcher")
         if config.hydra.sweeper.get("storage") and (_major("optuna") or 0) < 3 and (_major("sqlalchemy") or 0) >= 2:
             # optuna 2.x (the version hydra-optuna-sweeper 1.x allows) cannot open RDB storage with SQLAlchemy 2.
-            _exit("hydra.sweeper.storage with optuna 2.x needs SQLAlchemy 1.x: pip install 'sqlalchemy<2' 'alembic<1.14'")
+            _exit(
+                "hydra.sweeper.storage with optuna 2.x needs SQLAlchemy 1.x: pip install 'sqlalchemy<2' 'alembic<1.14'"
+            )
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.types import RunMode
@@ -63,12 +69,18 @@ class SweepSummary(Callback):
             return
         import json
 
-        from llmtrain.sweep.job import error_line
         from llmtrain.files import atomic_write
+        from llmtrain.sweep.job import error_line
 
         exc = job_return._return_value  # the exception (reading .return_value would re-raise it)
-        record = {"job_num": config.hydra.job.get("num"), "overrides": list(config.hydra.overrides.task),
-                  "status": "failed", "value": None, "error": error_line(exc), "finished_at": time.time()}
+        record = {
+            "job_num": config.hydra.job.get("num"),
+            "overrides": list(config.hydra.overrides.task),
+            "status": "failed",
+            "value": None,
+            "error": error_line(exc),
+            "finished_at": time.time(),
+        }
         job_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(job_dir / STATUS_FILE, json.dumps(record, indent=2, default=str) + "\n")
 
@@ -86,5 +98,4 @@ class SweepSummary(Callback):
         since = self.started - 1.0 if self.started is not None else None
         summary = write_summary(sweep_dir, metric, direction(metric, config.hydra), since=since)
         if summary is not None:
-            print("\n" + summary.text() + f"\nwrote {sweep_dir / SUMMARY_CSV} and {sweep_dir / SUMMARY_MD}",
-                  flush=True)
+            print("\n" + summary.text() + f"\nwrote {sweep_dir / SUMMARY_CSV} and {sweep_dir / SUMMARY_MD}", flush=True)

@@ -6,6 +6,7 @@ every trial (and rejects NaN), so a failed job, a NaN metric or a missing metric
 worst possible value for the sweep's direction: +inf when minimising, -inf when maximising. The
 trial then ranks last instead of aborting the study; status.json says what really happened.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,16 @@ def finish_job(value: Any, metric: str, started: float) -> float:
     out = objective_value(value, metric)
     if _is_main_rank():
         raw = None if value is None else float(value)
-        _write_status({"status": "completed", "metric": metric, "value": _json_float(raw),
-                       "objective": _json_float(out), "error": None, "elapsed_s": round(time.time() - started, 3)})
+        _write_status(
+            {
+                "status": "completed",
+                "metric": metric,
+                "value": _json_float(raw),
+                "objective": _json_float(out),
+                "error": None,
+                "elapsed_s": round(time.time() - started, 3),
+            }
+        )
     return out
 
 
@@ -126,9 +135,20 @@ def fail_job(exc: BaseException, metric: str, started: float) -> float:
         d = _job_dir()
         d.mkdir(parents=True, exist_ok=True)
         # A user error is fully described by its line; anything else keeps its traceback.
-        detail = "" if isinstance(exc, UserError) else "\n" + "".join(
-            traceback.format_exception(type(exc), exc, exc.__traceback__))
+        detail = (
+            ""
+            if isinstance(exc, UserError)
+            else "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        )
         atomic_write(d / ERROR_FILE, line + "\n" + detail)
-        _write_status({"status": "failed", "metric": metric, "value": None, "objective": _json_float(out),
-                       "error": line, "elapsed_s": round(time.time() - started, 3)})
+        _write_status(
+            {
+                "status": "failed",
+                "metric": metric,
+                "value": None,
+                "objective": _json_float(out),
+                "error": line,
+                "elapsed_s": round(time.time() - started, 3),
+            }
+        )
     return out

@@ -5,6 +5,7 @@ whatever launcher ran the jobs (in-process, joblib workers, SLURM) and can be re
 
     python -m llmtrain.sweep.summary multirun/pretrain/2026-11-23/12-00-00
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.files import atomic_write
-from llmtrain.train.tracking import METRICS_FILE, read_records
 from llmtrain.sweep.job import ERROR_FILE, STATUS_FILE, direction as metric_direction
+from llmtrain.train.tracking import METRICS_FILE, read_records
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
@@ -80,9 +81,14 @@ def read_job(job_dir: Path) -> JobRow:
         except json.JSONDecodeError:
             status = {}
     step, metrics = read_last_metrics(job_dir / METRICS_FILE)
-    row = JobRow(dir=job_dir, status=status.get("status", "incomplete"),
-                 overrides=list(status.get("overrides") or _read_overrides(job_dir)),
-                 step=step, metrics=metrics, error=status.get("error"))
+    row = JobRow(
+        dir=job_dir,
+        status=status.get("status", "incomplete"),
+        overrides=list(status.get("overrides") or _read_overrides(job_dir)),
+        step=step,
+        metrics=metrics,
+        error=status.get("error"),
+    )
     if row.status == "failed" and not row.error and (job_dir / ERROR_FILE).exists():
         row.error = (job_dir / ERROR_FILE).read_text(encoding="utf-8").splitlines()[0]
     if row.status == "completed":
@@ -161,7 +167,7 @@ class Summary:
             if col in self.varying:  # Optuna's samples: 0.0008291512779278928 -> 0.0008292
                 v = _short_number(v)
             s = _fmt(v).replace("|", "\\|")
-            return s[:max_error - 3] + "..." if col == "error" and len(s) > max_error else s
+            return s[: max_error - 3] + "..." if col == "error" and len(s) > max_error else s
 
         cols = [c for c in self.header if c not in ("overrides", "dir")]
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -172,8 +178,9 @@ class Summary:
 
     def text(self) -> str:
         n_failed = sum(1 for r in self.rows if r[self.header.index("status")] == "failed")
-        head = [f"sweep summary: {len(self.rows)} jobs, {n_failed} failed; "
-                f"best ({self.direction} {self.metric}) marked *"]
+        head = [
+            f"sweep summary: {len(self.rows)} jobs, {n_failed} failed; best ({self.direction} {self.metric}) marked *"
+        ]
         if self.fixed:
             head.append("shared overrides: " + " ".join(f"{k}={v}" for k, v in self.fixed.items()))
         if self.best is not None:
@@ -192,13 +199,25 @@ def build_summary(rows: list[JobRow], metric: str, direction: str) -> Summary:
     table = []
     for r in rows:
         ov = dict(o.split("=", 1) if "=" in o else (o, "") for o in r.overrides)
-        table.append([r.name, r.status, "*" if r.best else "", *(ov.get(k, "") for k in varying), r.step,
-                      *(r.metrics.get(k) for k in metric_cols), r.error or "", " ".join(r.overrides), str(r.dir)])
+        table.append(
+            [
+                r.name,
+                r.status,
+                "*" if r.best else "",
+                *(ov.get(k, "") for k in varying),
+                r.step,
+                *(r.metrics.get(k) for k in metric_cols),
+                r.error or "",
+                " ".join(r.overrides),
+                str(r.dir),
+            ]
+        )
     return Summary(header, table, fixed, varying, metric, direction, best)
 
 
-def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str | None = None,
-                  since: float | None = None) -> Summary | None:
+def write_summary(
+    sweep_dir: Path, metric: str = "val/loss", direction: str | None = None, since: float | None = None
+) -> Summary | None:
     """Collect the jobs of `sweep_dir`, write summary.csv and summary.md there; None if no jobs."""
     rows = collect(sweep_dir, since)
     if not rows:

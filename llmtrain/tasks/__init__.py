@@ -4,12 +4,11 @@ summarization. See base.py for the contract.
     task = build_task(cfg.task, tokenizer, model_cfg, cfg.data)
     llmtrain.checkpoints.load(path).task      # a fine-tuned checkpoint's task, rebuilt
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
-
-
 
 from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
 from llmtrain.data.corpus import TokenSplits
@@ -17,12 +16,19 @@ from llmtrain.tasks import classification, instruction, lm, qa, summarization  #
 from llmtrain.tasks.base import Task
 from llmtrain.tasks.chat_template import encode_chat, format_chat, render_prompt, stop_strings
 
-__all__ = ["Task", "build_task", "task_meta", "format_chat", "encode_chat",
-           "render_prompt", "stop_strings"]
+__all__ = ["Task", "build_task", "task_meta", "format_chat", "encode_chat", "render_prompt", "stop_strings"]
 
 
-def build_task(cfg: TaskConfig, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
-               state: dict | None = None, *, seed: int = 0, splits: TokenSplits | None = None) -> Task:
+def build_task(
+    cfg: TaskConfig,
+    tokenizer,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    state: dict | None = None,
+    *,
+    seed: int = 0,
+    splits: TokenSplits | None = None,
+) -> Task:
     """The registered task `cfg.name`, bound to its data: `seed` of its training batches, and for
     task lm the token splits of data.path (read on first use when not given)."""
     from llmtrain.registry import get

@@ -12,6 +12,7 @@ Tasks read their own files (task.train_path / task.val_path); the `lm` task read
 (or takes the token splits it is built with). Examples are tokenized once; batches are a pure
 function of (seed, step, rank).
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,15 @@ class Task(Trainee):
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
 
-    def __init__(self, cfg: TaskConfig, tokenizer: Tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
-                 state: dict | None = None, seed: int = 0):
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        tokenizer: Tokenizer,
+        model_cfg: ModelConfig,
+        data_cfg: DataConfig,
+        state: dict | None = None,
+        seed: int = 0,
+    ):
         self.cfg, self.tokenizer, self.model_cfg, self.data_cfg = cfg, tokenizer, model_cfg, data_cfg
         self.seed = seed  # of the training batches
         self._state = dict(state or {})
@@ -69,11 +77,15 @@ class Task(Trainee):
         model_cls = model_class(model_cfg.name)
         self.is_decoder = bool(getattr(model_cls, "is_decoder", True))
         if self.needs_decoder is True and not self.is_decoder:
-            raise UserError(f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
-                            f"but the checkpoint is a {model_cfg.name!r} encoder")
+            raise UserError(
+                f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
+                f"but the checkpoint is a {model_cfg.name!r} encoder"
+            )
         if self.needs_decoder is False and self.is_decoder:
-            raise UserError(f"task={self.name} needs an encoder checkpoint (bert), "
-                            f"but the checkpoint is a {model_cfg.name!r} decoder")
+            raise UserError(
+                f"task={self.name} needs an encoder checkpoint (bert), "
+                f"but the checkpoint is a {model_cfg.name!r} decoder"
+            )
         self.seq_len = min(data_cfg.seq_len, model_cfg.max_seq_len)
         self.report: dict[str, int] = {}  # counts worth telling the user (truncated, unk tokens)
         self._train: list | None = None
@@ -87,14 +99,14 @@ class Task(Trainee):
         return ExampleSource(self.train_examples(), self.data_cfg.batch_size, self.seed, self.collate, rank, world)
 
     def val_batches(self, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        return sequential_batches(self.val_examples(), self.data_cfg.batch_size, self.collate, max_batches,
-                                  rank, world)
+        return sequential_batches(self.val_examples(), self.data_cfg.batch_size, self.collate, max_batches, rank, world)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, device: torch.device | str | None = None,
-                 max_examples: int = 0) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, device: torch.device | str | None = None, max_examples: int = 0
+    ) -> dict[str, float]:
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -124,8 +136,9 @@ class Task(Trainee):
             if not self._train:
                 raise UserError(f"task {self.name}: no training examples in {self.cfg.train_path}")
             if not self._val:
-                raise UserError(f"task {self.name}: no validation examples (set task.val_path or "
-                                "data.val_fraction > 0)")
+                raise UserError(
+                    f"task {self.name}: no validation examples (set task.val_path or data.val_fraction > 0)"
+                )
 
     def train_examples(self) -> list:
         self._ensure_loaded()
@@ -164,8 +177,9 @@ class Task(Trainee):
 class ExampleSource:
     """Epoch-shuffled batches of examples; batch(step) depends only on (seed, step, rank)."""
 
-    def __init__(self, examples: list, batch_size: int, seed: int, collate: Callable,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, examples: list, batch_size: int, seed: int, collate: Callable, rank: int = 0, world_size: int = 1
+    ):
         self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
         self.rank, self.world_size = rank, world_size
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -184,8 +198,9 @@ class ExampleSource:
         return self.collate(picked)
 
 
-def sequential_batches(examples: list, batch_size: int, collate: Callable, max_batches: int = 0,
-                       rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def sequential_batches(
+    examples: list, batch_size: int, collate: Callable, max_batches: int = 0, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
     """The examples in order, collated in batches: this rank's share (llmtrain.data.validation.shard)."""
     for _, chunk in shard(examples, batch_size, max_batches, rank, world):
         yield collate(chunk)
@@ -215,8 +230,11 @@ def read_records(path: str | None, what: str = "task.train_path") -> list[dict[s
     text = read_text(p)
     suffix = p.suffix.lower()
     if suffix in (".tsv", ".csv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
-                                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(
+            io.StringIO(text),
+            delimiter="\t" if suffix == ".tsv" else ",",
+            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+        )
         rows = [dict(r) for r in reader]
         if reader.fieldnames is None:
             raise UserError(f"{p}: empty file (a header row is needed)")
@@ -265,8 +283,10 @@ def field_of(rec: dict, key: str, path: str | None, n: int, required: bool = Tru
     if key not in rec or rec[key] is None:
         if not required:
             return None
-        raise UserError(f"{path}: record {n} has no field {key!r} (fields: {', '.join(map(str, rec))}); "
-                        f"set the task's *_field option")
+        raise UserError(
+            f"{path}: record {n} has no field {key!r} (fields: {', '.join(map(str, rec))}); "
+            f"set the task's *_field option"
+        )
     return rec[key]
 
 

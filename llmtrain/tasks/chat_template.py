@@ -14,6 +14,7 @@ default:
 chatml:
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n{assistant}<|im_end|></s>\\n
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def format_chat(messages: list[dict], template: str = "default") -> list[tuple[s
     eos token right after it, and training computes the loss on exactly those tokens."""
     t = get_template(template)
     marker = t.end.rstrip("\n")  # the learned part of the end text
-    tail = t.end[len(marker):]
+    tail = t.end[len(marker) :]
     out: list[tuple[str, bool]] = []
     for m in messages:
         out.append((t.headers[m["role"]], False))
@@ -82,8 +83,9 @@ def format_chat(messages: list[dict], template: str = "default") -> list[tuple[s
     return [(text, target) for text, target in out if text]
 
 
-def encode_chat(messages: list[dict], template: str, tokenizer, add_generation_prompt: bool = False
-                ) -> tuple[list[int], list[bool]]:
+def encode_chat(
+    messages: list[dict], template: str, tokenizer, add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and which of them are assistant targets (content, end
     marker and the eos id after each assistant turn). With add_generation_prompt the ids end
     with the assistant header: feed them to generation and stop at eos."""

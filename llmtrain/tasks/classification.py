@@ -5,6 +5,7 @@ Input layout: encoders get `[CLS] a [SEP] (b [SEP])` with token types 0/1 and ar
 token (the only one that has seen the whole input under causal attention). Right padding, so
 a decoder needs no attention mask. Metrics: accuracy and macro-F1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,11 @@ class SequenceClassifier(HeadModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         hidden = self.hidden(input_ids, attention_mask, token_type_ids)
         if self.is_decoder:  # the last real token (right padding: real tokens never see pads)
-            last = attention_mask.sum(1) - 1 if attention_mask is not None else input_ids.new_full(
-                (input_ids.shape[0],), input_ids.shape[1] - 1)
+            last = (
+                attention_mask.sum(1) - 1
+                if attention_mask is not None
+                else input_ids.new_full((input_ids.shape[0],), input_ids.shape[1] - 1)
+            )
             pooled = hidden[torch.arange(input_ids.shape[0], device=hidden.device), last]
         else:
             pooled = self.backbone.pooled(hidden) if hasattr(self.backbone, "pooled") else hidden[:, 0]
@@ -70,8 +74,10 @@ class Classification(Task):
         if "labels" not in self._state:
             found = {str(field_of(r, c.label_field, train_file, n)).strip() for n, r in train}
             if len(found) < 2:
-                raise UserError(f"{train_file}: found {len(found)} distinct value(s) of {c.label_field!r}; "
-                                "classification needs at least 2 labels")
+                raise UserError(
+                    f"{train_file}: found {len(found)} distinct value(s) of {c.label_field!r}; "
+                    "classification needs at least 2 labels"
+                )
             self._state["labels"] = _sort_labels(found)
         index = {lab: i for i, lab in enumerate(self._state["labels"])}
         return self._encode_all(train, train_file, index), self._encode_all(val, val_file, index)
@@ -82,8 +88,9 @@ class Classification(Task):
         for n, rec in records:
             label = str(field_of(rec, c.label_field, path, n)).strip()
             if label not in index:
-                raise UserError(f"{path}: record {n} has label {label!r} outside the label set "
-                                f"{list(index)} (task.labels)")
+                raise UserError(
+                    f"{path}: record {n} has label {label!r} outside the label set {list(index)} (task.labels)"
+                )
             a = self.encode(str(field_of(rec, c.text_field, path, n)))
             b = self.encode(str(field_of(rec, c.text_pair_field, path, n))) if c.text_pair_field else None
             if not a:
@@ -109,9 +116,12 @@ class Classification(Task):
     def collate(self, examples):
         ids = pad_rows([e["ids"] for e in examples], self.tokenizer.pad_id)
         mask = pad_rows([[1] * len(e["ids"]) for e in examples], 0, ids.shape[1])
-        return {"input_ids": ids, "attention_mask": mask,
-                "token_type_ids": pad_rows([e["types"] for e in examples], 0, ids.shape[1]),
-                "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": pad_rows([e["types"] for e in examples], 0, ids.shape[1]),
+            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
+        }
 
     # ------------------------------------------------------------------ loss / metrics
     def loss(self, model, batch):

@@ -1,6 +1,7 @@
 """Shared by the generative tasks (instruction tuning, summarization): prompt -> response
 examples for decoders, loss only on response tokens, optional packing, and evaluation by
 generating responses (llmtrain/generation.py) scored with ROUGE/BLEU."""
+
 from __future__ import annotations
 
 from llmtrain.errors import UserError
@@ -13,8 +14,9 @@ from llmtrain.tasks.base import Task, model_device, pad_rows
 class GenerativeTask(Task):
     needs_decoder = True
 
-    def make_example(self, ids: list[int], target: list[bool], prompt: list[int], refs: list[str],
-                     where: str) -> dict | None:
+    def make_example(
+        self, ids: list[int], target: list[bool], prompt: list[int], refs: list[str], where: str
+    ) -> dict | None:
         """Shifted (input, label) pair with labels only on target tokens. An over-long example
         (counted as truncated) first loses the start of its prompt, down to half the window, so
         the prompt's end (the assistant header) and the response start stay; then the end of the
@@ -33,8 +35,10 @@ class GenerativeTask(Task):
 
     def check_kept(self, examples: list, n_records: int, path: str) -> list:
         if n_records and not examples:
-            raise UserError(f"{path}: every example was truncated to nothing at data.seq_len={self.seq_len} "
-                            "(the response starts after the context); raise data.seq_len")
+            raise UserError(
+                f"{path}: every example was truncated to nothing at data.seq_len={self.seq_len} "
+                "(the response starts after the context); raise data.seq_len"
+            )
         return examples
 
     def pack(self, examples: list[dict]) -> list[dict]:
@@ -80,9 +84,15 @@ class GenerativeTask(Task):
                 text = tok.decode(new)
                 return any(s in text for s in stops)
 
-            res = generate(model, [e["prompt"] for e in chunk], max_new_tokens=max_new,
-                           temperature=self.cfg.temperature, eos_id=tok.eos_id,
-                           pad_id=tok.pad_id, stop_fn=stop_fn if stops else None)
+            res = generate(
+                model,
+                [e["prompt"] for e in chunk],
+                max_new_tokens=max_new,
+                temperature=self.cfg.temperature,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                stop_fn=stop_fn if stops else None,
+            )
             for new in res.tokens:
                 text = tok.decode(new)
                 for s in stops:

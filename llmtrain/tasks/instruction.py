@@ -4,6 +4,7 @@
 is on the assistant tokens only (their content, end marker and eos). task.packing=true packs
 short examples into full rows. Evaluation generates the last assistant turn of each validation
 conversation and scores it with ROUGE/BLEU against the reference."""
+
 from __future__ import annotations
 
 from llmtrain.errors import UserError
@@ -24,7 +25,9 @@ def record_messages(rec: dict, where: str) -> list[dict]:
             raise UserError(f"{where}: 'instruction', 'input' and 'output' must be strings")
         user = instruction.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
         messages = ([{"role": "system", "content": rec["system"]}] if rec.get("system") else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": rec["output"]},
+        ]
     else:
         raise UserError(f"{where}: neither 'messages' (chat) nor 'instruction' (Alpaca) found")
     for m in messages:

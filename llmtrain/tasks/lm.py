@@ -1,5 +1,6 @@
 """`lm`: continue causal-LM training on data.path (the default task; what `finetune` did before
 tasks existed). Delegates to the clm objective; evaluate() reports loss / perplexity."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ class LanguageModeling(Task):
     @property
     def objective(self) -> CausalLM:
         if self._objective is None:
-            self._objective = CausalLM(ObjectiveConfig(name="clm"), self.tokenizer, self.splits, self.data_cfg,
-                                       self.seed)
+            self._objective = CausalLM(
+                ObjectiveConfig(name="clm"), self.tokenizer, self.splits, self.data_cfg, self.seed
+            )
         return self._objective
 
     def train_source(self, rank=0, world=1):

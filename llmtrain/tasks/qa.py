@@ -15,6 +15,7 @@ tokenizers) gets exact per-character offsets, otherwise every token spans its wh
 Without task.val_path the LAST articles of the file validate (round(data.val_fraction *
 articles), at least 1), so no paragraph is shared between train and validation.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,15 @@ def questions(articles: list[dict], path: str) -> list[dict]:
                 impossible = bool(q.get("is_impossible", False)) or not answers
                 if not impossible and any(not isinstance(x.get("answer_start"), int) for x in answers):
                     raise UserError(f"{where}: answers need 'text' and an integer 'answer_start'")
-                out.append({"id": str(q.get("id", f"{a}-{p}-{len(out)}")), "question": q["question"],
-                            "context": context, "answers": [] if impossible else answers, "where": where})
+                out.append(
+                    {
+                        "id": str(q.get("id", f"{a}-{p}-{len(out)}")),
+                        "question": q["question"],
+                        "context": context,
+                        "answers": [] if impossible else answers,
+                        "where": where,
+                    }
+                )
     return out
 
 
@@ -98,8 +106,10 @@ class ExtractiveQA(Task):
         else:
             n_val = max(1, int(round(self.data_cfg.val_fraction * len(train_arts))))
             if n_val >= len(train_arts):
-                raise UserError(f"{c.train_path}: {len(train_arts)} article(s) are too few to split off "
-                                "validation articles; set task.val_path")
+                raise UserError(
+                    f"{c.train_path}: {len(train_arts)} article(s) are too few to split off "
+                    "validation articles; set task.val_path"
+                )
             train_arts, val_arts, val_file = train_arts[:-n_val], train_arts[-n_val:], c.train_path
         train_q = questions(train_arts, str(c.train_path))
         val_q = questions(val_arts, str(val_file))
@@ -178,9 +188,14 @@ class ExtractiveQA(Task):
             types[i, off : len(e["ids"])] = 1
             ctx[i, 0] = True  # [CLS] = no answer
             ctx[i, off : off + we - ws] = True
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "context_mask": ctx,
-                "start_positions": torch.tensor([e["start"] for e in examples]),
-                "end_positions": torch.tensor([e["end"] for e in examples])}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": types,
+            "context_mask": ctx,
+            "start_positions": torch.tensor([e["start"] for e in examples]),
+            "end_positions": torch.tensor([e["end"] for e in examples]),
+        }
 
     # ------------------------------------------------------------------ loss / metrics
     @staticmethod

@@ -6,6 +6,7 @@ one-sentence TLDRs). Training uses the FIRST target of each record (task.all_tar
 one example per target); evaluation scores generated summaries with ROUGE/BLEU against ALL
 targets (best match). Long sources are cut at the end so the prompt suffix and target fit in
 data.seq_len; targets are capped at half of it (both counted as truncated)."""
+
 from __future__ import annotations
 
 from llmtrain.errors import UserError
@@ -52,7 +53,7 @@ class Summarization(GenerativeTask):
             if not targets:
                 raise UserError(f"{where}: empty {c.target_field!r} (response)")
             src = self.encode(source)
-            for target in (targets if train and all_targets else targets[:1]):
+            for target in targets if train and all_targets else targets[:1]:
                 full = self.encode(target)
                 tgt = full[: self.seq_len // 2]
                 room = self.seq_len + 1 - len(suffix) - len(tgt) - 1
@@ -61,8 +62,7 @@ class Summarization(GenerativeTask):
                     self.count("truncated")
                 prompt = cut + suffix
                 ids = prompt + tgt + [tok.eos_id]
-                ex = self.make_example(ids, [False] * len(prompt) + [True] * (len(tgt) + 1), prompt,
-                                       targets, where)
+                ex = self.make_example(ids, [False] * len(prompt) + [True] * (len(tgt) + 1), prompt, targets, where)
                 if ex is not None:
                     out.append(ex)
         return out

@@ -1,13 +1,16 @@
 """Tokenizers, chosen by `tokenizer.name`. See base.py for the contract."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from llmtrain import registry
-from llmtrain.tokenizers import char  # noqa: F401  (registers)
-from llmtrain.tokenizers import byte  # noqa: F401  (registers)
-from llmtrain.tokenizers import sentencepiece  # noqa: F401  (registers)
-from llmtrain.tokenizers import hf  # noqa: F401  (registers)
+from llmtrain.tokenizers import (
+    byte,  # noqa: F401  (registers)
+    char,  # noqa: F401  (registers)
+    hf,  # noqa: F401  (registers)
+    sentencepiece,  # noqa: F401  (registers)
+)
 from llmtrain.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "build_tokenizer", "tokenizer_class", "tokenizer_from_state"]

@@ -5,6 +5,7 @@ Special tokens are defined once here; every tokenizer exposes their ids, so obje
 A tokenizer round-trips through `state()` (JSON-serialisable, stored in checkpoints) and
 `from_state()`; `fingerprint()` identifies it for data caches.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -2,6 +2,7 @@
 
 Needs no training and never produces unk: any text round-trips exactly through UTF-8.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Character-level tokenizer: the special tokens, then every character of the training corpus."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,9 +35,7 @@ class CharTokenizer(Tokenizer):
         n = len(SPECIAL_TOKENS)
         # Special tokens are dropped from decoded text, except unk which shows as U+FFFD.
         return "".join(
-            self.itos[i] if i >= n else ("\ufffd" if i == self.unk_id else "")
-            for i in ids
-            if 0 <= i < self.vocab_size
+            self.itos[i] if i >= n else ("\ufffd" if i == self.unk_id else "") for i in ids if 0 <= i < self.vocab_size
         )
 
     def state(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ pipeline adds document boundaries itself). Our special-token ids map to the HF t
 special tokens; one it lacks borrows a related one (GPT-2 has only <|endoftext|>, which then
 serves as bos, eos, pad and unk alike) - see FALLBACKS.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,7 +36,7 @@ class HFTokenizer(Tokenizer):
 
         try:
             self.tk = TkTokenizer.from_str(tokenizer_json)
-        except Exception as e:  # the tokenizers library raises plain Exceptions on bad JSON
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on bad JSON
             raise UserError(f"tokenizer state: not a valid Hugging Face tokenizer.json ({str(e)[:200]})") from None
         self.tokenizer_json = tokenizer_json
         self.special_tokens = {k: special_tokens.get(k) for k in SPECIAL_TOKENS}
@@ -47,8 +48,10 @@ class HFTokenizer(Tokenizer):
                 if i is None:
                     i = ids[other]
             if i is None:
-                raise UserError("Hugging Face tokenizer has none of eos/bos/pad/unk special tokens; "
-                                "llmtrain needs at least one (to mark document ends)")
+                raise UserError(
+                    "Hugging Face tokenizer has none of eos/bos/pad/unk special tokens; "
+                    "llmtrain needs at least one (to mark document ends)"
+                )
             setattr(self, f"{key}_id", i)
         self._special = frozenset(self.special_ids)
 
@@ -59,13 +62,14 @@ class HFTokenizer(Tokenizer):
 
         try:
             hf = AutoTokenizer.from_pretrained(path)
-        except Exception as e:  # missing / corrupt files surface as many exception types
+        except Exception as e:  # noqa: BLE001 - missing / corrupt files surface as many exception types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"{path}: cannot load the Hugging Face tokenizer ({first})") from None
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None:
-            raise UserError(f"{path}: the Hugging Face tokenizer is not a fast (tokenizers) one; "
-                            "save it with a tokenizer.json")
+            raise UserError(
+                f"{path}: the Hugging Face tokenizer is not a fast (tokenizers) one; save it with a tokenizer.json"
+            )
         special = {k: _token_str(getattr(hf, f"{k}_token", None)) for k in SPECIAL_TOKENS}
         return cls(backend.to_str(), special)
 

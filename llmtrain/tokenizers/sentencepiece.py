@@ -5,6 +5,7 @@ pad/unk/bos/eos (ids 0-3) and [CLS]/[SEP]/[MASK] are user-defined symbols (ids 4
 `state()` carries the serialized model itself, so a checkpoint rebuilds the tokenizer without
 the original .model file.
 """
+
 from __future__ import annotations
 
 import base64

@@ -13,6 +13,7 @@ Settings chosen for LM pretraining, where decode(encode(text)) must give back th
 - split_digits, allow_whitespace_only_pieces: digits tokenized one by one (arithmetic
   generalises better), runs of spaces (indentation) may become single pieces.
 """
+
 from __future__ import annotations
 
 import io

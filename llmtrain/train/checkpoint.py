@@ -15,6 +15,7 @@ read it unchanged. Only rank 0 writes; the other ranks wait at a barrier.
 Retention: the newest `keep_last` checkpoints, plus the best by validation loss (only checkpoints
 whose metrics were measured at their own step compete), are kept; older ones are deleted.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
 
 
-def _contiguous_state(model: torch.nn.Module | dict[str, torch.Tensor],
-                      aliases: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def _contiguous_state(
+    model: torch.nn.Module | dict[str, torch.Tensor], aliases: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage: keep one name per tensor (tied weights are re-tied on load).
     state = model if isinstance(model, dict) else model.state_dict()
     out, seen = {}, set()
@@ -83,9 +85,15 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
-                    meta: dict[str, Any], train_state: dict[str, Any] | None = None, keep_last: int = 0,
-                    aliases: set[str] = frozenset()) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+    keep_last: int = 0,
+    aliases: set[str] = frozenset(),
+) -> Path:
     """Write a checkpoint of `model` (a module, or a full state dict minus `aliases`) atomically."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
@@ -164,21 +172,20 @@ def load_train_state(ckpt: Path) -> dict[str, Any] | None:
         return None
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling/format failure is a bad file, not a crash
+    except Exception as e:  # noqa: BLE001 - any unpickling/format failure is a bad file, not a crash
         raise UserError(f"corrupt or unreadable training state {f}: {str(e).splitlines()[0]}") from None
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str,
-                     strict: bool = True) -> tuple[list[str], list[str]]:
+def load_model_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str, strict: bool = True
+) -> tuple[list[str], list[str]]:
     """Load weights; tied parameters absent from the file are fine (they share storage)."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch: a checkpoint of another model size
         first = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"checkpoint {source} does not match the model: {first}") from None
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
-        n for n, _ in model.named_parameters()
-    }
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [k for k in result.missing_keys if k not in tied]
     if strict and (missing or result.unexpected_keys):
         what = missing[:3] or result.unexpected_keys[:3]

@@ -1,4 +1,5 @@
 """Device, precision and hardware peak FLOPS (for MFU)."""
+
 from __future__ import annotations
 
 import contextlib

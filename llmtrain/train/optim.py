@@ -1,5 +1,6 @@
 """Optimizers (AdamW; Muon for hidden matrices with AdamW for the rest) with decoupled weight
 decay only on matrices, and the learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,10 @@ def check_optimizer(cfg: OptimConfig, sharded: bool) -> None:
     if cfg.name not in OPTIMIZERS:
         raise UserError(f"unknown optim.name {cfg.name!r}; available: {', '.join(OPTIMIZERS)}")
     if cfg.name == "muon" and sharded:
-        raise UserError("optim=muon orthogonalises whole weight matrices, which FSDP shards: "
-                        "use trainer.strategy=ddp (or optim=adamw)")
+        raise UserError(
+            "optim=muon orthogonalises whole weight matrices, which FSDP shards: "
+            "use trainer.strategy=ddp (or optim=adamw)"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
@@ -44,8 +47,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
     ]
     if cfg.name == "muon":
         groups.append({"params": hidden, "weight_decay": cfg.weight_decay, "lr": cfg.muon_lr, "muon": True})
-        return MuonAdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                         momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps)
+        return MuonAdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            momentum=cfg.muon_momentum,
+            ns_steps=cfg.muon_ns_steps,
+        )
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
     # foreach batches the update over all tensors: faster than a per-parameter loop on CPU too
     kwargs = {"fused": True} if fused else {"foreach": True}
@@ -79,10 +88,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
     skips_on_found_inf = True
 
-    def __init__(self, groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
-                 ns_steps: int = 5):
-        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum,
-                                      ns_steps=ns_steps, muon=False, fused=False))
+    def __init__(
+        self, groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5
+    ):
+        super().__init__(
+            groups,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=0.0,
+                momentum=momentum,
+                ns_steps=ns_steps,
+                muon=False,
+                fused=False,
+            ),
+        )
         self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -94,7 +115,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if keep is None:
-                    keep = torch.ones((), device=p.device) if self.found_inf is None else 1 - self.found_inf.to(p.device)
+                    keep = (
+                        torch.ones((), device=p.device) if self.found_inf is None else 1 - self.found_inf.to(p.device)
+                    )
                 grad = torch.where(keep > 0, p.grad, 0)  # a skipped step must not poison the state
                 lr, state = group["lr"], self.state[p]
                 p.mul_(1 - lr * group["weight_decay"] * keep)
@@ -116,8 +139,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     state["exp_avg"].lerp_(grad, (1 - b1) * keep)
                     state["exp_avg_sq"].mul_(1 - (1 - b2) * keep).addcmul_(grad, grad, value=1 - b2)
                     step = state["step"].clamp(min=1)
-                    denom = (state["exp_avg_sq"].sqrt() / (1 - b2 ** step).sqrt()).add_(group["eps"])
-                    p.addcdiv_(state["exp_avg"] * (-lr / (1 - b1 ** step) * keep), denom)
+                    denom = (state["exp_avg_sq"].sqrt() / (1 - b2**step).sqrt()).add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"] * (-lr / (1 - b1**step) * keep), denom)
         return loss
 
 

@@ -6,6 +6,7 @@ package versions, devices) and the job's overrides; its files live under RUN_DIR
 offline run (logger.mode=offline, or WANDB_MODE=offline) is synced later with
 `wandb sync RUN_DIR/wandb/offline-run-*`. In a sweep (-m) the runs are grouped by sweep.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,7 @@ class MetricsLogger:
     Only the process that owns the run directory (rank 0) should create one with enabled=True.
     """
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict | None = None,
-                 enabled: bool = True):
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict | None = None, enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
         # The tracker first: a missing package or a bad logger.mode fails before any file is opened.
@@ -136,14 +136,22 @@ class _WandbBackend:
         stage = (config_dict or {}).get("stage")
         try:
             self.run = wandb.init(
-                project=cfg.project, name=cfg.run_name or default_run_name(run_dir),
-                group=cfg.group or sweep_group(), tags=list(cfg.tags) or None, job_type=stage,
-                mode=cfg.mode, dir=str(run_dir), config=config, reinit=True,
+                project=cfg.project,
+                name=cfg.run_name or default_run_name(run_dir),
+                group=cfg.group or sweep_group(),
+                tags=list(cfg.tags) or None,
+                job_type=stage,
+                mode=cfg.mode,
+                dir=str(run_dir),
+                config=config,
+                reinit=True,
             )
         except Exception as e:  # noqa: BLE001 - login / network problems are the user's to fix
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"logger=wandb: wandb.init failed ({first}); run `wandb login`, "
-                            f"or use logger.mode=offline and `wandb sync` later") from None
+            raise UserError(
+                f"logger=wandb: wandb.init failed ({first}); run `wandb login`, "
+                f"or use logger.mode=offline and `wandb sync` later"
+            ) from None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)

@@ -13,6 +13,7 @@ Design points:
 - Checkpoints have one format for every strategy (full safetensors weights + train_state.pt);
   under FSDP the full state is gathered to rank 0 for the save and re-sharded on load.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,15 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, rt: Runtime, model: torch.nn.Module, trainee: Trainee,
-                 logger: MetricsLogger, meta: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rt: Runtime,
+        model: torch.nn.Module,
+        trainee: Trainee,
+        logger: MetricsLogger,
+        meta: dict[str, Any],
+    ):
         """`trainee`: an objective or a task, its data bound (it gives this rank its batches)."""
         self.cfg, self.tc = cfg, cfg.trainer
         self.model, self.trainee = model, trainee
@@ -155,8 +163,9 @@ class Trainer:
         path = None
         if self.dist.rank == 0:
             meta = {**self.meta, "metrics": metrics or {}, "metrics_step": metrics_step}
-            path = ckpt.save_checkpoint(self.ckpt_root, self.step, weights, meta, state,
-                                        keep_last=self.tc.keep_last, aliases=self.aliases)
+            path = ckpt.save_checkpoint(
+                self.ckpt_root, self.step, weights, meta, state, keep_last=self.tc.keep_last, aliases=self.aliases
+            )
         barrier()
         return path
 
@@ -170,8 +179,9 @@ class Trainer:
             if all(isinstance(k, int) for k in state["optimizer"].get("state", {})):  # positional
                 self.optimizer.load_state_dict(state["optimizer"])
             else:
-                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(
+                    self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+                )
             self.scheduler.load_state_dict(state["scheduler"])
             rngs = state["rng"]
             if len(rngs) == self.dist.world_size:  # same layout: continue each rank's stream exactly
@@ -244,8 +254,14 @@ class Trainer:
         tc = self.tc
         main = self.dist.rank == 0
         start_step = self.step
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (main and tc.progress),
-                   desc=self.cfg.stage, dynamic_ncols=True, leave=True)
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.step,
+            disable=not (main and tc.progress),
+            desc=self.cfg.stage,
+            dynamic_ncols=True,
+            leave=True,
+        )
         old_handlers = self._install_signal_handlers()
         loss_acc = torch.zeros((), device=self.device)
         last_val: dict[str, float] = {}
@@ -284,8 +300,9 @@ class Trainer:
                     if self.device.type == "cuda":
                         metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
                     self.logger.log(metrics, self.step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                                    tok_s=f"{tps:,.0f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False
+                    )
                     loss_acc.zero_()
                     t_last, steps_since = time.perf_counter(), 0
                     self._check_bad_steps()  # after logging, so the log shows the bad steps
@@ -317,8 +334,11 @@ class Trainer:
         else:
             path = self.save(last_val)
         if interrupted and main:
-            print(f"stopped by signal at step {self.step}; checkpoint saved to {path} "
-                  f"(continue with trainer.resume=auto hydra.run.dir={self.run_dir})", flush=True)
+            print(
+                f"stopped by signal at step {self.step}; checkpoint saved to {path} "
+                f"(continue with trainer.resume=auto hydra.run.dir={self.run_dir})",
+                flush=True,
+            )
         return TrainResult(step=self.step, metrics=last_val, checkpoint=path, interrupted=interrupted)
 
     def _step_optimizer(self, params, loss_step: torch.Tensor, bad_run: torch.Tensor) -> torch.Tensor:
@@ -338,7 +358,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif getattr(self.optimizer, "skips_on_found_inf", False) or (
-                self.device.type == "cuda" and self.optimizer.defaults.get("fused")):
+            self.device.type == "cuda" and self.optimizer.defaults.get("fused")
+        ):
             # The fused kernel (and MuonAdamW) skips the update on device when found_inf is set:
             # no host sync.
             self.optimizer.found_inf = (~finite).float()
