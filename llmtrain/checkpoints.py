@@ -15,7 +15,8 @@
   LoRALinear modules).
 
 The on-disk format (save, list, resolve, verify) is llmtrain/train/checkpoint.py; this module
-turns a checkpoint into objects. What a new checkpoint records is `checkpoint_meta`.
+turns a checkpoint into objects, after checking the weights against the sha256 in meta.json.
+What a new checkpoint records is `checkpoint_meta`.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _build(info: Info, merge: bool):
     from llmtrain.models import build_model
     from llmtrain.models.lora import apply_lora, merge_lora
 
+    ckpt.verify(info.path, [ckpt.WEIGHTS], info.meta)  # only the file read here: a bad train_state.pt is resume's
     weights = ckpt.load_weights(info.path)
     if not info.is_task:
         model = build_model(info.model_cfg)

@@ -35,6 +35,7 @@ import numpy as np
 from llmtrain.data.corpus import TokenSplits, encode_mode, encode_texts, token_dtype
 from llmtrain.data.sources import HF_PREFIX, parse_hf_spec, read_documents, resolve_files
 from llmtrain.errors import UserError
+from llmtrain.files import fsync_dir, fsync_tree
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
 
 FORMAT = 1
@@ -252,6 +253,7 @@ def prepare(
             shutil.rmtree(entry, ignore_errors=True)
         try:
             os.replace(tmp, entry)
+            fsync_dir(entry.parent)
         except OSError:  # another process finished the same entry first: use theirs
             if _check_entry(entry, tok, source_fp) is not None:
                 raise
@@ -307,9 +309,6 @@ def _build(
         counts = {"train": (cut, 1), "val": (n - cut, 0)}
     else:
         val_bytes = sum(len(d.encode("utf-8")) for d in parts["val"])
-    for name in ("train.bin", "val.bin"):
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
     meta = {
         "format": FORMAT,
         "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
@@ -331,4 +330,5 @@ def _build(
     }
     # Written last: an entry without meta.json is never used.
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    fsync_tree(tmp)  # every file on disk before the rename publishes the entry
     return meta

@@ -150,10 +150,16 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
         fig.suptitle(textwrap.fill(title, 160), fontsize=8)
     fig.tight_layout()
 
+    import io
+
+    from llmtrain.files import atomic_write
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # rendered in memory, then written like every other file (atomic, fsynced)
     try:
-        fig.savefig(out, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=100)
     finally:
         plt.close(fig)
+    atomic_write(out, buf.getvalue())
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmtrain.errors import UserError
-from llmtrain.files import fsync_dir, fsync_tree
+from llmtrain.files import disk_full, file_mode, free_bytes, fsync_dir, fsync_tree, is_disk_full
 from llmtrain.hf import ARCHS
 from llmtrain.hf.tokenizer import SIDE_FILE, save_tokenizer
 
@@ -144,6 +144,9 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
             "llmtrain_model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         }
         (tmp / "llmtrain_export.json").write_text(json.dumps(info, indent=2, default=str))
+        for f in tmp.iterdir():  # transformers saves weights through safetensors (0600): same mode as the rest
+            if f.is_file():
+                os.chmod(f, file_mode())
         fsync_tree(tmp)
         if out.exists():  # replace a previous export: move it aside, rename, then delete it
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -153,6 +156,13 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
         else:
             tmp.rename(out)
         fsync_dir(out.parent)
+    except Exception as e:
+        free = free_bytes(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = sum(p.numel() * 4 for p in model.parameters())  # float32 weights: most of the export
+        if is_disk_full(e, free, needed):
+            raise disk_full(out, needed, free) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

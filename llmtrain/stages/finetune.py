@@ -14,14 +14,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from safetensors.torch import save_file
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.errors import UserError
-from llmtrain.files import atomic_replace, tmp_name
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import hydra_overrides, setup_runtime
@@ -213,6 +211,4 @@ def _save_merged(trainer: Trainer, model, meta: dict, metrics: dict) -> None:
     final = trainer.save(metrics)  # same step: atomically replaces the directory
     if final is None:  # not rank 0
         return
-    tmp = tmp_name(final / ADAPTER)
-    save_file(trained, str(tmp), metadata={"format": "llmtrain-lora-v1"})
-    atomic_replace(tmp, final / ADAPTER)
+    ckpt.add_file(final, ADAPTER, trained, {"format": "llmtrain-lora-v1"})  # recorded in meta.json, verified

@@ -7,7 +7,15 @@
     RUN_DIR/best_checkpoint    "checkpoints/step_NNNNNNN": the one with the lowest val/loss (a pointer)
 
 A directory without meta.json is never considered complete, and a rename is atomic, so a kill
-during a save leaves the previous checkpoint as the newest complete one. The format is the same
+during a save leaves the previous checkpoint as the newest complete one. meta.json records the
+sha256 and size of every other file (`files`; a file added later, e.g. finetune's adapter,
+through `add_file`); loads verify them (`verify`), and `trainer.resume=auto` skips a checkpoint
+that fails for the newest one that passes (`newest_intact`). Checkpoints older than the record
+have nothing to verify and load as before. A full disk is one line naming the checkpoint and its
+size; the half-written directory is removed, the previous checkpoints are untouched.
+
+Test hook: LLMTRAIN_TEST_SAVE_DELAY=SECONDS (or STEP:SECONDS, that step's save only) sleeps after
+the weights are written and before the rename, so a test can kill -9 a run inside a save. The format is the same
 for every strategy: under FSDP the trainer gathers full weights and optimizer state to rank 0
 (see Trainer.save), so evaluate/generate/export and a resume with another strategy or world size
 read it unchanged. Only rank 0 writes; the other ranks wait at a barrier.
@@ -21,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +39,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmtrain.errors import UserError
-from llmtrain.files import atomic_write, fsync_dir, fsync_tree
+from llmtrain.files import (
+    atomic_replace,
+    atomic_write,
+    disk_full,
+    file_mode,
+    free_bytes,
+    fsync_dir,
+    fsync_tree,
+    is_disk_full,
+    sha256_file,
+    tmp_name,
+)
 
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "train_state.pt"
 BEST = "best_checkpoint"  # in the run directory, next to checkpoints/
 FORMAT = "llmtrain-checkpoint-v1"
+FILES = "files"  # meta.json key: {name: {"sha256": hex, "size": bytes}} of the other files
+CORRUPT = "corrupt-"  # prefix of a checkpoint that resume set aside (not matched by step_*)
+SAVE_DELAY_ENV = "LLMTRAIN_TEST_SAVE_DELAY"
 
 
 def tied_aliases(model: torch.nn.Module) -> set[str]:
@@ -85,6 +109,38 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: what a checkpoint of it needs on disk, about."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file, with the mode of every other file: safetensors writes through a private
+    temporary file and renames it, so the weights would otherwise be 0600."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, file_mode())
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    digest, size = sha256_file(path)
+    return {"sha256": digest, "size": size}
+
+
+def _test_delay(step: int) -> None:
+    spec = os.environ.get(SAVE_DELAY_ENV)
+    if not spec:
+        return
+    at, _, secs = spec.rpartition(":")
+    if not at or int(at) == step:
+        time.sleep(float(secs))
+
+
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -100,13 +156,25 @@ def save_checkpoint(
     for stale in ckpt_root.glob(".tmp-step_*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-step_{step:07d}-{os.getpid()}"
-    tmp.mkdir()
-    save_file(_contiguous_state(model, aliases), str(tmp / WEIGHTS), metadata={"format": FORMAT})
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE)
-    meta = {"format": FORMAT, "step": step, **meta}
-    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    fsync_tree(tmp)  # the data must be on disk before the rename makes it the checkpoint
+    tensors = _contiguous_state(model, aliases)
+    try:
+        tmp.mkdir()
+        write_safetensors(tensors, tmp / WEIGHTS, {"format": FORMAT})
+        _test_delay(step)
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE)
+        # hashed from the written files (streamed), so the record is of what is on disk
+        files = {name: file_record(tmp / name) for name in (WEIGHTS, STATE) if (tmp / name).is_file()}
+        meta = {"format": FORMAT, "step": step, **meta, FILES: files}
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        fsync_tree(tmp)  # the data must be on disk before the rename makes it the checkpoint
+    except Exception as e:
+        free = free_bytes(ckpt_root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = _nbytes(tensors) + _nbytes(train_state)
+        if is_disk_full(e, free, needed):
+            raise disk_full(final, needed, free) from None
+        raise
     if final.exists():  # re-saving the same step: move the old one aside first
         old = ckpt_root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -117,6 +185,74 @@ def save_checkpoint(
     fsync_dir(ckpt_root)
     prune_checkpoints(ckpt_root, keep_last)
     return final
+
+
+def add_file(ckpt: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Add a safetensors file to a finished checkpoint and record it in meta.json. The file is
+    renamed into place before meta.json names it: a kill in between leaves an unrecorded extra
+    file, never a record of a missing one."""
+    path = ckpt / name
+    tmp = tmp_name(path)
+    try:
+        write_safetensors(tensors, tmp, metadata)
+        record = file_record(tmp)
+        atomic_replace(tmp, path)
+    except Exception as e:
+        free = free_bytes(ckpt)
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e, free, _nbytes(tensors)):
+            raise disk_full(path, _nbytes(tensors), free) from None
+        raise
+    meta = load_meta(ckpt)
+    meta[FILES] = {**meta.get(FILES, {}), name: record}
+    atomic_write(ckpt / META, json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def verify(ckpt: Path, names: list[str] | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Check the files meta.json records (or only `names` of them) against their size and
+    sha256; a mismatch is a UserError naming the file. Nothing recorded: nothing to check."""
+    meta = load_meta(ckpt) if meta is None else meta
+    recorded = meta.get(FILES) or {}
+    for name, rec in recorded.items():
+        if names is not None and name not in names:
+            continue
+        f = ckpt / name
+        if not f.is_file():
+            raise UserError(f"checkpoint file {f} is missing (recorded in {ckpt / META})")
+        size = f.stat().st_size
+        if size != rec.get("size"):
+            raise UserError(f"checkpoint file {f} is corrupt: {size:,} bytes, {META} records {rec.get('size'):,}")
+        if sha256_file(f)[0] != rec.get("sha256"):
+            raise UserError(f"checkpoint file {f} is corrupt: its sha256 differs from the one in {META}")
+
+
+def newest_intact(ckpt_root: Path, main: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files verify, for trainer.resume=auto. Newer ones
+    that fail are skipped with one warning line each and (by the main process) set aside as
+    corrupt-step_N, so pruning never keeps them over the run's new checkpoints. If none
+    verifies, the newest one's error is raised: nothing is moved, and the run does not start
+    over silently."""
+    found = list_checkpoints(ckpt_root)
+    failed: list[tuple[Path, UserError]] = []
+    for cand in reversed(found):
+        try:
+            verify(cand)
+        except UserError as e:
+            failed.append((cand, e))
+            continue
+        if main:
+            for bad, e in failed:
+                aside = bad.with_name(CORRUPT + bad.name)
+                if aside.exists():  # set aside before: keep both
+                    aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+                bad.rename(aside)
+                fsync_dir(ckpt_root)
+                print(f"warning: {e}; moved to {aside.name}, resuming from {cand}", file=sys.stderr, flush=True)
+        return cand
+    if failed:
+        raise failed[0][1]
+    return None
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

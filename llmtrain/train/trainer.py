@@ -84,8 +84,8 @@ class Trainer:
         self.aliases = ckpt.tied_aliases(model)  # names to drop from full state dicts
         # Resume: weights go into the plain model before wrapping (FSDP then shards them);
         # optimizer/scheduler/RNG state after the optimizer exists.
-        found = ckpt.list_checkpoints(self.ckpt_root) if self.tc.resume == "auto" else []
-        self.resumed_from: Path | None = found[-1] if found else None
+        resume = self.tc.resume == "auto"  # from the newest checkpoint that verifies (corrupt ones: a warning)
+        self.resumed_from: Path | None = ckpt.newest_intact(self.ckpt_root, dist.rank == 0) if resume else None
         if self.resumed_from is not None:
             ckpt.load_meta(self.resumed_from)
             ckpt.load_model_state(model, ckpt.load_weights(self.resumed_from), self.resumed_from)
