@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import SHARED, TINY, assert_user_error, run_cli  # noqa: E402
+from llmtrain import files  # noqa: E402
 from llmtrain.checkpoints import checkpoint_meta, load as load_checkpoint  # noqa: E402
 from llmtrain.config.schema import ExportConfig, ModelConfig, RunConfig, TokenizerConfig  # noqa: E402
 from llmtrain.errors import UserError  # noqa: E402
@@ -91,6 +92,8 @@ def test_export_loads_with_auto_classes(tmp_path, arch, tok_kind):
     out = export_hf(ours, tmp_path / "export")
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (out / f).is_file(), f
+    # one mode for every file, the weights too (safetensors alone would leave them 0600)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {files.file_mode()}
 
     auto = getattr(transformers, OURS[arch][1])
     hf, info = auto.from_pretrained(str(out), output_loading_info=True)

@@ -214,16 +214,21 @@ def verify(ckpt: Path, names: list[str] | None = None, meta: dict[str, Any] | No
     sha256; a mismatch is a UserError naming the file. Nothing recorded: nothing to check."""
     meta = load_meta(ckpt) if meta is None else meta
     recorded = meta.get(FILES) or {}
+    malformed = UserError(f"checkpoint metadata {ckpt / META} has a malformed {FILES!r} record")
+    if not isinstance(recorded, dict):
+        raise malformed
     for name, rec in recorded.items():
         if names is not None and name not in names:
             continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("size"), int) or not isinstance(rec.get("sha256"), str):
+            raise malformed
         f = ckpt / name
         if not f.is_file():
             raise UserError(f"checkpoint file {f} is missing (recorded in {ckpt / META})")
         size = f.stat().st_size
-        if size != rec.get("size"):
-            raise UserError(f"checkpoint file {f} is corrupt: {size:,} bytes, {META} records {rec.get('size'):,}")
-        if sha256_file(f)[0] != rec.get("sha256"):
+        if size != rec["size"]:
+            raise UserError(f"checkpoint file {f} is corrupt: {size:,} bytes, {META} records {rec['size']:,}")
+        if sha256_file(f)[0] != rec["sha256"]:
             raise UserError(f"checkpoint file {f} is corrupt: its sha256 differs from the one in {META}")
 
 
