@@ -116,30 +116,6 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
-def _sweep_first_values(overrides: list[str]) -> list[str]:
-    """The overrides with each sweep (a,b or choice(...)) replaced by its first value; sweeps
-    without one (interval(...)) are left out. Hydra's own keys are left out too."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad syntax
-        fail(f"bad override: {_one_line(e)}")
-    single: list[str] = []
-    for o in parsed:
-        if o.key_or_group.startswith("hydra"):
-            continue
-        if o.is_sweep_override():
-            try:
-                first = next(iter(o.sweep_string_iterator()))
-            except Exception:  # noqa: BLE001 - interval()/tag sweeps have no first value
-                continue
-            single.append(f"{o.get_key_element()}={first}")
-        else:
-            single.append(o.input_line)
-    return single
-
-
 def _compose_checked(overrides: list[str], config_name: str):
     """Compose and validate (call inside compose.hydra_session): config mistakes exit 2 with one
     line and no traceback, before anything is written."""
@@ -231,7 +207,10 @@ def run_stage(stage: str, args: list[str]) -> None:
             compose.run_composed(_task(stage), cfg, configure_logging=not under_torchrun)
         return
     if not any(f in flags for f in ("--hydra-help", "--info", "--shell-completion", "-sc")):
-        single = _sweep_first_values(overrides) if any(f in flags for f in MULTIRUN_FLAGS) else overrides
+        try:
+            single = compose.sweep_first_values(overrides) if any(f in flags for f in MULTIRUN_FLAGS) else overrides
+        except UserError as e:
+            fail(str(e))
         with compose.hydra_session(config_name):
             _compose_checked(single, config_name)
     import hydra
