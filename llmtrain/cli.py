@@ -16,7 +16,7 @@ from typing import Callable
 
 import typer
 
-from llmtrain.errors import UserError, fail
+from llmtrain.errors import Interrupted, UserError, fail
 
 # verb -> (stage module, one-line help). The module's `run(cfg)` does the work; the primary
 # config is conf/<verb with spaces as underscores>.yaml.
@@ -137,13 +137,16 @@ def _task(stage: str) -> Callable:
     Single run: a UserError exits 2 with one line. Sweep (-m): a failing job must not end the
     sweep, so any exception is recorded in the job directory (status.json, error.txt), reported in
     one line, and the job returns the worst value for the sweep's direction (see llmtrain/sweep/job.py).
+    A run stopped by SIGTERM/SIGINT (checkpoint saved) prints its resume line last and exits
+    128 + signal: 143 for SIGTERM, 130 for SIGINT. In a sweep the job is recorded as interrupted
+    and the sweep stops too, since the signal was meant for the whole command.
     """
 
     def task(cfg) -> float:
         import time
 
         from llmtrain.config import to_run_config, validate_config
-        from llmtrain.sweep.job import fail_job, finish_job, in_multirun, objective_value
+        from llmtrain.sweep.job import fail_job, finish_job, in_multirun, interrupt_job, objective_value
 
         started, multirun = time.time(), in_multirun()
         metric = str(cfg.get("optimize_metric") or "val/loss")
@@ -152,6 +155,12 @@ def _task(stage: str) -> Callable:
             run_cfg = to_run_config(cfg)
             validate_config(run_cfg)
             value = module.run(run_cfg)
+        except Interrupted as e:
+            if multirun:
+                interrupt_job(e, metric, started)
+            if os.environ.get("RANK", "0") == "0":
+                print(str(e), flush=True)
+            raise SystemExit(e.exit_code) from None
         except UserError as e:
             if multirun:
                 return fail_job(e, metric, started)
