@@ -97,8 +97,8 @@ def run(cfg: RunConfig) -> float | None:
                 print(f"finetune: val/loss before training {before:.4f}", flush=True)
         trainer = Trainer(cfg, rt, model, task, logger, meta)
         result = trainer.fit()
-        if result.interrupted:
-            return result.metrics.get(cfg.optimize_metric)
+        if result.interrupted:  # the merged save and the task metrics are left to the resumed run
+            raise result.interruption(rt.run_dir)
         if cfg.finetune.lora.r > 0:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
         if not rt.is_main:
