@@ -103,6 +103,9 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5
     progress: bool = True
+    # CPU threads of torch ops; 0 = auto: OMP_NUM_THREADS if you set it, else the usable cores
+    # divided by this machine's processes of the run (ranks, parallel sweep jobs)
+    threads: int = 0
 
 
 @dataclass
