@@ -16,7 +16,7 @@ from typing import Callable
 
 import typer
 
-from llmtrain.errors import UserError, fail
+from llmtrain.errors import Interrupted, UserError, fail
 
 # verb -> (stage module, one-line help). The module's `run(cfg)` does the work; the primary
 # config is conf/<verb with spaces as underscores>.yaml.
@@ -116,30 +116,6 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
-def _sweep_first_values(overrides: list[str]) -> list[str]:
-    """The overrides with each sweep (a,b or choice(...)) replaced by its first value; sweeps
-    without one (interval(...)) are left out. Hydra's own keys are left out too."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad syntax
-        fail(f"bad override: {_one_line(e)}")
-    single: list[str] = []
-    for o in parsed:
-        if o.key_or_group.startswith("hydra"):
-            continue
-        if o.is_sweep_override():
-            try:
-                first = next(iter(o.sweep_string_iterator()))
-            except Exception:  # noqa: BLE001 - interval()/tag sweeps have no first value
-                continue
-            single.append(f"{o.get_key_element()}={first}")
-        else:
-            single.append(o.input_line)
-    return single
-
-
 def _compose_checked(overrides: list[str], config_name: str):
     """Compose and validate (call inside compose.hydra_session): config mistakes exit 2 with one
     line and no traceback, before anything is written."""
@@ -161,13 +137,16 @@ def _task(stage: str) -> Callable:
     Single run: a UserError exits 2 with one line. Sweep (-m): a failing job must not end the
     sweep, so any exception is recorded in the job directory (status.json, error.txt), reported in
     one line, and the job returns the worst value for the sweep's direction (see llmtrain/sweep/job.py).
+    A run stopped by SIGTERM/SIGINT (checkpoint saved) prints its resume line last and exits
+    128 + signal: 143 for SIGTERM, 130 for SIGINT. In a sweep the job is recorded as interrupted
+    and the sweep stops too, since the signal was meant for the whole command.
     """
 
     def task(cfg) -> float:
         import time
 
         from llmtrain.config import to_run_config, validate_config
-        from llmtrain.sweep.job import fail_job, finish_job, in_multirun, objective_value
+        from llmtrain.sweep.job import fail_job, finish_job, in_multirun, interrupt_job, objective_value
 
         started, multirun = time.time(), in_multirun()
         metric = str(cfg.get("optimize_metric") or "val/loss")
@@ -176,6 +155,12 @@ def _task(stage: str) -> Callable:
             run_cfg = to_run_config(cfg)
             validate_config(run_cfg)
             value = module.run(run_cfg)
+        except Interrupted as e:
+            if multirun:
+                interrupt_job(e, metric, started)
+            if os.environ.get("RANK", "0") == "0":
+                print(str(e), flush=True)
+            raise SystemExit(e.exit_code) from None
         except UserError as e:
             if multirun:
                 return fail_job(e, metric, started)
@@ -231,7 +216,10 @@ def run_stage(stage: str, args: list[str]) -> None:
             compose.run_composed(_task(stage), cfg, configure_logging=not under_torchrun)
         return
     if not any(f in flags for f in ("--hydra-help", "--info", "--shell-completion", "-sc")):
-        single = _sweep_first_values(overrides) if any(f in flags for f in MULTIRUN_FLAGS) else overrides
+        try:
+            single = compose.sweep_first_values(overrides) if any(f in flags for f in MULTIRUN_FLAGS) else overrides
+        except UserError as e:
+            fail(str(e))
         with compose.hydra_session(config_name):
             _compose_checked(single, config_name)
     import hydra

@@ -106,7 +106,7 @@ KEYS: dict[str, str] = {
     "trainer.max_steps": "optimizer steps",
     "trainer.eval_every": "steps between validations",
     "trainer.eval_batches": "validation batches (0 = the whole validation split)",
-    "trainer.ckpt_every": "steps between checkpoints (0 = only at the end)",
+    "trainer.ckpt_every": "steps between checkpoints (0 = by time only, trainer.ckpt_every_minutes=30, and the end)",
     "trainer.precision": "auto | bf16 | fp16 | fp32",
     "trainer.devices": "processes on this machine (>1 launches DDP/FSDP workers)",
     "trainer.strategy": "auto | single | ddp | fsdp",

@@ -106,9 +106,17 @@ def sigtermed(tmp_path_factory) -> tuple[Path, int]:
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, p)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-2000:]
-    assert "stopped by signal" in out
+    # Interrupted, not finished: 128 + SIGTERM, and the last line says how to continue.
+    assert p.returncode == 143, err[-2000:]
     last = max(train_losses(run))
+    assert out.strip().splitlines()[-1] == (
+        f"interrupted at step {last}; checkpoint {ckpt(run, last)}; resume with trainer.resume=auto hydra.run.dir={run}"
+    )
+    assert "done at step" not in out and "Traceback" not in err
+    # trainer.eval_on_stop (default true): the validation pass ran at the step it stopped at,
+    # though eval_every=0 here.
+    vals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val/loss" in ln]
+    assert [v["step"] for v in vals] == [last]
     return run, last
 
 
@@ -123,6 +131,43 @@ def test_sigterm_saves_at_step_boundary_and_resume_continues(sigtermed, tmp_path
     assert f"at step {stopped}" in proc.stdout + proc.stderr
     assert max(train_losses(run)) == stopped + 2
     assert (ckpt(run, stopped + 2) / "model.safetensors").is_file()
+
+
+def test_second_ctrl_c_waits_for_the_save(tmp_path):
+    """Ctrl-C three times in a row: the first stops at the step boundary, the others wait for the
+    save instead of aborting it (no KeyboardInterrupt, no torn checkpoint); exit 130."""
+    run = tmp_path / "run"
+    p = popen_cli("pretrain", *BASE, "trainer.max_steps=100000", "trainer.eval_on_stop=false", f"hydra.run.dir={run}")
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, p)
+    for _ in range(3):
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.03)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    stopped = max(train_losses(run))
+    assert out.strip().splitlines()[-1].startswith(f"interrupted at step {stopped}; checkpoint {ckpt(run, stopped)};")
+    assert torch.load(ckpt(run, stopped) / "train_state.pt", weights_only=True)["step"] == stopped
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not list((run / "checkpoints").glob(".old-*"))
+    assert "val/loss" not in metrics.read_text()  # trainer.eval_on_stop=false
+
+
+def test_time_based_checkpoints_appear_mid_run(tmp_path):
+    # 0.001 minutes = 60 ms: with ckpt_every=0, saves still come at step boundaries during the run.
+    run = tmp_path / "run"
+    proc = run_cli(
+        "pretrain",
+        *BASE,
+        "trainer.max_steps=30",
+        "trainer.keep_last=0",
+        "trainer.ckpt_every_minutes=0.001",
+        f"hydra.run.dir={run}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert steps[-1] == 30 and len(steps) >= 2, steps  # mid-run saves, plus the end
+    assert all((ckpt(run, s) / "train_state.pt").is_file() for s in steps)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -163,7 +208,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
         "optim.grad_clip=0",
         f"hydra.run.dir={run}",
     )
-    assert_user_error(proc, "trainer.max_bad_steps=3")
+    assert_user_error(proc, "trainer.max_bad_steps=3", f"the last good checkpoint is {ckpt(run, 1)}")
     losses = train_losses(run)
     assert math.isfinite(losses[1]) and all(not math.isfinite(float(v)) for s, v in losses.items() if s > 1)
     assert max(losses) == 4  # streak of 3 non-finite steps (2, 3, 4): stopped at the first log after
@@ -172,6 +217,40 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert kept == ["step_0000001"]
     weights = load_file(ckpt(run, 1) / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_nan_guard_without_a_checkpoint_says_so(tmp_path):
+    run = tmp_path / "nan"
+    proc = run_cli(
+        "pretrain",
+        *BASE,
+        "trainer.max_steps=50",
+        "trainer.max_bad_steps=3",
+        "trainer.ckpt_every_minutes=0",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        f"hydra.run.dir={run}",
+    )
+    assert_user_error(proc, "trainer.max_bad_steps=3", "no checkpoint had been saved yet")
+    assert "last good checkpoint" not in proc.stderr
+    assert not list((run / "checkpoints").glob("step_*"))
+
+
+def test_diverged_val_loss_never_becomes_best(tmp_path):
+    """max_bad_steps=0 lets a diverged run save its final checkpoint: a NaN or inf val/loss there
+    must not take best_checkpoint from a finite one, nor become best on its own."""
+    from llmtrain.train import checkpoint as ck
+
+    model = torch.nn.Linear(2, 2)
+    root = tmp_path / "checkpoints"
+    for step, v in {1: math.inf, 2: math.nan}.items():
+        ck.save_checkpoint(root, step, model, {"metrics": {"val/loss": v}, "metrics_step": step})
+    assert ck.best_checkpoint(root) is None and not (tmp_path / "best_checkpoint").exists()
+    ck.save_checkpoint(root, 3, model, {"metrics": {"val/loss": 5.0}, "metrics_step": 3})
+    for step, v in {4: math.inf, 5: -math.inf, 6: math.nan}.items():
+        ck.save_checkpoint(root, step, model, {"metrics": {"val/loss": v}, "metrics_step": step}, keep_last=2)
+    assert ck.best_checkpoint(root) == root / "step_0000003"
+    assert (tmp_path / "best_checkpoint").read_text().strip() == "checkpoints/step_0000003"
 
 
 def test_keep_last_also_keeps_best_by_val_loss(tmp_path):

@@ -290,3 +290,37 @@ def test_sweeper_always_gets_a_float(monkeypatch):
 
     assert job.direction("val/loss", OmegaConf.create({"sweeper": {"direction": "maximize"}})) == "maximize"
     assert job.direction("val/accuracy", OmegaConf.create({"sweeper": {"n_jobs": 1}})) == "maximize"
+
+
+def test_sigterm_records_the_job_as_interrupted_and_stops_the_sweep(tmp_path):
+    import os
+    import signal
+    import time
+
+    from llmtrain.sweep.summary import write_summary
+
+    sweep = tmp_path / "sweep"
+    args = [*FAST, "trainer.max_steps=100000", "trainer.log_every=1", "optim.lr=3e-3,1e-3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "llmtrain", "pretrain", "-m", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics, t0 = sweep / "0" / "metrics.jsonl", time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    status = json.loads((sweep / "0" / "status.json").read_text())
+    assert status["status"] == "interrupted" and "resume with trainer.resume=auto" in status["error"]
+    assert not (sweep / "1").exists()  # the signal stopped the sweep, not just the job
+    summary = write_summary(sweep)
+    assert summary is not None and summary.best is None  # an interrupted job never ranks as best
+    assert _summary(sweep)[0]["status"] == "interrupted"
+    assert "1 jobs, 0 failed, 1 interrupted" in summary.text()

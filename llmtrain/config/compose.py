@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from llmtrain.config import CONF_DIR, to_run_config, validate_config
 from llmtrain.config.schema import RunConfig
+from llmtrain.errors import UserError
 
 # Set by the `trainer.devices=N` parent for its workers: the path of the composed config.
 COMPOSED_ENV = "LLMTRAIN_COMPOSED_CONFIG"
@@ -43,6 +44,30 @@ def compose_run(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose
 
     return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+def sweep_first_values(overrides: list[str]) -> list[str]:
+    """The overrides with each sweep (a,b or choice(...)) replaced by its first value, for checking
+    a sweep before it starts; sweeps without one (interval(...)) and Hydra's own keys are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad syntax
+        raise UserError(f"bad override: {' '.join(str(e).split())}") from None
+    single: list[str] = []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            try:
+                first = next(iter(o.sweep_string_iterator()))
+            except Exception:  # noqa: BLE001 - interval()/tag sweeps have no first value
+                continue
+            single.append(f"{o.get_key_element()}={first}")
+        else:
+            single.append(o.input_line)
+    return single
 
 
 def job_config(cfg: DictConfig) -> DictConfig:

@@ -90,7 +90,10 @@ class TrainerConfig:
     eval_every: int = 250
     eval_batches: int = 0  # 0 = the whole validation split
     log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # 0 = only at the end (and by ckpt_every_minutes)
+    # Also save at the first step boundary this long after the last save, so a kill or OOM loses at
+    # most this much work; 0 = off. Decided on rank 0, so every rank saves together.
+    ckpt_every_minutes: float = 30.0
     keep_last: int = 2
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -103,6 +106,7 @@ class TrainerConfig:
     devices: int = 1
     activation_checkpointing: bool = False
     max_bad_steps: int = 5
+    eval_on_stop: bool = True  # SIGTERM/SIGINT: after the checkpoint, run the validation pass too
     progress: bool = True
 
 

@@ -11,6 +11,7 @@ from llmtrain.distributed.setup import (
     gather_indexed,
     init_distributed,
     is_main,
+    max_across_ranks,
     sum_across_ranks,
     world,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "gather_indexed",
     "init_distributed",
     "is_main",
+    "max_across_ranks",
     "sum_across_ranks",
     "world",
 ]

@@ -87,6 +87,11 @@ def launch_local(nproc: int, cmd_args: list[str]) -> int:
         failures = sorted(e.failures.items())
         if any(rank == 0 and f.exitcode == 2 for rank, f in failures):
             return 2  # rank 0 has printed the one-line error already
+        # Workers signalled directly (not through this launcher) saved and said so: pass on their
+        # interrupted exit code (143 SIGTERM, 130 SIGINT) without an error line.
+        codes = {f.exitcode for _, f in failures}
+        if len(codes) == 1 and codes <= {128 + signal.SIGTERM, 128 + signal.SIGINT}:
+            return codes.pop()
         rank, f = failures[0]
         print(
             f"error: worker rank {rank} exited with code {f.exitcode}; worker logs in {log_dir}",

@@ -110,15 +110,20 @@ _CPU_GROUP = None
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (e.g. a signal one rank received).
+    """True on every rank if it is True on any rank (e.g. a signal one rank received)."""
+    return bool(max_across_ranks(int(flag)))
+
+
+def max_across_ranks(value: int) -> int:
+    """The largest of every rank's host-side `value`, on every rank.
 
     Reduced over a CPU (gloo) group, so under NCCL it costs no device synchronisation.
     """
     global _CPU_GROUP
     if not dist.is_initialized():
-        return flag
+        return value
     if _CPU_GROUP is None:
         _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    t = torch.tensor([int(flag)], dtype=torch.int32)
+    t = torch.tensor([int(value)], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
-    return bool(t.item())
+    return int(t.item())

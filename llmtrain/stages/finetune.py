@@ -111,8 +111,8 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
             if rt.is_main:
                 print(f"finetune: val/loss before training {before:.4f}", flush=True)
         result = trainer.fit()
-        if result.interrupted:
-            return result.metrics.get(cfg.optimize_metric)
+        if result.interrupted:  # the merged save and the task metrics are left to the resumed run
+            raise result.interruption(rt.run_dir)
         if cfg.finetune.lora.r > 0:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
         if not rt.is_main:

@@ -46,11 +46,13 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
         result = trainer.fit()
     finally:
         logger.close()
-    if rt.is_main and result.metrics:
+    if rt.is_main and result.metrics and not result.interrupted:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"done at step {result.step}: {shown}; checkpoint {result.checkpoint}", flush=True)
     if rt.is_main:
         write_curves(rt.run_dir)
+    if result.interrupted:
+        raise result.interruption(rt.run_dir)
     return result.metrics.get(cfg.optimize_metric)
 
 

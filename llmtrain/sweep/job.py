@@ -111,6 +111,22 @@ def finish_job(value: Any, metric: str, started: float) -> float:
     return out
 
 
+def interrupt_job(exc: BaseException, metric: str, started: float) -> None:
+    """A job stopped by a signal after saving its checkpoint: recorded as interrupted (it can be
+    resumed), never as completed, so its partial metric does not rank against finished jobs."""
+    if _is_main_rank():
+        _write_status(
+            {
+                "status": "interrupted",
+                "metric": metric,
+                "value": None,
+                "objective": _json_float(worst(direction(metric))),
+                "error": str(exc),
+                "elapsed_s": round(time.time() - started, 3),
+            }
+        )
+
+
 def error_line(exc: BaseException) -> str:
     from llmtrain.errors import UserError
 

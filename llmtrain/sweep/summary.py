@@ -28,7 +28,7 @@ SUMMARY_MD = "summary.md"
 @dataclass
 class JobRow:
     dir: Path
-    status: str  # completed | failed | incomplete (no status.json: killed, or still running)
+    status: str  # completed | failed | interrupted (by a signal) | incomplete (no status.json: killed, running)
     overrides: list[str] = field(default_factory=list)
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # last value of each key
@@ -177,9 +177,12 @@ class Summary:
         return "\n".join(lines)
 
     def text(self) -> str:
-        n_failed = sum(1 for r in self.rows if r[self.header.index("status")] == "failed")
+        statuses = [r[self.header.index("status")] for r in self.rows]
+        n_failed, n_interrupted = statuses.count("failed"), statuses.count("interrupted")
+        stopped = f", {n_interrupted} interrupted" if n_interrupted else ""
         head = [
-            f"sweep summary: {len(self.rows)} jobs, {n_failed} failed; best ({self.direction} {self.metric}) marked *"
+            f"sweep summary: {len(self.rows)} jobs, {n_failed} failed{stopped}; "
+            f"best ({self.direction} {self.metric}) marked *"
         ]
         if self.fixed:
             head.append("shared overrides: " + " ".join(f"{k}={v}" for k, v in self.fixed.items()))

@@ -19,6 +19,7 @@ whose metrics were measured at their own step compete), are kept; older ones are
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -69,8 +70,9 @@ def _val_loss(ckpt: Path) -> float | None:
 
 
 def best_checkpoint(ckpt_root: Path) -> Path | None:
-    """The complete checkpoint with the lowest validation loss (ties: the older one)."""
-    scored = [(v, p) for p in list_checkpoints(ckpt_root) if (v := _val_loss(p)) is not None and v == v]
+    """The complete checkpoint with the lowest validation loss (ties: the older one). Only finite
+    losses compete: a diverged run's NaN or inf never becomes the best."""
+    scored = [(v, p) for p in list_checkpoints(ckpt_root) if (v := _val_loss(p)) is not None and math.isfinite(v)]
     return min(scored, key=lambda vp: vp[0])[1] if scored else None
 
 

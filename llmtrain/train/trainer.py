@@ -17,6 +17,7 @@ Design points:
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from tqdm import tqdm
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.validation import move, sum_losses
-from llmtrain.distributed import all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier
+from llmtrain.distributed import all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier, max_across_ranks
 from llmtrain.distributed.wrap import resolve_strategy, wrap_model
-from llmtrain.errors import UserError
+from llmtrain.errors import Interrupted, UserError
 from llmtrain.objectives import LossOutput, Trainee
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.device import autocast, peak_flops
@@ -59,6 +60,15 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     interrupted: bool = False
+    signal: int | None = None  # the signal that stopped an interrupted run
+
+    def interruption(self, run_dir: Path) -> Interrupted:
+        """What a stage raises for an interrupted run: the CLI prints it last and exits 128 + signal."""
+        return Interrupted(
+            self.signal or signal.SIGTERM,
+            f"interrupted at step {self.step}; checkpoint {self.checkpoint}; "
+            f"resume with trainer.resume=auto hydra.run.dir={run_dir}",
+        )
 
 
 class Trainer:
@@ -101,6 +111,7 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self._stop_signal: int | None = None
+        self._saving = False  # a signal now waits for the save (see _install_signal_handlers)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bad_run = torch.zeros((), device=device)  # current streak of non-finite steps
         self.bad_max = torch.zeros((), device=device)  # longest streak since the last check
@@ -159,14 +170,19 @@ class Trainer:
         the others wait. `metrics` default to the last evaluation's, with the step it ran at."""
         if metrics_step is None and metrics:
             metrics_step = self._last_val_step
-        weights, state = self.model_state(), self.train_state()
-        path = None
-        if self.dist.rank == 0:
-            meta = {**self.meta, "metrics": metrics or {}, "metrics_step": metrics_step}
-            path = ckpt.save_checkpoint(
-                self.ckpt_root, self.step, weights, meta, state, keep_last=self.tc.keep_last, aliases=self.aliases
-            )
-        barrier()
+        self._saving = True
+        try:
+            weights, state = self.model_state(), self.train_state()
+            path = None
+            if self.dist.rank == 0:
+                meta = {**self.meta, "metrics": metrics or {}, "metrics_step": metrics_step}
+                path = ckpt.save_checkpoint(
+                    self.ckpt_root, self.step, weights, meta, state, keep_last=self.tc.keep_last, aliases=self.aliases
+                )
+            barrier()
+        finally:
+            self._saving = False
+        self._last_save_time = time.monotonic()
         return path
 
     def _load_train_state(self, path: Path) -> None:
@@ -265,6 +281,8 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         last_val: dict[str, float] = {}
         t_last, steps_since = time.perf_counter(), 0
+        self._last_save_time = time.monotonic()
+        save_every_s = tc.ckpt_every_minutes * 60.0
         interrupted = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -309,37 +327,59 @@ class Trainer:
                 if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or is_last:
                     val = self.evaluate()
                     if val:
-                        last_val, self._last_val_step = val, self.step
-                        self.logger.log(val, self.step)
-                        if main:  # every rank has the reduced value; one line, not one per rank
-                            bar.write(f"step {self.step}: val/loss {val['val/loss']:.4f}")
-                        self.best_val = min(self.best_val, val["val/loss"])
+                        self._record_val(val, bar)
+                        last_val = val
                     t_last = time.perf_counter()  # evaluation time is not training throughput
 
-                # Every rank must stop at the same step (the save is collective).
-                if any_rank(self._stop_signal is not None):
+                # One host-side reduction (gloo, no device sync) carries both decisions, so every
+                # rank stops, and saves, at the same step: 2 = a signal on some rank (stop and
+                # save), 1 = rank 0's clock says a timed save is due, 0 = go on.
+                due = (
+                    self.dist.rank == 0
+                    and save_every_s > 0
+                    and not is_last  # the final save follows anyway
+                    and time.monotonic() - self._last_save_time >= save_every_s
+                )
+                decision = max_across_ranks(2 if self._stop_signal is not None else int(due))
+                if decision == 2:
                     interrupted = True
                     break
-                if tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0 and not is_last:
+                timed = decision == 1
+                if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0 and not is_last) or timed:
                     self._check_bad_steps()  # never save a run that has already diverged
                     if not bool(self.bad_run):  # nor a step whose update was skipped
                         self.save(last_val)
                     t_last = time.perf_counter()
+            self._check_bad_steps()
+            if self.step == start_step and self.resumed_from is not None:
+                path = self.resumed_from  # resumed a finished run: nothing new to save
+            else:
+                path = self.save(last_val)  # a signal now waits for this (no half-written state)
+            if interrupted and tc.eval_on_stop and self._last_val_step != self.step:
+                # After the save: the checkpoint is safe even if the validation pass is cut short.
+                val = self.evaluate()
+                if val:
+                    self._record_val(val, bar)
+                    last_val = val
+            # A signal during the final save of a finished run counts too, the same on every rank.
+            interrupted = any_rank(self._stop_signal is not None)
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
-        self._check_bad_steps()
-        if self.step == start_step and self.resumed_from is not None:
-            path = self.resumed_from  # resumed a finished run: nothing new to save
-        else:
-            path = self.save(last_val)
-        if interrupted and main:
-            print(
-                f"stopped by signal at step {self.step}; checkpoint saved to {path} "
-                f"(continue with trainer.resume=auto hydra.run.dir={self.run_dir})",
-                flush=True,
-            )
-        return TrainResult(step=self.step, metrics=last_val, checkpoint=path, interrupted=interrupted)
+        return TrainResult(
+            step=self.step,
+            metrics=last_val,
+            checkpoint=path,
+            interrupted=interrupted,
+            signal=self._stop_signal,
+        )
+
+    def _record_val(self, val: dict[str, float], bar) -> None:
+        self._last_val_step = self.step
+        self.logger.log(val, self.step)
+        if self.dist.rank == 0:  # every rank has the reduced value; one line, not one per rank
+            bar.write(f"step {self.step}: val/loss {val['val/loss']:.4f}")
+        self.best_val = min(self.best_val, val["val/loss"])
 
     def _step_optimizer(self, params, loss_step: torch.Tensor, bad_run: torch.Tensor) -> torch.Tensor:
         clip = self.cfg.optim.grad_clip
@@ -375,17 +415,25 @@ class Trainer:
         n = int(self.bad_max.item())
         self.bad_max.zero_()
         if n >= self.tc.max_bad_steps > 0:
+            # Only finite steps are ever saved (see fit), so the newest checkpoint is a good one.
+            found = ckpt.list_checkpoints(self.ckpt_root)
+            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been saved yet"
             raise UserError(
                 f"training diverged: {n} consecutive steps with non-finite loss or gradients by step "
-                f"{self.step} (trainer.max_bad_steps={self.tc.max_bad_steps}); stopped without saving, "
-                f"the last good checkpoint is kept in {self.ckpt_root}"
+                f"{self.step} (trainer.max_bad_steps={self.tc.max_bad_steps}); stopped without saving, {kept}"
             )
 
     def _install_signal_handlers(self):
+        # The handler only sets a flag: the loop stops at the next step boundary and saves. A
+        # repeated signal never raises (a KeyboardInterrupt inside the save would leave a torn
+        # checkpoint and a silent exit 130); it is acknowledged and the save goes on.
         def handler(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-            self._stop_signal = signum
+            if self._stop_signal is None:
+                self._stop_signal = signum
+                return
+            what = "saving the checkpoint" if self._saving else "stopping at the step boundary to save"
+            # os.write, not print: a handler may run in the middle of another print to stderr.
+            os.write(2, f"{signal.Signals(signum).name} again: {what}, please wait\n".encode())
 
         old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
