@@ -120,6 +120,7 @@ def _compose_checked(overrides: list[str], config_name: str):
     """Compose and validate (call inside compose.hydra_session): config mistakes exit 2 with one
     line and no traceback, before anything is written."""
     from llmtrain.config.compose import compose_run, validate
+    from llmtrain.config.unknown_keys import with_suggestion
 
     try:
         cfg = compose_run(config_name, overrides)
@@ -127,7 +128,7 @@ def _compose_checked(overrides: list[str], config_name: str):
     except UserError as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - composition errors of any kind are bad input
-        fail(_one_line(e))
+        fail(with_suggestion(_one_line(e)))
     return cfg
 
 
@@ -146,12 +147,14 @@ def _task(stage: str) -> Callable:
         import time
 
         from llmtrain.config import to_run_config, validate_config
+        from llmtrain.config.unknown_keys import check_known_keys
         from llmtrain.sweep.job import fail_job, finish_job, in_multirun, interrupt_job, objective_value
 
         started, multirun = time.time(), in_multirun()
         metric = str(cfg.get("optimize_metric") or "val/loss")
         try:
             module = importlib.import_module(STAGES[stage][0])
+            check_known_keys(cfg)  # a sweep job's own values: `+key` is not checked by Hydra
             run_cfg = to_run_config(cfg)
             validate_config(run_cfg)
             value = module.run(run_cfg)
@@ -180,6 +183,7 @@ def run_stage(stage: str, args: list[str]) -> None:
     from llmtrain.config import compose, register_configs
     from llmtrain.config.moved_keys import refuse_moved_keys
     from llmtrain.distributed.launch import MULTIRUN_FLAGS, maybe_launch
+    from llmtrain.threads import remember_user_threads
 
     if "--help" in args or "-h" in args:
         from llmtrain.help import verb_help
@@ -187,6 +191,7 @@ def run_stage(stage: str, args: list[str]) -> None:
         typer.echo(verb_help(stage), nl=False)
         return
     register_configs()
+    remember_user_threads()  # before joblib or our launcher set OMP_NUM_THREADS for workers
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     config_name = stage.replace(" ", "_")
     composed = os.environ.pop(compose.COMPOSED_ENV, None)

@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from llmtrain.config import CONF_DIR, register_configs
+from llmtrain.config.ranges import RANGES
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ VERBS: dict[str, Verb] = {
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
         "data.path data.seq_len data.batch_size model.n_layer model.d_model optim.lr scheduler.warmup_steps "
         "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
-        "trainer.strategy trainer.resume trainer.compile optimize_metric",
+        "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
@@ -104,6 +105,7 @@ KEYS: dict[str, str] = {
     "optim.lr": "peak learning rate",
     "scheduler.warmup_steps": "linear warm-up steps",
     "trainer.max_steps": "optimizer steps",
+    "trainer.threads": "CPU threads per process (0 = OMP_NUM_THREADS if set, else cores / local processes)",
     "trainer.eval_every": "steps between validations",
     "trainer.eval_batches": "validation batches (0 = the whole validation split)",
     "trainer.ckpt_every": "steps between checkpoints (0 = by time only, trainer.ckpt_every_minutes=30, and the end)",
@@ -297,7 +299,8 @@ def verb_help(verb: str) -> str:
     for key in keys:
         default = _show(_lookup(tree, key))
         default = f" [{default}]" if default else ""
-        out.append(f"  {key:<{width}}{KEYS.get(key, '')}{default}")
+        allowed = f" ({RANGES[key]})" if key in RANGES else ""
+        out.append(f"  {key:<{width}}{KEYS.get(key, '')}{allowed}{default}")
     fits = experiments_for(verb)
     out += ["", "Experiments (+experiment=NAME):" if fits else "Experiments: none for this verb"]
     name_width = max((len(n) for n in fits), default=0) + 2

@@ -13,6 +13,7 @@ import torch
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.distributed import DistInfo, broadcast_str, init_distributed
+from llmtrain.threads import apply_threads
 from llmtrain.train.device import pick_device, pick_precision
 
 
@@ -22,6 +23,7 @@ class Runtime:
     device: torch.device
     precision: str
     dist: DistInfo
+    threads: int = 1  # CPU threads of torch ops (llmtrain/threads.py)
 
     @property
     def is_main(self) -> bool:
@@ -48,6 +50,7 @@ def hydra_overrides() -> list[str]:
 
 
 def setup_runtime(cfg: RunConfig, run_dir: Path | None = None) -> Runtime:
+    threads = apply_threads(cfg.trainer.threads)  # before any torch work
     device = pick_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device.type)
     # Every rank must use rank 0's run directory (Hydra's ${now:} differs between processes).
@@ -59,7 +62,7 @@ def setup_runtime(cfg: RunConfig, run_dir: Path | None = None) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.trainer.seed + dist.rank)
-    return Runtime(run_dir=run_dir, device=device, precision=precision, dist=dist)
+    return Runtime(run_dir=run_dir, device=device, precision=precision, dist=dist, threads=threads)
 
 
 def seed_everything(seed: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ROOT, TINY, assert_user_error, run_cli
 
 
 def _cfg_job(*args: str) -> dict:
@@ -98,3 +98,17 @@ def test_every_experiment_composes():
         files = ["data.path=/data/corpus.txt"] + (["task.train_path=/data/train.json"] if stage == "finetune" else [])
         proc = run_cli(stage, f"+experiment={exp}", *files, "--cfg", "job")
         assert proc.returncode == 0, (exp, proc.stderr)
+
+
+def test_added_unknown_key_and_out_of_range_value_exit_2_before_any_write(tmp_path):
+    run = tmp_path / "run"
+    added = run_cli("pretrain", "+optim.lrr=1", f"hydra.run.dir={run}")
+    assert_user_error(added, "optim.lrr", "did you mean 'optim.lr'")
+    assert_user_error(run_cli("pretrain", "optim.beta2=1", f"hydra.run.dir={run}"), "optim.beta2", "[0, 1)")
+    assert not run.exists()
+
+
+def test_start_up_line_names_the_thread_count(tmp_path):
+    proc = run_cli("pretrain", *TINY, "trainer.max_steps=2", "trainer.threads=1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert " 1 threads, run dir" in proc.stdout, proc.stdout

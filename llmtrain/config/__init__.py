@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.config.ranges import check_ranges
 from llmtrain.config.schema import ModelConfig, RunConfig, register_configs
 from llmtrain.errors import UserError
 
@@ -63,8 +64,9 @@ def validate_config(cfg: RunConfig) -> None:
             )
     tokenizer_class(cfg.tokenizer.name)
     check_required_files(cfg)
-    m, d, t = cfg.model, cfg.data, cfg.trainer
-    check_optimizer(cfg.optim, sharded=t.strategy == "fsdp")
+    check_ranges(cfg)  # first: the size checks below divide by these
+    m, d = cfg.model, cfg.data
+    check_optimizer(cfg.optim, sharded=cfg.trainer.strategy == "fsdp")
     if cfg.stage != "pretrain":  # the checkpoint decides the architecture; checked when loaded
         m = ModelConfig(max_seq_len=max(d.seq_len, 1))
     if m.d_model % m.n_head:
@@ -73,16 +75,6 @@ def validate_config(cfg: RunConfig) -> None:
         raise UserError(f"model.n_head={m.n_head} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if d.seq_len > m.max_seq_len:
         raise UserError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    for key, value in (
-        ("data.seq_len", d.seq_len),
-        ("data.batch_size", d.batch_size),
-        ("trainer.max_steps", t.max_steps),
-        ("trainer.log_every", t.log_every),
-        ("trainer.grad_accum", t.grad_accum),
-        ("model.n_layer", m.n_layer),
-    ):
-        if value < 1:
-            raise UserError(f"{key} must be >= 1, got {value}")
 
 
 def check_required_files(cfg: RunConfig) -> None:

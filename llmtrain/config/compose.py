@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from llmtrain.config import CONF_DIR, to_run_config, validate_config
 from llmtrain.config.schema import RunConfig
+from llmtrain.config.unknown_keys import check_known_keys
 from llmtrain.errors import UserError
 
 # Set by the `trainer.devices=N` parent for its workers: the path of the composed config.
@@ -79,8 +80,11 @@ def job_config(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> RunConfig:
-    """Types (while converting to the schema) and the semantic checks of `validate_config`."""
-    run_cfg = to_run_config(job_config(cfg))
+    """Unknown keys, types (while converting to the schema) and the semantic checks of
+    `validate_config`."""
+    job = job_config(cfg)
+    check_known_keys(job)
+    run_cfg = to_run_config(job)
     validate_config(run_cfg)
     return run_cfg
 

@@ -108,6 +108,9 @@ class TrainerConfig:
     max_bad_steps: int = 5
     eval_on_stop: bool = True  # SIGTERM/SIGINT: after the checkpoint, run the validation pass too
     progress: bool = True
+    # CPU threads of torch ops; 0 = auto: OMP_NUM_THREADS if you set it, else the usable cores
+    # divided by this machine's processes of the run (ranks, parallel sweep jobs)
+    threads: int = 0
 
 
 @dataclass

@@ -22,6 +22,12 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
 
 
+def min_train_tokens(seq_len: int) -> int:
+    """The fewest tokens PackedWindows accepts: two windows of seq_len + 1 sharing one token,
+    since one window is kept back for the epoch's random offset."""
+    return 2 * seq_len + 1
+
+
 class PackedWindows:
     """Random, epoch-shuffled, non-overlapping windows over a token array (CLM training)."""
 
@@ -35,7 +41,7 @@ class PackedWindows:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         # One fewer window than fits, so every epoch offset in [0, seq_len) has the same count.
         self.n_windows = (len(self.tokens) - 1) // seq_len - 1
-        if self.n_windows < 1:
+        if len(self.tokens) < min_train_tokens(seq_len):  # the same as n_windows < 1
             raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len {seq_len}")
         self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 

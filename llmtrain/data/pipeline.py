@@ -9,6 +9,7 @@ from typing import Callable
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits
+from llmtrain.data.loader import min_train_tokens
 from llmtrain.data.sources import document_reader
 from llmtrain.distributed import barrier, is_main
 from llmtrain.errors import UserError
@@ -34,9 +35,11 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     splits = prepared.splits()
     if prepared.reused and is_main():
         print(f"using prepared data {prepared.dir}", flush=True)
-    if len(splits.train) <= cfg.data.seq_len + 1:
+    need = min_train_tokens(cfg.data.seq_len)
+    if len(splits.train) < need:
         raise UserError(
-            f"data {cfg.data.path}: {len(splits.train)} training tokens are too few for data.seq_len={cfg.data.seq_len}"
+            f"data {cfg.data.path}: {len(splits.train)} training tokens are too few for data.seq_len="
+            f"{cfg.data.seq_len}, which needs at least {need} (2 * seq_len + 1; use a smaller data.seq_len)"
         )
     return tok, splits
 

@@ -12,6 +12,7 @@ from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
+from llmtrain.threads import apply_threads
 
 FORMATS = ("hf",)
 
@@ -27,6 +28,7 @@ def labels_of(loaded: Loaded) -> list[str] | None:
 
 
 def run(cfg: RunConfig) -> None:
+    apply_threads(cfg.trainer.threads)  # export runs without setup_runtime
     if not cfg.checkpoint:
         raise UserError("export needs checkpoint=PATH (a checkpoint or run directory)")
     if not cfg.export.out:

@@ -85,7 +85,8 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
             f"finetune: {adapted}; {trainable:,} trainable of {total:,} parameters "
-            f"({100 * trainable / total:.2f}%), device {rt.device} {rt.precision}, run dir {rt.run_dir}",
+            f"({100 * trainable / total:.2f}%), device {rt.device} {rt.precision} {rt.threads} threads, "
+            f"run dir {rt.run_dir}",
             flush=True,
         )
 

@@ -38,7 +38,7 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
-            f"{rt.precision}, run dir {rt.run_dir}",
+            f"{rt.precision} {rt.threads} threads, run dir {rt.run_dir}",
             flush=True,
         )
     try:
