@@ -74,7 +74,12 @@ def ddp_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("ddp")
     proc = torchrun("pretrain", *BASE, f"trainer.max_steps={STEPS}", "trainer.strategy=ddp", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return only_run_dir(cwd)
+    out = proc.stdout + proc.stderr
+    val_lines = [ln for ln in out.splitlines() if ln.startswith(f"step {STEPS}: val/loss")]
+    assert len(val_lines) == 1, out  # only rank 0 prints
+    run = only_run_dir(cwd)
+    assert not (run / ".lock").exists()  # rank 0's lock, released at the end
+    return run
 
 
 def test_ddp_two_ranks_equals_one_rank_with_twice_the_accumulation(ddp_run, tmp_path):

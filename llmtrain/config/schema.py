@@ -101,6 +101,7 @@ class TrainerConfig:
     grad_accum: int = 1
     compile: bool = False
     resume: str = "never"  # never | auto
+    overwrite: bool = False  # a fresh run over a run directory with checkpoints clears it first
     strategy: str = "auto"  # auto | single | ddp | fsdp
     devices: int = 1
     activation_checkpointing: bool = False

@@ -21,6 +21,7 @@ from llmtrain.config.schema import RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.errors import UserError
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
+from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.tasks import build_task, task_meta
@@ -43,6 +44,11 @@ def run(cfg: RunConfig) -> float | None:
     if not cfg.init_from:
         raise UserError("finetune needs init_from=PATH (a checkpoint or run directory)")
     rt = setup_runtime(cfg)
+    with claim(cfg, rt) as run_dir:
+        return _finetune(cfg, rt, run_dir)
+
+
+def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     loaded, init_state = load_init(cfg.init_from)
     backbone = loaded.backbone
     tokenizer = loaded.tokenizer
@@ -66,7 +72,6 @@ def run(cfg: RunConfig) -> float | None:
         adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
 
     if rt.is_main:
-        write_run_files(rt.run_dir, cfg)
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
         new = [f"{n} {list(p.shape)}" for n, p in heads.items() if n not in reused]
         print(
@@ -89,14 +94,21 @@ def run(cfg: RunConfig) -> float | None:
         meta["lora"] = {**dataclasses.asdict(cfg.finetune.lora), "merged": False}
         _check_resumable(cfg, rt.run_dir)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
+    model.to(rt.device)
+    before = None
+    if cfg.trainer.resume == "never" or not ckpt.list_checkpoints(rt.run_dir / "checkpoints"):
+        before = task.val_loss(model, rt.device, cfg.trainer.eval_batches)
+    trainer = Trainer(cfg, rt, model, task, logger, meta)  # loads and checks the resume checkpoint
+    # Every check has passed: from here on the run directory is written.
+    run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
+    if rt.is_main:
+        write_run_files(rt.run_dir, cfg)
     try:
-        model.to(rt.device)
-        if cfg.trainer.resume == "never" or not ckpt.list_checkpoints(rt.run_dir / "checkpoints"):
-            before = task.val_loss(model, rt.device, cfg.trainer.eval_batches)
+        logger.open()
+        if before is not None:
             logger.log({"val/loss": before}, 0)
             if rt.is_main:
                 print(f"finetune: val/loss before training {before:.4f}", flush=True)
-        trainer = Trainer(cfg, rt, model, task, logger, meta)
         result = trainer.fit()
         if result.interrupted:  # the merged save and the task metrics are left to the resumed run
             raise result.interruption(rt.run_dir)

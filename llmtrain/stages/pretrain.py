@@ -7,6 +7,7 @@ from llmtrain.config.schema import RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.models import build_model, resolve_model_config
 from llmtrain.objectives import build_objective
+from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import setup_runtime
 from llmtrain.train.tracking import MetricsLogger
@@ -15,28 +16,33 @@ from llmtrain.train.trainer import Trainer
 
 def run(cfg: RunConfig) -> float | None:
     rt = setup_runtime(cfg)
-    tokenizer, splits = load_corpus(cfg)
-    model_cfg = resolve_model_config(cfg.model, tokenizer)
-    model = build_model(model_cfg)
-    objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
-    return train_and_report(cfg, rt, model, objective, splits, checkpoint_meta(cfg, model_cfg, tokenizer))
+    with claim(cfg, rt) as run_dir:
+        tokenizer, splits = load_corpus(cfg)
+        model_cfg = resolve_model_config(cfg.model, tokenizer)
+        model = build_model(model_cfg)
+        objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
+        meta = checkpoint_meta(cfg, model_cfg, tokenizer)
+        return train_and_report(cfg, rt, run_dir, model, objective, splits, meta)
 
 
-def train_and_report(cfg, rt, model, objective, splits, meta) -> float | None:
-    """Shared by pretrain and finetune: write run files, train, return the optimised metric."""
+def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -> float | None:
+    """Start (the resume checkpoint checked before anything is written), write the run files,
+    train, report; returns the optimised metric."""
+    n = sum(p.numel() for p in model.parameters())  # before the trainer wraps (maybe shards) it
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
+    trainer = Trainer(cfg, rt, model, objective, logger, meta)
+    run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
-        n = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
             f"{rt.precision} {rt.threads} threads, run dir {rt.run_dir}",
             flush=True,
         )
-    logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     try:
-        trainer = Trainer(cfg, rt, model, objective, logger, meta)
+        logger.open()
         result = trainer.fit()
     finally:
         logger.close()

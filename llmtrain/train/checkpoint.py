@@ -155,8 +155,6 @@ def save_checkpoint(
     """Write a checkpoint of `model` (a module, or a full state dict minus `aliases`) atomically."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    for stale in ckpt_root.glob(".tmp-step_*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-step_{step:07d}-{os.getpid()}"
     tensors = _contiguous_state(model, aliases)
     try:

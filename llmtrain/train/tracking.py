@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from llmtrain.config.schema import LoggerConfig
 from llmtrain.errors import UserError
+from llmtrain.files import atomic_write
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -38,6 +39,26 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
+def reconcile_metrics(path: Path, through: int | None) -> None:
+    """Make metrics.jsonl read as one run that continues from the checkpoint of step `through`
+    (None: from scratch, so no record is kept). Records of later steps are dropped (written
+    after that checkpoint by an interrupted run), torn lines too, and of two records of one step
+    with the same keys the later one is kept (an older run's rows that a later run rewrote).
+    Rewritten atomically, and only when something changes; called before the logger opens it."""
+    if not path.exists():
+        return
+    if through is None:
+        path.unlink()
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    records = [(json.dumps(r) + "\n", r) for r in read_records(path)]
+    keep = [(line, r) for line, r in records if isinstance(r.get("step"), int) and r["step"] <= through]
+    last = {(r["step"], tuple(sorted(r))): i for i, (_, r) in enumerate(keep)}
+    kept = [line for i, (line, r) in enumerate(keep) if last[(r["step"], tuple(sorted(r)))] == i]
+    if kept != lines:
+        atomic_write(path, "".join(kept))
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -48,18 +69,31 @@ class MetricsLogger:
     """Appends one JSON object per event to metrics.jsonl; forwards to a tracker if configured.
 
     Only the process that owns the run directory (rank 0) should create one with enabled=True.
+    Creating it checks the tracker choice and writes nothing; `open()` starts the tracker and
+    opens the file, once the run is known to go ahead (llmtrain/run_dir.py).
     """
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict | None = None, enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
-        # The tracker first: a missing package or a bad logger.mode fails before any file is opened.
-        self._backend = _make_backend(cfg, run_dir, config_dict) if enabled else None
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._run_dir, self._cfg, self._config_dict = run_dir, cfg, config_dict
+        self._backend = None
+        self._file = None
+        if enabled:  # a missing package or a bad logger.mode fails here, before any file exists
+            _check_backend(cfg)
+
+    def open(self) -> MetricsLogger:
+        if self.enabled and self._file is None:
+            # The tracker first: if it cannot start, metrics.jsonl is not touched.
+            self._backend = _make_backend(self._cfg, self._run_dir, self._config_dict)
+            self._file = open(self.path, "a", encoding="utf-8")
+        return self
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
+        if self._file is None:
+            raise RuntimeError("MetricsLogger.log before open()")
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -122,13 +156,19 @@ def _read_json(path: Path) -> dict | None:
 
 # ------------------------------------------------------------------------------ backends
 class _WandbBackend:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config_dict: dict | None):
+    @staticmethod
+    def check(cfg: LoggerConfig) -> None:
         if cfg.mode not in WANDB_MODES:
             raise UserError(f"logger.mode={cfg.mode!r} is not one of {', '.join(WANDB_MODES)}")
         try:
-            import wandb
+            import wandb  # noqa: F401
         except ImportError:
             raise UserError("logger=wandb needs the wandb package: pip install wandb") from None
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config_dict: dict | None):
+        self.check(cfg)
+        import wandb
+
         config = dict(config_dict or {})
         config["overrides"] = job_overrides()
         if (info := _read_json(run_dir / "run_info.json")) is not None:  # written by the stage
@@ -161,11 +201,17 @@ class _WandbBackend:
 
 
 class _TensorBoardBackend:
-    def __init__(self, run_dir: Path, config_dict: dict | None):
+    @staticmethod
+    def check() -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise UserError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+    def __init__(self, run_dir: Path, config_dict: dict | None):
+        self.check()
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if config_dict:  # the config as text, shown in TensorBoard's Text tab
             from omegaconf import OmegaConf
@@ -180,6 +226,16 @@ class _TensorBoardBackend:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _check_backend(cfg: LoggerConfig) -> None:
+    """What can fail before the tracker starts: an unknown name or mode, a missing package."""
+    if cfg.name == "wandb":
+        _WandbBackend.check(cfg)
+    elif cfg.name == "tensorboard":
+        _TensorBoardBackend.check()
+    elif cfg.name != "console":
+        raise UserError(f"unknown logger.name {cfg.name!r}; available: console, tensorboard, wandb")
 
 
 def _make_backend(cfg: LoggerConfig, run_dir: Path, config_dict: dict | None):

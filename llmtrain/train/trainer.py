@@ -210,8 +210,7 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"training state {path / ckpt.STATE} does not fit this run: {first}") from None
-        if self.dist.rank == 0:
-            _truncate_metrics(self.logger.path, self.step)
+        if self.dist.rank == 0:  # metrics.jsonl is cut back to this step by the stage (llmtrain/run_dir.py)
             tqdm.write(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------- evaluation
@@ -378,7 +377,8 @@ class Trainer:
     def _record_val(self, val: dict[str, float], bar) -> None:
         self._last_val_step = self.step
         self.logger.log(val, self.step)
-        bar.write(f"step {self.step}: val/loss {val['val/loss']:.4f}")
+        if self.dist.rank == 0:  # every rank has the reduced value; one line, not one per rank
+            bar.write(f"step {self.step}: val/loss {val['val/loss']:.4f}")
         self.best_val = min(self.best_val, val["val/loss"])
 
     def _step_optimizer(self, params, loss_step: torch.Tensor, bad_run: torch.Tensor) -> torch.Tensor:
@@ -455,26 +455,3 @@ def _no_sync(module: torch.nn.Module, sync: bool):
     if not sync and hasattr(module, "no_sync"):
         return module.no_sync()
     return contextlib.nullcontext()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` by the interrupted run, so the log reads as one run.
-
-    Records are in step order, so this cuts the file to a prefix, in place: the logger already
-    holds the file open for appending (a rename would leave it writing to the old file).
-    """
-    import json
-    import os
-
-    if not path.exists():
-        return
-    keep = 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if line.strip() and json.loads(line).get("step", 0) > step:
-                    break
-            except ValueError:  # a line torn by the kill: drop it and what follows
-                break
-            keep += len(line)
-    os.truncate(path, keep)
