@@ -365,7 +365,11 @@ class Trainer:
             interrupted = any_rank(self._stop_signal is not None)
         finally:
             bar.close()
-            self._restore_signal_handlers(old_handlers)
+            # A stopped run keeps the waiting handler until the process exits: a further Ctrl-C
+            # on the way out (after the save) must not turn into a KeyboardInterrupt that skips
+            # the "interrupted at step N" line.
+            if self._stop_signal is None:
+                self._restore_signal_handlers(old_handlers)
         return TrainResult(
             step=self.step,
             metrics=last_val,
