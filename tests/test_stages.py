@@ -156,7 +156,14 @@ def test_corrupt_checkpoint_does_not_touch_earlier_output(pretrained, tmp_path):
 
 def test_bad_data_keeps_existing_run_outputs(pretrained, tmp_path):
     before = {p: p.read_bytes() for p in pretrained.rglob("*") if p.is_file()}
-    proc = run_cli("pretrain", "data=text", f"data.path={tmp_path / 'missing.txt'}", f"hydra.run.dir={pretrained}")
+    # resume=auto: past the run-directory guard (a fresh run there is refused first), the data fails
+    proc = run_cli(
+        "pretrain",
+        "data=text",
+        f"data.path={tmp_path / 'missing.txt'}",
+        "trainer.resume=auto",
+        f"hydra.run.dir={pretrained}",
+    )
     assert_user_error(proc, "missing.txt")
     after = {p: p.read_bytes() for p in pretrained.rglob("*") if p.is_file() and p.suffix != ".log"}
     assert {p: b for p, b in before.items() if p.suffix != ".log"} == after
