@@ -132,8 +132,9 @@ def _compose_checked(overrides: list[str], config_name: str):
     return cfg
 
 
-def _task(stage: str) -> Callable:
+def _task(stage: str, checked: bool = False) -> Callable:
     """Hydra's task function for a stage. Returns the optimised metric as a float (for sweepers).
+    `checked`: the config was already validated when it was composed (single runs, their workers).
 
     Single run: a UserError exits 2 with one line. Sweep (-m): a failing job must not end the
     sweep, so any exception is recorded in the job directory (status.json, error.txt), reported in
@@ -146,17 +147,16 @@ def _task(stage: str) -> Callable:
     def task(cfg) -> float:
         import time
 
-        from llmtrain.config import to_run_config, validate_config
-        from llmtrain.config.unknown_keys import check_known_keys
+        from llmtrain.config import compose, to_run_config
         from llmtrain.sweep.job import fail_job, finish_job, in_multirun, interrupt_job, objective_value
 
         started, multirun = time.time(), in_multirun()
         metric = str(cfg.get("optimize_metric") or "val/loss")
         try:
             module = importlib.import_module(STAGES[stage][0])
-            check_known_keys(cfg)  # a sweep job's own values: `+key` is not checked by Hydra
-            run_cfg = to_run_config(cfg)
-            validate_config(run_cfg)
+            # A sweep job's own values are checked here (Hydra does not check `+key`); a single
+            # run's config was checked once, when it was composed.
+            run_cfg = to_run_config(cfg) if checked else compose.validate(cfg)
             value = module.run(run_cfg)
         except Interrupted as e:
             if multirun:
@@ -198,7 +198,9 @@ def run_stage(stage: str, args: list[str]) -> None:
     if composed:  # a worker of `trainer.devices=N`: the parent composed and checked the config
         with compose.hydra_session(config_name):
             compose.run_composed(
-                _task(stage), compose.load_composed(composed), configure_logging=os.environ.get("RANK", "0") == "0"
+                _task(stage, checked=True),
+                compose.load_composed(composed),
+                configure_logging=os.environ.get("RANK", "0") == "0",
             )
         return
     args = _quote_free_text(args)
@@ -218,7 +220,7 @@ def run_stage(stage: str, args: list[str]) -> None:
                 # Other ranks take rank 0's directory by broadcast (llmtrain/runtime.py); their
                 # own ${now:} directory would stay empty.
                 cfg.hydra.run.dir = "."
-            compose.run_composed(_task(stage), cfg, configure_logging=not under_torchrun)
+            compose.run_composed(_task(stage, checked=True), cfg, configure_logging=not under_torchrun)
         return
     if not any(f in flags for f in ("--hydra-help", "--info", "--shell-completion", "-sc")):
         try:

@@ -60,6 +60,16 @@ def _with_output_dir(args: list[str]) -> list[str]:
     return [*args, f"{key}={tempfile.mkdtemp(prefix='llmtrain-test-out-')}"]
 
 
+def sst2_split(directory: Path) -> tuple[Path, Path]:
+    """A small SST-2 classification set: 100 training and 40 validation sentences of the dev
+    file (header row kept), as DIR/train.tsv and DIR/dev.tsv."""
+    lines = (SHARED / "sst2" / "dev.tsv").read_text().splitlines()
+    train, dev = directory / "train.tsv", directory / "dev.tsv"
+    train.write_text("\n".join(lines[:1] + lines[41:141]) + "\n")
+    dev.write_text("\n".join(lines[:41]) + "\n")
+    return train, dev
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit 2, one line on stderr that mentions the key/file, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])

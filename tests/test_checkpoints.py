@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SHARED, run_cli
+from conftest import run_cli, sst2_split
 from llmtrain import checkpoints
 from llmtrain.errors import UserError
 from llmtrain.models.lora import LoRALinear
@@ -60,16 +60,14 @@ def test_lora_run_intermediate_and_final(pretrained, tmp_path):
     """An intermediate LoRA checkpoint holds base weights plus unmerged adapters; the final one
     merged weights. Both load as the task model; merging the intermediate one by hand equals
     what the loader gives."""
-    lines = (SHARED / "sst2" / "dev.tsv").read_text().splitlines()
-    (tmp_path / "train.tsv").write_text("\n".join(lines[:1] + lines[41:141]) + "\n")
-    (tmp_path / "dev.tsv").write_text("\n".join(lines[:41]) + "\n")
+    train, dev = sst2_split(tmp_path)
     run = tmp_path / "lora"
     proc = run_cli(
         "finetune",
         f"init_from={pretrained}",
         "task=classification",
-        f"task.train_path={tmp_path / 'train.tsv'}",
-        f"task.val_path={tmp_path / 'dev.tsv'}",
+        f"task.train_path={train}",
+        f"task.val_path={dev}",
         "task.text_field=sentence",
         "data.seq_len=32",
         "data.batch_size=8",

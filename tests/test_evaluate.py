@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, SHARED, assert_user_error, run_cli
+from conftest import ROOT, SHARED, assert_user_error, run_cli, sst2_split
 from llmtrain.checkpoints import load as load_checkpoint
 from llmtrain.eval.report import markdown_report
 from llmtrain.eval.suite import classification_result, report_task_output
@@ -210,16 +210,14 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
     """A fine-tuned classifier scored by 2 ranks (40 examples in batches of 7: uneven shards) gives
     the metrics of its predictions made one example at a time, counted by hand."""
-    lines = (SHARED / "sst2" / "dev.tsv").read_text().splitlines()
-    (tmp_path / "train.tsv").write_text("\n".join(lines[:1] + lines[41:141]) + "\n")
-    (tmp_path / "dev.tsv").write_text("\n".join(lines[:41]) + "\n")
+    train, dev = sst2_split(tmp_path)
     run = tmp_path / "cls"
     proc = run_cli(
         "finetune",
         f"init_from={pretrained}",
         "task=classification",
-        f"task.train_path={tmp_path / 'train.tsv'}",
-        f"task.val_path={tmp_path / 'dev.tsv'}",
+        f"task.train_path={train}",
+        f"task.val_path={dev}",
         "task.text_field=sentence",
         "data.seq_len=48",
         "data.batch_size=8",
