@@ -47,6 +47,13 @@ VERBS: dict[str, Verb] = {
         "data.path data.seq_len data.batch_size data.val_fraction optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
+    "rl": Verb(
+        "Reinforcement learning with GRPO from a checkpoint (init_from=PATH): rl.group_size sampled completions "
+        "per prompt of the task, group-normalised advantages, a clipped policy ratio and a k3 KL penalty to the "
+        "frozen init_from; the reward is the task's verifiable one (arithmetic), a reward model or your function.",
+        "init_from rl.* task.name task.digits task.ops data.batch_size optim.lr trainer.max_steps "
+        "trainer.eval_every trainer.resume",
+    ),
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
@@ -135,11 +142,28 @@ KEYS: dict[str, str] = {
     "task.prompt_suffix": "summarization: text between the source and the target",
     "task.all_targets": "summarization: one training example per target (else the first)",
     "task.null_threshold": 'extractive_qa: answer "no answer" when [CLS] beats the best span by more',
+    "task.digits": "arithmetic: operands are drawn from [0, 10**digits)",
+    "task.ops": "arithmetic: operators, any of + - *",
+    "task.problem_seed": "arithmetic: the seed of the problems and of which are held out",
+    "task.num_train": "arithmetic: training problems",
+    "task.num_val": "arithmetic: held-out problems (never among the training ones)",
+    "rl.reward": "arithmetic (verifiable) | model (rl.reward_model=RUN) | python:module:function(prompts, responses)",
+    "rl.reward_model": "rl.reward=model: the reward checkpoint (task=reward)",
+    "rl.reward_batch_size": "rl.reward=model: responses scored per forward",
+    "rl.group_size": "completions sampled per prompt (advantages are normalised within each group)",
+    "rl.max_new_tokens": "tokens per completion",
+    "rl.temperature": "sampling temperature of the rollouts (validation is greedy)",
+    "rl.top_k": "rollouts sample from the k most likely tokens (null = all)",
+    "rl.kl_coef": "weight of the k3 KL estimate to the frozen reference",
+    "rl.clip_eps": "the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]",
+    "rl.iterations": "optimizer steps per rollout (GRPO's mu)",
+    "rl.eval_prompts": "held-out prompts scored at each evaluation (0 = all)",
+    "rl.num_samples": "samples per evaluation written to samples.jsonl",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | arithmetic ([] = the checkpoint's own)",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",

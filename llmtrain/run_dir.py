@@ -41,6 +41,7 @@ RUN_OUTPUTS = (
     CHECKPOINTS,
     ckpt.BEST,
     METRICS_FILE,
+    "samples.jsonl",  # llmtrain rl
     "config.yaml",
     "overrides.yaml",
     "run_info.json",

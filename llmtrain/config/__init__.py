@@ -85,7 +85,23 @@ def check_required_files(cfg: RunConfig) -> None:
     )
     if reads_data and not cfg.data.path:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
-    if cfg.stage == "finetune" and cfg.task.name != "lm" and not cfg.task.train_path:
+    if cfg.stage == "rl":
+        check_reward(cfg)
+    if cfg.stage == "finetune" and cfg.task.name not in ("lm", "arithmetic") and not cfg.task.train_path:
         raise UserError(
             f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"
         )
+
+
+def check_reward(cfg: RunConfig) -> None:
+    """rl.reward is `arithmetic`, `model` (with rl.reward_model) or `python:module:function`."""
+    reward = cfg.rl.reward
+    if reward == "model":
+        if not cfg.rl.reward_model:
+            raise UserError("rl.reward=model needs rl.reward_model=RUN_DIR (a reward checkpoint, task=reward)")
+    elif reward.startswith("python:"):
+        module, _, fn = reward.removeprefix("python:").partition(":")
+        if not module or not fn:
+            raise UserError(f"rl.reward={reward!r}: write a user function as python:module:function")
+    elif reward != "arithmetic":
+        raise UserError(f"rl.reward={reward!r}: choose arithmetic, model or python:module:function")

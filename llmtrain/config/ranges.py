@@ -78,6 +78,19 @@ RANGES: dict[str, Range] = {
     "eval.max_examples": AT_LEAST_0,
     "task.max_new_tokens": AT_LEAST_0,
     "task.max_examples": AT_LEAST_0,
+    "task.digits": Range(1, 9),
+    "task.num_train": AT_LEAST_1,
+    "task.num_val": AT_LEAST_1,
+    "rl.group_size": Range(2),
+    "rl.max_new_tokens": AT_LEAST_1,
+    "rl.temperature": Range(0, low_open=True),
+    "rl.top_k": AT_LEAST_1,
+    "rl.kl_coef": AT_LEAST_0,
+    "rl.clip_eps": Range(0, low_open=True),
+    "rl.iterations": AT_LEAST_1,
+    "rl.eval_prompts": AT_LEAST_0,
+    "rl.num_samples": AT_LEAST_0,
+    "rl.reward_batch_size": AT_LEAST_1,
 }
 
 

@@ -155,6 +155,12 @@ class TaskConfig:
     prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
     all_targets: bool = False  # summarization: one training example per target (else the first)
     null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
+    # arithmetic: problems such as "37+58=" generated from problem_seed; no files
+    digits: int = 2  # operands are drawn from [0, 10**digits)
+    ops: list[str] = field(default_factory=lambda: ["+"])  # any of + - *
+    problem_seed: int = 0  # decides the problems and which of them are held out
+    num_train: int = 5000  # training problems (SFT examples, RL prompts)
+    num_val: int = 200  # held-out problems (never among the training ones)
 
 
 @dataclass
@@ -216,6 +222,25 @@ class BenchConfig:
 
 
 @dataclass
+class RLConfig:
+    """`llmtrain rl`: GRPO from init_from. Each step samples group_size completions for each of
+    data.batch_size prompts of the task; advantages are normalised within each group."""
+
+    reward: str = "arithmetic"  # arithmetic | model | python:module:function
+    reward_model: Optional[str] = None  # rl.reward=model: a reward checkpoint (task=reward)
+    reward_batch_size: int = 16  # rl.reward=model: responses scored per forward
+    group_size: int = 8  # completions sampled per prompt
+    max_new_tokens: int = 16  # per completion
+    temperature: float = 1.0  # rollouts (validation is greedy)
+    top_k: Optional[int] = None
+    kl_coef: float = 0.04  # weight of the k3 KL estimate to the frozen reference (init_from)
+    clip_eps: float = 0.2  # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+    iterations: int = 1  # optimizer steps per rollout (GRPO's mu); > 1 makes the clip bite
+    eval_prompts: int = 200  # held-out prompts scored at each evaluation (0 = all)
+    num_samples: int = 4  # samples written to samples.jsonl per evaluation
+
+
+@dataclass
 class RunConfig:
     """The whole run: groups shared by every stage, and each stage's own group (generate, chat,
     export, eval, bench). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
@@ -235,6 +260,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
     init_from: Optional[str] = None  # checkpoint to start from (finetune)

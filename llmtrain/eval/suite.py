@@ -8,6 +8,7 @@ all-reduced and per-example outputs gathered, so every example counts exactly on
     lm              loss, perplexity, bits per byte on a text source (data=... or the checkpoint's)
     mlm, nsp        masked-LM / next-sentence accuracy of encoder checkpoints (their objective)
     generation      BLEU, ROUGE-1/2/L, exact match of greedy generations against references
+    arithmetic      exact match of greedy answers to the held-out problems of task=arithmetic
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
 """
@@ -94,6 +95,7 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
         "extractive_qa": "qa",
         "instruction": "generation",
         "summarization": "generation",
+        "arithmetic": "arithmetic",
     }
     task = task_config_of(meta).get("name")
     if task in by_task:
@@ -500,3 +502,49 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         {"prompt": task.val_questions[q]["question"], "generated": preds[q], "references": refs[q]} for q in qids[:5]
     ]
     return res
+
+
+@eval_task("arithmetic")
+def arithmetic_task(ctx: EvalContext) -> TaskResult:
+    """Exact match of batched greedy answers on the held-out problems of task=arithmetic (the
+    checkpoint's own task settings, or task.digits / task.ops / task.problem_seed given here).
+    Sharded over ranks like generation."""
+    from llmtrain.tasks import build_task
+
+    _check_backbone_task(ctx, "arithmetic")
+    if not getattr(ctx.model, "is_decoder", True):
+        raise UserError("eval task arithmetic needs a decoder checkpoint")
+    own = task_config_of(ctx.meta)
+    base = known_fields(TaskConfig, own) if own.get("name") == "arithmetic" else {}
+    given = task_overrides(ctx.cfg.task) if ctx.cfg.task.name == "arithmetic" else {}
+    tcfg = TaskConfig(**{**base, **given, "name": "arithmetic"})
+    info = ctx.load()
+    max_len = int(info.model_cfg.max_seq_len)
+    data = DataConfig(seq_len=max_len, batch_size=ctx.cfg.eval.batch_size)
+    task = build_task(tcfg, ctx.tokenizer, info.model_cfg, data)
+    examples = task.val_examples()[: ctx.cfg.eval.max_examples or None]
+    rank, world_size = world()
+    pairs, n_tokens, seconds = [], 0, 0.0
+    for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
+        texts, res = generate_texts(
+            ctx.model,
+            ctx.tokenizer,
+            [e["prompt"] for _, e in batch],
+            max_new_tokens=tcfg.max_new_tokens,
+            stop_strings=task.stop_strings(),
+        )
+        pairs += [(i, t.strip()) for (i, _), t in zip(batch, texts)]
+        n_tokens, seconds = n_tokens + res.num_generated, seconds + res.seconds
+    hyps = gather_indexed(pairs)
+    n_tokens, seconds = sum_across_ranks([n_tokens, seconds])
+    right = [h == e["refs"][0] for h, e in zip(hyps, examples)]
+    out = {
+        "arithmetic/exact_match": sum(right) / max(len(right), 1),
+        "arithmetic/examples": len(right),
+        "arithmetic/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+    }
+    samples = [
+        {"prompt": ctx.tokenizer.decode(e["prompt"]), "generated": h, "references": e["refs"]}
+        for e, h in zip(examples[:20], hyps)
+    ]
+    return TaskResult(out, {"samples": samples})

@@ -1,9 +1,18 @@
-"""pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint."""
+"""pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint.
+
+data=arithmetic (data.path "task:arithmetic") pretrains on generated problems ("37+58=95" lines
+of task=arithmetic's training set, task.digits / task.ops / task.problem_seed) instead of a file;
+the held-out problems validate.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+
 from llmtrain.checkpoints import checkpoint_meta
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import TokenSplits, token_dtype
+from llmtrain.data.pipeline import run_tokenizer
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.models import build_model, resolve_model_config
 from llmtrain.objectives import build_objective
@@ -17,12 +26,33 @@ from llmtrain.train.trainer import Trainer
 def run(cfg: RunConfig) -> float | None:
     rt = setup_runtime(cfg)
     with claim(cfg, rt) as run_dir:
-        tokenizer, splits = load_corpus(cfg)
+        tokenizer, splits = arithmetic_corpus(cfg) if cfg.data.path == ARITHMETIC_DATA else load_corpus(cfg)
         model_cfg = resolve_model_config(cfg.model, tokenizer)
         model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
         return train_and_report(cfg, rt, run_dir, model, objective, splits, meta)
+
+
+ARITHMETIC_DATA = "task:arithmetic"
+
+
+def arithmetic_corpus(cfg: RunConfig):
+    """The tokenizer and token splits of generated arithmetic problems, one per line (small enough
+    to hold in memory, so no prepared-data cache)."""
+    from llmtrain.tasks.arithmetic import corpus_texts
+
+    t = cfg.task
+    train, val = corpus_texts(t.digits, list(t.ops), t.problem_seed, t.num_train, t.num_val)
+    train_text, val_text = "\n".join(train) + "\n", "\n".join(val) + "\n"
+    tokenizer = run_tokenizer(cfg, [train_text])
+    dtype = token_dtype(tokenizer.vocab_size)
+    return tokenizer, TokenSplits(
+        train=np.asarray(tokenizer.encode(train_text), dtype=dtype),
+        val=np.asarray(tokenizer.encode(val_text), dtype=dtype),
+        n_docs=len(train),
+        val_bytes=len(val_text.encode()),
+    )
 
 
 def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -> float | None:

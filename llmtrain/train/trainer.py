@@ -156,6 +156,8 @@ class Trainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if hasattr(self.trainee, "state_dict"):  # e.g. RL's sampling generator and rollout (llmtrain/rl.py)
+            state["trainee"] = all_gather_object(self.trainee.state_dict())
         return state
 
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -206,6 +208,11 @@ class Trainer:
                     torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
+            if hasattr(self.trainee, "load_state_dict"):
+                trainee_states = state["trainee"]
+                if len(trainee_states) != self.dist.world_size:
+                    raise ValueError(f"saved by {len(trainee_states)} ranks, resumed by {self.dist.world_size}")
+                self.trainee.load_state_dict(trainee_states[self.dist.rank])
             self.step, self.best_val = int(state["step"]), float(state["best_val"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -216,6 +223,13 @@ class Trainer:
     # ------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        validate = getattr(self.trainee, "validate", None)
+        if validate is not None:  # a trainee with its own validation (RL: rewards of held-out prompts)
+            self.loss_module.eval()
+            try:
+                return validate(self.model, self.step)
+            finally:
+                self.loss_module.train()
         self.loss_module.eval()
         batches = list(self.trainee.val_batches(self.tc.eval_batches, self.dist.rank, self.dist.world_size))
         weights = [1.0] * len(batches)
@@ -382,8 +396,10 @@ class Trainer:
         self._last_val_step = self.step
         self.logger.log(val, self.step)
         if self.dist.rank == 0:  # every rank has the reduced value; one line, not one per rank
-            bar.write(f"step {self.step}: val/loss {val['val/loss']:.4f}")
-        self.best_val = min(self.best_val, val["val/loss"])
+            shown = {k: v for k, v in val.items() if k == "val/loss"} or dict(list(val.items())[:3])
+            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        if "val/loss" in val:
+            self.best_val = min(self.best_val, val["val/loss"])
 
     def _step_optimizer(self, params, loss_step: torch.Tensor, bad_run: torch.Tensor) -> torch.Tensor:
         clip = self.cfg.optim.grad_clip
