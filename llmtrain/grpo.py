@@ -126,7 +126,7 @@ def score(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> torc
     out = reward_fn(prompts, responses)
     r = torch.as_tensor(out if isinstance(out, torch.Tensor) else list(out), dtype=torch.float32).detach().cpu()
     if r.shape != (len(prompts),) or not torch.isfinite(r).all():
-        raise UserError(f"the reward returned {tuple(r.shape)} values (or non-finite ones) for {len(prompts)} responses")
+        raise UserError(f"the reward gave {tuple(r.shape)} values (or non-finite ones) for {len(prompts)} responses")
     return r
 
 
@@ -162,7 +162,7 @@ class GRPO:
         max_len = int(policy.config.max_seq_len)
         room = max_len - cfg.max_new_tokens
         if room < 1:
-            raise UserError(f"rl.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context ({max_len})")
+            raise UserError(f"rl.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt (context {max_len})")
         # Over-long prompts keep their end (where the answer starts); the loss sees prompt + answer.
         self.train_prompts = [(ids[-room:], text) for ids, text in train_prompts]
         self.val_prompts = [(ids[-room:], text) for ids, text in val_prompts]

@@ -13,8 +13,7 @@ from llmtrain.config.schema import DataConfig, ModelConfig, RLConfig, TaskConfig
 from llmtrain.errors import UserError
 from llmtrain.grpo import GRPO, group_advantages, grpo_loss, kl_k3, token_logprobs
 from llmtrain.models import build_model
-from llmtrain.tasks import build_task
-from llmtrain.tasks import arithmetic as ar
+from llmtrain.tasks import arithmetic as ar, build_task
 from llmtrain.tokenizers.byte import ByteTokenizer
 
 

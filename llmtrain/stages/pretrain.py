@@ -12,8 +12,7 @@ import numpy as np
 from llmtrain.checkpoints import checkpoint_meta
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits, token_dtype
-from llmtrain.data.pipeline import run_tokenizer
-from llmtrain.data.pipeline import load_corpus
+from llmtrain.data.pipeline import load_corpus, run_tokenizer
 from llmtrain.models import build_model, resolve_model_config
 from llmtrain.objectives import build_objective
 from llmtrain.run_dir import RunDir, claim

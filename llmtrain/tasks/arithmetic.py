@@ -107,8 +107,7 @@ def preference_pairs(
     ops = list(ops or ["+"])
     rng = np.random.default_rng([seed, digits, 7])
     return [
-        {"prompt": p, "chosen": a, "rejected": wrong_answer(a, rng)}
-        for p, a in problems(digits, ops, seed, split, n)
+        {"prompt": p, "chosen": a, "rejected": wrong_answer(a, rng)} for p, a in problems(digits, ops, seed, split, n)
     ]
 
 
