@@ -4,11 +4,12 @@ that fit it, rendered from the tables below, the verb's composed config and the 
 Defaults are not written here: they are read from the verb's config as Hydra composes it (the
 schema dataclasses in llmtrain/config/schema.py, then the verb's YAML), so they cannot drift.
 
-Which experiments fit a verb (no composition needed, only each file's `defaults:` list): an
-experiment fits when the verb's primary config has every group the experiment overrides (Hydra
-refuses the override otherwise), and the experiment overrides `task` exactly when the verb's
-config has a task group. So presets naming a task are fine-tuning presets (finetune) and the
-others train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
+Which experiments fit a verb (no composition needed, only each file's `defaults:` list and top
+keys): an experiment fits when the verb's primary config has every group the experiment
+overrides (Hydra refuses the override otherwise), the experiment overrides `task` exactly when
+the verb's config has a task group, and it sets `rl` exactly when the verb is rl. So presets
+naming a task are fine-tuning presets (finetune) or, with `rl`, RL presets (rl), and the others
+train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
 (evaluate, generate, chat, export) have none.
 """
 
@@ -238,7 +239,8 @@ def experiments_for(verb: str) -> list[str]:
     fits = []
     for name in group_options("experiment"):
         over = overridden_groups(name)
-        if over <= groups.keys() and ("task" in over) == ("task" in groups):
+        sets_rl = "rl" in OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
+        if over <= groups.keys() and ("task" in over) == ("task" in groups) and sets_rl == (verb == "rl"):
             fits.append(name)
     return fits
 
