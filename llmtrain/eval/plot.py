@@ -3,7 +3,9 @@
 Each line of RUN_DIR/metrics.jsonl is a JSON object with a `step`; training lines carry
 train/loss, train/lr, train/tokens_per_s and train/tokens (cumulative), eval lines val/loss.
 One PNG with four panels: loss vs step (train solid, val dashed), loss vs tokens seen, learning
-rate vs step and throughput vs step. Several runs overlay, one colour each.
+rate vs step and throughput vs step. RL runs (`llmtrain rl`, with train/reward) get reward, KL,
+held-out exact match (or the loss) and response length instead. Several runs overlay, one
+colour each.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    if any("train/reward" in r for records in runs for r in records):
+        _plot_rl(axes, runs, labels)
+        return _save(fig, plt, out, title)
     ax_step, ax_tok, ax_lr, ax_tps = axes.flat
     for i, (records, label) in enumerate(zip(runs, labels)):
         color = f"C{i % 10}"
@@ -142,7 +147,38 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: Optional[list[str]] = Non
     ax_tok.set(title="loss vs tokens seen", xlabel="tokens", ylabel="loss")
     ax_lr.set(title="learning rate", xlabel="step", ylabel="lr")
     ax_tps.set(title="throughput", xlabel="step", ylabel="tokens/s")
-    for ax in axes.flat:
+    return _save(fig, plt, out, title)
+
+
+# RL panels: (title, y label, train key, val key); a key None draws nothing.
+RL_PANELS = [
+    ("reward", "mean reward", "train/reward", "val/reward"),
+    ("KL to the reference (k3)", "KL / token", "train/kl", "val/kl"),
+    ("held-out exact match", "exact match", None, "val/exact_match"),
+    ("response length", "tokens", "train/response_len", "val/response_len"),
+]
+
+
+def _plot_rl(axes, runs: list[list[dict]], labels: list[str]) -> None:
+    has_em = any("val/exact_match" in r for records in runs for r in records)
+    panels = RL_PANELS if has_em else [*RL_PANELS[:2], ("loss", "GRPO loss", "train/loss", None), RL_PANELS[3]]
+    for ax, (title, ylabel, train_key, val_key) in zip(axes.flat, panels):
+        for i, (records, label) in enumerate(zip(runs, labels)):
+            color = f"C{i % 10}"
+            if train_key:
+                steps, values = _series(records, train_key)
+                if steps:
+                    ax.plot(steps, values, color=color, lw=1.2, label=_kind(label, "train"))
+            if val_key:
+                steps, values = _series(records, val_key)
+                if steps:
+                    ax.plot(steps, values, color=color, ls="--", marker="o", ms=3, label=_kind(label, "val"))
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+
+
+def _save(fig, plt, out: PathLike, title: str) -> Path:
+    axes = fig.axes
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
