@@ -158,3 +158,23 @@ def test_bad_reward_spec_and_missing_reward_model_are_one_line_errors():
     with pytest.raises(UserError, match="cannot import"):
         reward_function(RLConfig(reward="python:no_such_module_xyz:f"), task, "cpu")
     assert reward_function(RLConfig(reward="python:llmtrain.tasks.arithmetic:reward"), task, "cpu") is ar.reward
+
+
+def test_rl_config_checks_and_presets_fit_the_rl_verb():
+    from llmtrain.config import compose, register_configs
+    from llmtrain.help import experiments_for
+
+    assert "grpo_arithmetic" in experiments_for("rl") and "grpo_arithmetic" not in experiments_for("finetune")
+    assert "sft_alpaca" not in experiments_for("rl") and "arithmetic_lm" in experiments_for("pretrain")
+    register_configs()
+    with compose.hydra_session("rl"):
+        cfg = compose.validate(compose.compose_run("rl", ["+experiment=grpo_arithmetic", "init_from=x"]))
+        assert cfg.task.name == "arithmetic" and cfg.rl.reward == "arithmetic"
+        for bad, needle in [
+            (["rl.reward=model"], "rl.reward_model"),
+            (["rl.reward=python:nofunction"], "python:module:function"),
+            (["rl.reward=bleu"], "choose arithmetic, model"),
+            (["rl.group_size=1"], "rl.group_size"),
+        ]:
+            with pytest.raises(UserError, match=needle):
+                compose.validate(compose.compose_run("rl", ["init_from=x", *bad]))
