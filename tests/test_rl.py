@@ -178,3 +178,19 @@ def test_rl_config_checks_and_presets_fit_the_rl_verb():
         ]:
             with pytest.raises(UserError, match=needle):
                 compose.validate(compose.compose_run("rl", ["init_from=x", *bad]))
+
+
+def test_iterations_reuse_a_rollout_with_the_sampling_policy_as_old():
+    tok = ByteTokenizer()
+    policy = tiny_gpt()
+    prompts = [(tok.encode(p), p) for p, _ in ar.problems(2, ["+"], 0, "train", 8)]
+    cfg = RLConfig(group_size=2, max_new_tokens=3, iterations=2)
+    trainee = GRPO(
+        cfg, policy, copy.deepcopy(policy).eval(), tok, prompts, prompts[:2], ar.reward,
+        batch_size=2, grad_accum=1, seed=0, device=torch.device("cpu"),
+    )  # fmt: skip
+    source = trainee.train_source()
+    first = source.batch(0)
+    assert source.batch(1) is first and source.batch(2) is not first  # steps 0-1 share a rollout
+    assert torch.allclose(first["old_logp"], token_logprobs(policy, first["input_ids"]))
+    assert list(trainee.state_dict()["rollouts"]) == [1]  # only the rollout in use is kept
