@@ -35,7 +35,7 @@ from llmtrain.data.validation import shard
 from llmtrain.distributed import sum_across_ranks
 from llmtrain.errors import UserError
 from llmtrain.files import file_mode
-from llmtrain.generation import generate
+from llmtrain.generation import generate, trim_at_stop
 from llmtrain.objectives.base import LossOutput
 from llmtrain.tasks.base import ExampleSource
 from llmtrain.train.device import autocast
@@ -168,7 +168,8 @@ class GRPO:
         self.val_prompts = [(ids[-room:], text) for ids, text in val_prompts]
         if not self.train_prompts or not self.val_prompts:
             raise UserError("rl: the task gave no training or no held-out prompts")
-        self.stops = [self.tok.encode(s) for s in (stop_strings or []) if s]
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.stops = [self.tok.encode(s) for s in self.stop_strings]
         self.gen = step_generator(seed, 0x6A1, 0)
         self.rollouts: dict[int, dict[str, torch.Tensor]] = {}
         self._rank, self._world = 0, 1
@@ -229,7 +230,8 @@ class GRPO:
         return res.tokens
 
     def responses_text(self, completions: list[list[int]]) -> list[str]:
-        return [self.tok.decode(c) for c in completions]
+        """What the reward reads: each completion's text, without the stop string that ended it."""
+        return [trim_at_stop(self.tok.decode(c), self.stop_strings)[0] for c in completions]
 
     @torch.no_grad()
     def rollout(self, picked: list[tuple[list[int], str]]) -> dict[str, torch.Tensor]:
