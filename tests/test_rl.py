@@ -175,6 +175,7 @@ def test_rl_config_checks_and_presets_fit_the_rl_verb():
             (["rl.reward=python:nofunction"], "python:module:function"),
             (["rl.reward=bleu"], "choose arithmetic, model"),
             (["rl.group_size=1"], "rl.group_size"),
+            (["task.ops=[+,/]"], "task.ops"),
         ]:
             with pytest.raises(UserError, match=needle):
                 compose.validate(compose.compose_run("rl", ["init_from=x", *bad]))

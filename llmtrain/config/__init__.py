@@ -87,6 +87,10 @@ def check_required_files(cfg: RunConfig) -> None:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
     if cfg.stage == "rl":
         check_reward(cfg)
+    if cfg.task.name == "arithmetic" or cfg.data.path == "task:arithmetic":
+        from llmtrain.tasks.arithmetic import check_ops  # a bad operator: refused before any work
+
+        check_ops(list(cfg.task.ops))
     if cfg.stage == "finetune" and cfg.task.name not in ("lm", "arithmetic") and not cfg.task.train_path:
         raise UserError(
             f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"

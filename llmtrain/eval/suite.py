@@ -100,6 +100,8 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
     task = task_config_of(meta).get("name")
     if task in by_task:
         return [by_task[task]]
+    if ((meta.get("config") or {}).get("data") or {}).get("path") == "task:arithmetic":  # data=arithmetic
+        return ["arithmetic"]
     objective = meta.get("objective", "clm")
     return {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"]}.get(objective, ["lm"])
 
