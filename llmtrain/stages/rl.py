@@ -10,6 +10,8 @@ The reference is a frozen copy of init_from. The final checkpoint records the ta
 from __future__ import annotations
 
 import copy
+import json
+from typing import Any
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import checkpoint_meta
@@ -20,7 +22,8 @@ from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import setup_runtime
 from llmtrain.stages.pretrain import write_curves
-from llmtrain.tasks import build_task, task_meta
+from llmtrain.tasks import build_task, stop_strings, task_meta
+from llmtrain.tasks.base import train_val_records
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.tracking import MetricsLogger, reconcile_metrics
 from llmtrain.train.trainer import Trainer
@@ -36,13 +39,34 @@ def run(cfg: RunConfig) -> float | None:
         return _rl(cfg, rt, run_dir)
 
 
-def prompts_of(task, examples: list[dict]) -> list[tuple[list[int], str]]:
-    """(prompt ids, prompt text) of a task's examples: what the policy continues, and what the
-    reward reads."""
-    out = [(list(e["prompt"]), task.tokenizer.decode(e["prompt"])) for e in examples if e.get("prompt")]
+def prompts_of(task, split: str) -> list[tuple[list[int], Any]]:
+    """(prompt ids, prompt) of a task's train or val split: the ids the policy continues (rendered
+    as the task renders them), and the prompt the reward reads: the text for arithmetic and other
+    generative tasks, the chat messages of preference pairs (task=preference / reward), which a
+    reward model renders with its own template."""
+    if hasattr(task, "prompt_ids"):  # preference pairs: each distinct prompt once
+        from llmtrain.tasks.preference_data import record_pair
+
+        train, val, train_file, val_file = train_val_records(task.cfg, task.data_cfg)
+        records, path = (train, train_file) if split == "train" else (val, val_file)
+        seen: dict[str, tuple[list[int], Any]] = {}
+        for n, rec in records:
+            messages = record_pair(rec, f"{path}: record {n}").prompt
+            seen.setdefault(json.dumps(messages), (task.prompt_ids(messages), messages))
+        out = list(seen.values())
+    else:
+        examples = task.train_examples() if split == "train" else task.val_examples()
+        out = [(list(e["prompt"]), task.tokenizer.decode(e["prompt"])) for e in examples if e.get("prompt")]
     if not out:
-        raise UserError(f"task={task.name} gives no prompts to sample from (choose task=arithmetic or instruction)")
+        raise UserError(f"task={task.name} gives no prompts to sample from (e.g. task=arithmetic, instruction)")
     return out
+
+
+def stop_strings_of(task) -> list[str]:
+    """Where a completion ends besides eos: the task's own, or its chat template's end marker."""
+    if hasattr(task, "stop_strings"):
+        return list(task.stop_strings())
+    return list(stop_strings(task.cfg.chat_template))
 
 
 def _rl(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
@@ -60,15 +84,15 @@ def _rl(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         policy,
         reference,
         tokenizer,
-        prompts_of(task, task.train_examples()),
-        prompts_of(task, task.val_examples()),
+        prompts_of(task, "train"),
+        prompts_of(task, "val"),
         reward_fn,
         batch_size=cfg.data.batch_size,
         grad_accum=cfg.trainer.grad_accum,
         seed=cfg.trainer.seed,
         device=rt.device,
         precision=rt.precision,
-        stop_strings=task.stop_strings(),
+        stop_strings=stop_strings_of(task),
         run_dir=rt.run_dir,
         is_main=rt.is_main,
     )
