@@ -285,6 +285,14 @@ def unk_report(n_unk: int, n_tokens: int, what: str) -> str | None:
     )
 
 
+def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text` that encode to <unk> (a char vocabulary lacks them)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or unk in (tokenizer.eos_id, tokenizer.pad_id):
+        return []
+    return [c for c in dict.fromkeys(text) if unk in tokenizer.encode(c)]
+
+
 def split_tokens(
     docs: list[str], tokenizer: Tokenizer, val_fraction: float, val_docs: list[str] | None = None
 ) -> TokenSplits:
