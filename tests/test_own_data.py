@@ -164,3 +164,19 @@ def test_hf_dir_without_tokenizer_files(tmp_path):
     )  # fmt: skip
     assert_user_error(proc, f"hf:{d}", "no tokenizer files")
     assert not list(cache.rglob("meta.json"))  # no cache entry of a 1-token tokenizer
+
+
+def test_eval_split_is_checked():
+    from llmtrain.config import validate_config
+
+    cfg = RunConfig(stage="evaluate")
+    for ok in (None, "all", "val"):
+        cfg.eval.split = ok
+        validate_config(cfg)
+    cfg.eval.split = "test"
+    with pytest.raises(UserError, match="eval.split must be all or val"):
+        validate_config(cfg)
+    bad = RunConfig(stage="finetune")
+    bad.task.name, bad.task.train_path, bad.data.val_path = "classification", "x.tsv", "v.txt"
+    with pytest.raises(UserError, match="data.val_path is for text"):
+        validate_config(bad)

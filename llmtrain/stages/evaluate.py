@@ -72,7 +72,8 @@ def run(cfg: RunConfig) -> float | None:
         if scored:
             d = scored[0]
             part = "all of it" if d["split"] == "all" else "its validation split"
-            print(f"scored {d['path']}: {part}, {d['documents']:,} documents, {d['tokens']:,} tokens")
+            docs = f"{d['documents']:,} document{'s' if d['documents'] != 1 else ''}"
+            print(f"scored {d['path']}: {part}, {docs}, {d['tokens']:,} tokens")
         print_table({k: v for k, v in results.items() if "/" in k})
         print(f"wrote {rt.run_dir / 'eval.json'} and eval.md", flush=True)
     value = results.get(cfg.optimize_metric)
