@@ -35,9 +35,9 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
-        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model optim.lr "
-        "scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
-        "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
+        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
+        "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
+        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
@@ -76,8 +76,8 @@ VERBS: dict[str, Verb] = {
     ),
     "tokenizer train": Verb(
         "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
-        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type tokenizer.character_coverage "
-        "tokenizer.byte_fallback tokenizer.input_sentence_size",
+        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
+        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
     ),
     "data prepare": Verb(
         "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "

@@ -153,7 +153,9 @@ def test_hf_dir_without_tokenizer_files(tmp_path):
     import transformers
 
     d = tmp_path / "hf_no_tok"
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=40, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_positions=40, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d))
     text = tmp_path / "t.txt"
     text.write_text(_text(50, 7))
@@ -180,3 +182,15 @@ def test_eval_split_is_checked():
     bad.task.name, bad.task.train_path, bad.data.val_path = "classification", "x.tsv", "v.txt"
     with pytest.raises(UserError, match="data.val_path is for text"):
         validate_config(bad)
+
+
+def test_generate_warns_about_unknown_prompt_characters(pretrained, capsys):
+    """A Shakespeare char model lacks "€": the prompt the model reads is shown, not the one typed."""
+    from llmtrain.stages import generate
+
+    cfg = RunConfig(stage="generate", checkpoint=str(pretrained))
+    cfg.generate.prompt, cfg.generate.max_new_tokens = "ROMEO€:", 4
+    generate.run(cfg)
+    out, err = capsys.readouterr()
+    assert "warning: generate.prompt: 1 of 7 tokens (14.29%) are <unk>" in err and "'€'" in err
+    assert out.startswith("ROMEO\ufffd:")

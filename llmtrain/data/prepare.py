@@ -332,7 +332,12 @@ def _build(
         },
         "split": {"val_fraction": data.val_fraction, "by": ds.by},
         "documents": n_docs,
-        "train": {"file": "train.bin", "tokens": counts["train"][0], "documents": counts["train"][1], "unk": counts["train"][2]},
+        "train": {
+            "file": "train.bin",
+            "tokens": counts["train"][0],
+            "documents": counts["train"][1],
+            "unk": counts["train"][2],
+        },
         "val": {
             "file": "val.bin",
             "tokens": counts["val"][0],

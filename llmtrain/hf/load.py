@@ -147,7 +147,9 @@ def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
             )
         tok = HFTokenizer.from_pretrained(str(path))
         if tok.vocab_size < 2:
-            raise UserError(f"hf:{path}: its tokenizer has {tok.vocab_size} token(s); the tokenizer files are incomplete")
+            raise UserError(
+                f"hf:{path}: its tokenizer has {tok.vocab_size} token(s); the tokenizer files are incomplete"
+            )
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(
             f"hf:{path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size} embeddings"
