@@ -107,6 +107,23 @@ def test_tokenizer_trains_on_the_training_split_only(tmp_path):
     assert len(list((tmp_path / "cache" / "tokenizers").glob("*.model"))) == 2
 
 
+def test_tokenizer_train_stage_leaves_the_validation_split_out(tmp_path, monkeypatch, capsys):
+    from llmtrain.stages import tokenizer_train
+    from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    monkeypatch.chdir(tmp_path)  # outside Hydra the run directory is the working directory
+    f = tmp_path / "leak.txt"
+    f.write_text(_text(200, 3) + _text(10, 4, alphabet="xyz "))
+    cfg = _cfg(tmp_path, f)
+    cfg.tokenizer = TokenizerConfig(name="sentencepiece", vocab_size=40, byte_fallback=False)
+    tokenizer_train.run(cfg)
+    assert "validation characters left out" in capsys.readouterr().out
+    sp = SentencePieceTokenizer.load(tmp_path / "tokenizer.model")
+    assert not [p for p in map(sp.sp.id_to_piece, range(sp.sp.get_piece_size())) if set(p) & {"x", "y", "z"}]
+    files = json.loads((tmp_path / "run_info.json").read_text())["data_files"]
+    assert [x["path"] for x in files] == [str(f.resolve())] and len(files[0]["sha256"]) == 64
+
+
 # -- item 4: <unk> reported ------------------------------------------------------------------
 def test_unknown_characters_are_reported(tmp_path, capsys):
     tok = CharTokenizer("abcdefgh \n")
@@ -194,3 +211,6 @@ def test_generate_warns_about_unknown_prompt_characters(pretrained, capsys):
     out, err = capsys.readouterr()
     assert "warning: generate.prompt: 1 of 7 tokens (14.29%) are <unk>" in err and "'€'" in err
     assert out.startswith("ROMEO\ufffd:")
+    # The pretrain run recorded the file it read, with its size and sha256.
+    (record,) = json.loads((pretrained / "run_info.json").read_text())["data_files"]
+    assert record["path"].endswith("tinyshakespeare.txt.gz") and record["size"] > 0 and len(record["sha256"]) == 64
