@@ -127,6 +127,8 @@ class Scored:
     path: str  # the source scored: data.path, or data.val_path
     split: str  # all | val
     prefix: str  # metric prefix: eval (a whole source) | val (a validation split)
+    documents: int  # documents (or parts of one) scored
+    key: str  # the config key that names `path`
 
 
 def _scored_tokens(ctx: EvalContext, data: DataConfig, split: str) -> Scored:
@@ -136,22 +138,26 @@ def _scored_tokens(ctx: EvalContext, data: DataConfig, split: str) -> Scored:
     from llmtrain.data.corpus import DocSplit, read_split, tokenize_split
     from llmtrain.data.sources import read_documents
 
-    if split == "all":
-        path, key = (data.path, "data.path") if data.path else (data.val_path, "data.val_path")
+    if split == "all" or data.val_path:  # one source, every document of it
+        if split == "all":
+            path, key = (data.path, "data.path") if data.path else (data.val_path, "data.val_path")
+        else:
+            path, key = data.val_path, "data.val_path"
         docs = read_documents(path, data.text_field, data.encoding_errors, data.doc_pattern, key)
         # Everything on the validation side: the objective scores only that side.
         splits = tokenize_split(DocSplit([], docs, False, "none"), ctx.tokenizer)
         splits.train = splits.val
-        what, prefix = f"data {path}", "eval"
-    else:
-        if not data.path:
-            raise UserError("eval.split=val needs data.path (with data.val_fraction) or data.val_path")
-        path = data.val_path or data.path
-        splits = tokenize_split(read_split(data), ctx.tokenizer)
-        what, prefix = f"data {path}: the validation split (data.val_fraction={data.val_fraction})", "val"
+        what, n_docs = f"{key} {path}", len(docs)
+    else:  # the last data.val_fraction of data.path, as training split it
+        path, key = data.path, "data.path"
+        ds = read_split(data)
+        splits = tokenize_split(ds, ctx.tokenizer)
+        n_docs = len(ds.val)
+        what = f"data {path}: the validation split (data.val_fraction={data.val_fraction})"
+    prefix = "eval" if split == "all" else "val"
     if len(splits.val) < 2:
         raise UserError(f"{what} is empty" + ("; use eval.split=all to score the whole file" if split == "val" else ""))
-    return Scored(splits, path, split, prefix)
+    return Scored(splits, path, split, prefix, n_docs, key)
 
 
 def _data_details(scored: Scored, tokenizer) -> dict[str, Any]:
@@ -162,8 +168,9 @@ def _data_details(scored: Scored, tokenizer) -> dict[str, Any]:
     s = scored.splits
     return {
         "path": scored.path,
+        "key": scored.key,
         "split": scored.split,
-        "documents": s.n_docs,
+        "documents": scored.documents,
         "tokens": len(s.val),
         "unk_tokens": unk_count(s.val, tokenizer),
         "files": data_files([scored.path]),

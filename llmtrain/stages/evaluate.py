@@ -71,7 +71,9 @@ def run(cfg: RunConfig) -> float | None:
         print(f"evaluate: {path} ({', '.join(tasks)})")
         if scored:
             d = scored[0]
-            part = "all of it" if d["split"] == "all" else "its validation split"
+            whole = d["split"] == "all" or d["key"] == "data.val_path"
+            prefix = "eval" if d["split"] == "all" else "val"
+            part = f"{'all of it' if whole else 'its last data.val_fraction'} ({d['key']}, metrics {prefix}/*)"
             docs = f"{d['documents']:,} document{'s' if d['documents'] != 1 else ''}"
             print(f"scored {d['path']}: {part}, {docs}, {d['tokens']:,} tokens")
         print_table({k: v for k, v in results.items() if "/" in k})
