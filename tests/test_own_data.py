@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_cli
 from llmtrain.config.schema import DataConfig, RunConfig, TokenizerConfig
 from llmtrain.data import prepare as prep
 from llmtrain.data.corpus import split_documents, split_tokens, unk_report, unknown_characters
@@ -166,23 +165,26 @@ def test_binary_files_are_named_binary(tmp_path, blob):
 
 
 # -- item 7: hf:DIR without tokenizer files --------------------------------------------------
-def test_hf_dir_without_tokenizer_files(tmp_path):
+def test_hf_dir_without_tokenizer_files(tmp_path, monkeypatch):
+    """It used to build a 1-token tokenizer, cache its empty shards and fail at "0 training tokens"."""
     import transformers
 
+    from llmtrain.stages import finetune
+
     d = tmp_path / "hf_no_tok"
-    cfg = transformers.GPT2Config(
+    hf_cfg = transformers.GPT2Config(
         vocab_size=64, n_positions=40, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0
     )
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d))
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(str(d))
     text = tmp_path / "t.txt"
     text.write_text(_text(50, 7))
-    cache = tmp_path / "cache"
-    proc = run_cli(
-        "finetune", f"init_from=hf:{d}", f"data.path={text}", "data.seq_len=16", "trainer.max_steps=2",
-        env={"LLMTRAIN_CACHE_DIR": str(cache)},
-    )  # fmt: skip
-    assert_user_error(proc, f"hf:{d}", "no tokenizer files")
-    assert not list(cache.rglob("meta.json"))  # no cache entry of a 1-token tokenizer
+    monkeypatch.chdir(tmp_path)  # outside Hydra the run directory is the working directory
+    cfg = _cfg(tmp_path, text)
+    cfg.stage, cfg.init_from = "finetune", f"hf:{d}"
+    with pytest.raises(UserError, match="no tokenizer files") as e:
+        finetune.run(cfg)
+    assert f"hf:{d}" in str(e.value) and "\n" not in str(e.value)  # the CLI prints it as one line, exit 2
+    assert not (tmp_path / "cache").exists()  # no cache entry of a 1-token tokenizer
 
 
 def test_eval_split_is_checked():
