@@ -25,7 +25,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -40,7 +40,9 @@ from llmtrain.objectives.base import LossOutput
 from llmtrain.tasks.base import ExampleSource
 from llmtrain.train.device import autocast
 
-RewardFn = Callable[[list[str], list[str]], "list[float] | torch.Tensor"]
+# reward(prompts, responses) -> one float per response; a prompt is text, or chat messages for
+# preference data (what llmtrain.tasks.reward.score takes)
+RewardFn = Callable[[list[Any], list[str]], "list[float] | torch.Tensor"]
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -122,7 +124,7 @@ def reward_function(cfg: RLConfig, task, device) -> RewardFn:
     raise UserError(f"rl.reward={spec!r}: choose arithmetic, model or python:module:function")
 
 
-def score(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+def score(reward_fn: RewardFn, prompts: list[Any], responses: list[str]) -> torch.Tensor:
     out = reward_fn(prompts, responses)
     r = torch.as_tensor(out if isinstance(out, torch.Tensor) else list(out), dtype=torch.float32).detach().cpu()
     if r.shape != (len(prompts),) or not torch.isfinite(r).all():
@@ -143,8 +145,8 @@ class GRPO:
         policy: torch.nn.Module,
         reference: torch.nn.Module,
         tokenizer,
-        train_prompts: list[tuple[list[int], str]],
-        val_prompts: list[tuple[list[int], str]],
+        train_prompts: list[tuple[list[int], Any]],  # (ids, the prompt as the reward reads it)
+        val_prompts: list[tuple[list[int], Any]],
         reward_fn: RewardFn,
         *,
         batch_size: int,
