@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmtrain.config.schema import DataConfig, LoraConfig, ModelConfig, TaskConfig
 from llmtrain.errors import UserError
@@ -239,31 +240,50 @@ def test_bad_preference_file_exits_2(pretrained, tmp_path):
     assert_user_error(proc, str(bad), "record 2", "'chosen'")
 
 
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_reward_and_dpo_presets_end_to_end(pretrained, tmp_path):
     pairs = SHARED / "dpo_demo" / "train.json"
-    small = ["task.max_examples=40", "trainer.max_steps=4", "trainer.eval_every=2", "data.batch_size=4"]
+    small = ["task.max_examples=16", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.log_every=1"]
     runs = {}
-    for preset in ("reward_demo", "dpo_demo"):
+    for preset, extra in (("reward_demo", []), ("dpo_demo", ["finetune.lora.r=4"])):  # full FT; LoRA
         run = tmp_path / preset
         proc = run_cli("finetune", f"+experiment={preset}", f"init_from={pretrained}", f"task.train_path={pairs}",
-                       *TINY, *small, f"hydra.run.dir={run}")
+                       *TINY, *small, "data.batch_size=4", *extra, f"hydra.run.dir={run}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = _rows(run)
         assert any("val/pref_accuracy" in r and "val/reward_margin" in r for r in rows), rows
         runs[preset] = run
-    rows = [json.loads(x) for x in (runs["dpo_demo"] / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(runs["dpo_demo"])
     for k in ("pref_accuracy", "reward_margin", "chosen_logp", "rejected_logp"):
         assert any(f"train/{k}" in r for r in rows) and any(f"val/{k}" in r for r in rows), k
-    assert (runs["dpo_demo"] / "reference_logps.safetensors").is_file()
-    # evaluate: the reward model by its scores, the policy by its log-probs
-    for preset, by in (("reward_demo", "reward model"), ("dpo_demo", "policy")):
-        out = tmp_path / f"eval_{preset}"
-        proc = run_cli("evaluate", f"checkpoint={runs[preset]}", "eval.tasks=[preference]", f"hydra.run.dir={out}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads((out / "eval.json").read_text())
-        assert res["preference/n"] == 8 and 0 <= res["preference/accuracy"] <= 1
-        assert res["details"]["preference"]["scored_by"].startswith(by)
-    # the reward model exports as a transformers sequence classifier with one label
-    proc = run_cli("export", f"checkpoint={runs['reward_demo']}", f"export.out={tmp_path / 'hf_rm'}")
+    # DDP (2 gloo ranks x 2 pairs) is the same computation: sharded reference, same losses
+    ddp = tmp_path / "ddp"
+    proc = run_cli("finetune", "+experiment=dpo_demo", f"init_from={pretrained}", f"task.train_path={pairs}", *TINY,
+                   *small, "data.batch_size=2", "finetune.lora.r=4", "trainer.devices=2", "trainer.device=cpu",
+                   f"hydra.run.dir={ddp}", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "hf_rm" / "config.json").read_text())["architectures"] == ["GPT2ForSequenceClassification"]
+    ref = [load_file(r / "reference_logps.safetensors") for r in (runs["dpo_demo"], ddp)]
+    assert all(torch.allclose(ref[0][k], ref[1][k], atol=1e-5) for k in ("train", "val"))
+    losses = [{r["step"]: r["train/loss"] for r in _rows(d) if "train/loss" in r} for d in (runs["dpo_demo"], ddp)]
+    assert losses[0].keys() == losses[1].keys() == {1, 2}
+    assert all(abs(losses[0][s] - losses[1][s]) < 1e-5 for s in losses[0]), losses
+    # evaluate scores a policy by its log-probs on the run's own held-out pairs
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", f"checkpoint={runs['dpo_demo']}", "eval.tasks=[preference]", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    assert res["preference/n"] == 16 and 0 <= res["preference/accuracy"] <= 1
+    assert res["details"]["preference"]["scored_by"].startswith("policy")
+    # a reward checkpoint loads through the one loader and scores text
+    from llmtrain import checkpoints
+    from llmtrain.tasks.reward import RewardModel, score
+
+    loaded = checkpoints.load(runs["reward_demo"])
+    assert isinstance(loaded.model, RewardModel)
+    r = score(loaded, ["Hi there", "Tell me a story"], ["Hello!", "Once upon a time"])
+    assert r.dtype == torch.float32 and r.shape == (2,) and torch.isfinite(r).all()
+    with pytest.raises(UserError, match="not a reward model"):
+        score(checkpoints.load(runs["dpo_demo"]), ["a"], ["b"])
