@@ -46,7 +46,12 @@ def _model(mc):
 def test_losses_equal_the_papers_formulas():
     from llmtrain.tasks.preference import dpo_loss, ipo_loss, simpo_loss
 
-    pc, pr, rc, rr = torch.tensor([-12.0, -3.5]), torch.tensor([-10.0, -9.0]), torch.tensor([-11.0, -4.0]), torch.tensor([-10.5, -8.0])
+    pc, pr, rc, rr = (
+        torch.tensor([-12.0, -3.5]),
+        torch.tensor([-10.0, -9.0]),
+        torch.tensor([-11.0, -4.0]),
+        torch.tensor([-10.5, -8.0]),
+    )
     nc, nr = torch.tensor([6.0, 2.0]), torch.tensor([4.0, 5.0])
     beta, gamma = 0.3, 0.7
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -71,7 +76,9 @@ def test_bradley_terry_gradients_push_chosen_up_and_rejected_down():
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()  # descent raises chosen, lowers rejected
     expect = -(torch.sigmoid(-(chosen - rejected))) / 3  # d/dr_c of -mean log sigmoid(r_c - r_r)
     assert torch.allclose(chosen.grad, expect.detach())
-    assert loss.item() == pytest.approx(-sum(math.log(1 / (1 + math.exp(-(c - r)))) for c, r in [(0.5, 0), (-1, 1), (2, 2.5)]) / 3)
+    assert loss.item() == pytest.approx(
+        -sum(math.log(1 / (1 + math.exp(-(c - r)))) for c, r in [(0.5, 0), (-1, 1), (2, 2.5)]) / 3
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -132,9 +139,17 @@ def test_long_pairs_are_truncated_and_reported(tmp_path):
     [
         ({"prompt": "hi", "chosen": "a"}, ["record 2", "'rejected'"]),
         ({"prompt": "hi", "chosen": "", "rejected": "b"}, ["record 2", "'chosen'", "empty"]),
-        ({"conversations": [{"from": "alien", "value": "x"}], "chosen": "a", "rejected": "b"}, ["'conversations[0]'", "role"]),
-        ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}, ["'rejected'", "share"]),
+        (
+            {"conversations": [{"from": "alien", "value": "x"}], "chosen": "a", "rejected": "b"},
+            ["'conversations[0]'", "role"],
+        ),
+        (
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+            },
+            ["'rejected'", "share"],
+        ),
         ({"prompt": "hi", "chosen": {"from": "human", "value": "a"}, "rejected": "b"}, ["'chosen'", "assistant"]),
     ],
 )
@@ -250,8 +265,17 @@ def test_reward_and_dpo_presets_end_to_end(pretrained, tmp_path):
     runs = {}
     for preset, extra in (("reward_demo", []), ("dpo_demo", ["finetune.lora.r=4"])):  # full FT; LoRA
         run = tmp_path / preset
-        proc = run_cli("finetune", f"+experiment={preset}", f"init_from={pretrained}", f"task.train_path={pairs}",
-                       *TINY, *small, "data.batch_size=4", *extra, f"hydra.run.dir={run}")
+        proc = run_cli(
+            "finetune",
+            f"+experiment={preset}",
+            f"init_from={pretrained}",
+            f"task.train_path={pairs}",
+            *TINY,
+            *small,
+            "data.batch_size=4",
+            *extra,
+            f"hydra.run.dir={run}",
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = _rows(run)
         assert any("val/pref_accuracy" in r and "val/reward_margin" in r for r in rows), rows
@@ -261,9 +285,20 @@ def test_reward_and_dpo_presets_end_to_end(pretrained, tmp_path):
         assert any(f"train/{k}" in r for r in rows) and any(f"val/{k}" in r for r in rows), k
     # DDP (2 gloo ranks x 2 pairs) is the same computation: sharded reference, same losses
     ddp = tmp_path / "ddp"
-    proc = run_cli("finetune", "+experiment=dpo_demo", f"init_from={pretrained}", f"task.train_path={pairs}", *TINY,
-                   *small, "data.batch_size=2", "finetune.lora.r=4", "trainer.devices=2", "trainer.device=cpu",
-                   f"hydra.run.dir={ddp}", env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        "finetune",
+        "+experiment=dpo_demo",
+        f"init_from={pretrained}",
+        f"task.train_path={pairs}",
+        *TINY,
+        *small,
+        "data.batch_size=2",
+        "finetune.lora.r=4",
+        "trainer.devices=2",
+        "trainer.device=cpu",
+        f"hydra.run.dir={ddp}",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = [load_file(r / "reference_logps.safetensors") for r in (runs["dpo_demo"], ddp)]
     assert all(torch.allclose(ref[0][k], ref[1][k], atol=1e-5) for k in ("train", "val"))
@@ -287,3 +322,29 @@ def test_reward_and_dpo_presets_end_to_end(pretrained, tmp_path):
     assert r.dtype == torch.float32 and r.shape == (2,) and torch.isfinite(r).all()
     with pytest.raises(UserError, match="not a reward model"):
         score(checkpoints.load(runs["dpo_demo"]), ["a"], ["b"])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_eval_scores_a_policy_by_its_log_probs(tmp_path, normalize):
+    from llmtrain.checkpoints import Loaded
+    from llmtrain.config.schema import EvalConfig, RunConfig
+    from llmtrain.eval.suite import EvalContext, preference_task
+
+    path = _write(tmp_path / "pairs.json", PAIRS * 2)
+    task, tok, mc = _task("preference", path)
+    model = _model(mc).eval()
+    cfg = RunConfig(
+        task=TaskConfig(train_path=str(path)),
+        data=DataConfig(seq_len=64, val_fraction=0.25),
+        eval=EvalConfig(batch_size=3, length_normalize=normalize),
+    )
+    loaded = Loaded(path=tmp_path, meta={}, model_cfg=mc, tokenizer=tok, model=model, task=None)
+    res = preference_task(EvalContext(cfg, torch.device("cpu"), "fp32", tmp_path, lambda: loaded))
+    right = []
+    for e in task.val_examples():  # the same held-out 25%, scored pair by pair
+        c, r = _frozen_logps(model, e)
+        if normalize:
+            c, r = c / len(e["chosen"]), r / len(e["rejected"])
+        right.append(c > r)
+    assert res.metrics["preference/n"] == len(right) == 4
+    assert res.metrics["preference/accuracy"] == pytest.approx(sum(right) / len(right))

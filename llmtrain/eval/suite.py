@@ -273,9 +273,9 @@ def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[
 
 
 def chat_template_name(meta: dict[str, Any]) -> str | None:
-    """The chat template of an instruction-tuned checkpoint (None: a plain LM)."""
+    """The chat template of an instruction- or preference-tuned checkpoint (None: a plain LM)."""
     task = task_config_of(meta)
-    if task.get("name") != "instruction":
+    if task.get("name") not in ("instruction", "preference"):
         return None
     return task.get("chat_template") or "default"
 
@@ -559,7 +559,11 @@ def preference_task(ctx: EvalContext) -> TaskResult:
     right = (scores[:, 0] > scores[:, 1]).double()
     n = len(right)
     acc = float(right.mean()) if n else 0.0
-    by = "reward model" if is_reward else f"policy log-prob ({'per token' if ctx.cfg.eval.length_normalize else 'summed'})"
+    by = (
+        "reward model"
+        if is_reward
+        else f"policy log-prob ({'per token' if ctx.cfg.eval.length_normalize else 'summed'})"
+    )
     return TaskResult(
         {
             "preference/accuracy": acc,

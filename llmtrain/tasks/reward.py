@@ -86,7 +86,11 @@ class Reward(PairTask):
         examples = examples[:max_examples] if max_examples > 0 else examples
         r = self.rewards(model, examples, device)
         margin = r[:, 0] - r[:, 1]
-        return {"pref_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()), "n": float(len(r))}
+        return {
+            "pref_accuracy": float((margin > 0).float().mean()),
+            "reward_margin": float(margin.mean()),
+            "n": float(len(r)),
+        }
 
     @torch.no_grad()
     def score(self, model, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
