@@ -25,12 +25,12 @@ def _write(path: Path, records, jsonl=False) -> Path:
     return path
 
 
-def _task(name, path, seq_len=64, **kw):
+def _task(name, path, seq_len=64, arch="gpt2", **kw):
     from llmtrain.tasks import build_task
     from llmtrain.tokenizers.char import CharTokenizer
 
     tok = CharTokenizer("".join(chr(c) for c in range(32, 127)) + "\n")
-    mc = ModelConfig(name="gpt2", n_layer=1, n_head=2, d_model=16, vocab_size=128, max_seq_len=128)
+    mc = ModelConfig(name=arch, n_layer=1, n_head=2, d_model=16, vocab_size=128, max_seq_len=128)
     cfg = TaskConfig(name=name, train_path=str(path), **kw)
     return build_task(cfg, tok, mc, DataConfig(seq_len=seq_len, batch_size=3, val_fraction=0.25)), tok, mc
 
@@ -224,13 +224,14 @@ def test_dpo_step_raises_the_implicit_reward_margin(tmp_path):
 
 
 # ----------------------------------------------------------------------------- reward model
-def test_reward_scores_and_hf_export(tmp_path):
-    from transformers import GPT2ForSequenceClassification
-
+@pytest.mark.parametrize(
+    "arch, hf_class", [("gpt2", "GPT2ForSequenceClassification"), ("llama", "LlamaForSequenceClassification")]
+)
+def test_reward_scores_and_hf_export(tmp_path, arch, hf_class):
     from llmtrain.hf.export import hf_model
 
     path = _write(tmp_path / "pairs.json", PAIRS)
-    task, tok, mc = _task("reward", path)
+    task, tok, mc = _task("reward", path, arch=arch)
     model = task.build_model(_model(mc)).eval()
     torch.nn.init.normal_(model.head.weight)
     ex = task.train_examples()[:3]
@@ -240,11 +241,22 @@ def test_reward_scores_and_hf_export(tmp_path):
     replies = [tok.decode(e["chosen"][:-1]) for e in ex]
     assert torch.allclose(task.score(model, prompts, replies), r[:, 0], atol=1e-6)
     hf = hf_model(model, mc, tok)
-    assert isinstance(hf, GPT2ForSequenceClassification) and hf.config.num_labels == 1
+    assert type(hf).__name__ == hf_class and hf.config.num_labels == 1
     batch = task.collate(ex)
     with torch.no_grad():
         theirs = hf(batch["input_ids"]).logits.squeeze(-1)  # HF pools at the last non-pad token
     assert torch.allclose(theirs, torch.cat([r[:, 0], r[:, 1]]), atol=1e-5)
+
+
+def test_reward_export_refuses_an_encoder_head():
+    from llmtrain.hf.export import hf_model
+    from llmtrain.models import build_model
+    from llmtrain.tasks.reward import RewardModel
+    from llmtrain.tokenizers.char import CharTokenizer
+
+    mc = ModelConfig(name="bert", n_layer=1, n_head=2, d_model=16, vocab_size=128, max_seq_len=32)
+    with pytest.raises(UserError, match="no exact transformers"):
+        hf_model(RewardModel(build_model(mc)), mc, CharTokenizer("abc"))
 
 
 # ----------------------------------------------------------------------------- CLI, end to end
