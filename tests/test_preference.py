@@ -360,3 +360,27 @@ def test_eval_scores_a_policy_by_its_log_probs(tmp_path, normalize):
         right.append(c > r)
     assert res.metrics["preference/n"] == len(right) == 4
     assert res.metrics["preference/accuracy"] == pytest.approx(sum(right) / len(right))
+
+
+def test_ipo_and_simpo_tasks(tmp_path):
+    from llmtrain.tasks.preference import simpo_loss
+
+    path = _write(tmp_path / "pairs.json", PAIRS)
+    ipo, _, mc = _task("preference", path, loss="ipo", beta=0.25)
+    model = _model(mc)
+    ipo.prepare(model, torch.device("cpu"), tmp_path)
+    assert ipo.loss(model, ipo.collate(ipo.train_examples())).loss.item() == pytest.approx(4.0, abs=1e-4)  # (1/2b)^2
+    simpo, _, _ = _task("preference", path, loss="simpo", beta=2.0, gamma=0.5)
+    assert "no reference" in simpo.prepare(model, torch.device("cpu"), tmp_path)
+    batch = simpo.collate(simpo.train_examples())
+    assert "ref" not in batch
+    lp, n = [], []
+    for e in simpo.train_examples():
+        c, r = _frozen_logps(model, e)
+        lp.append((c, r))
+        n.append((len(e["chosen"]), len(e["rejected"])))
+    lp, n = torch.tensor(lp), torch.tensor(n, dtype=torch.float64)
+    expect = simpo_loss(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1], 2.0, 0.5).mean()
+    assert simpo.loss(model, batch).loss.item() == pytest.approx(expect.item(), abs=1e-4)
+    with pytest.raises(UserError, match="task.loss"):
+        _task("preference", path, loss="kto")
