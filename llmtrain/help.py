@@ -170,7 +170,8 @@ KEYS: dict[str, str] = {
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | arithmetic ([] = the checkpoint's own)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | arithmetic "
+    "([] = the checkpoint's own)",
     "eval.split": "all | val: score all of the data (eval/*) or its validation split (val/*); "
     "unset = all of data.path given here, else the checkpoint's validation split",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
