@@ -1,10 +1,12 @@
 """`llmtrain rl` through the real CLI at tiny size: the grpo_arithmetic recipe end to end
-(pretrain on arithmetic -> GRPO -> evaluate), and bit-exact resume after kill -9. One test, so
+(pretrain on arithmetic -> GRPO -> evaluate), bit-exact resume after kill -9, and rlhf_demo
+(rl.reward=model) against a reward model of arithmetic preference pairs. One test, so
 pytest-xdist never runs the shared runs twice (module fixtures are per worker)."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
+from llmtrain.tasks.arithmetic import preference_pairs
 from test_resume import ckpt, popen_cli, wait_for
 
 TINY_LM = [
@@ -53,7 +56,7 @@ def records(run: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
-def test_grpo_arithmetic_recipe_end_to_end_and_resume_after_kill_9(tmp_path):
+def test_grpo_arithmetic_recipe_resume_after_kill_9_and_rlhf_demo(tmp_path):
     arith_lm = tmp_path / "arith_lm"
     proc = run_cli(
         "pretrain", "+experiment=arithmetic_lm", *TINY_LM, "trainer.max_steps=5", f"hydra.run.dir={arith_lm}"
@@ -102,6 +105,30 @@ def test_grpo_arithmetic_recipe_end_to_end_and_resume_after_kill_9(tmp_path):
     a = load_file(ckpt(run, STEPS) / "model.safetensors")
     b = load_file(ckpt(rl_run, STEPS) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # rl.reward=model (+experiment=rlhf_demo): a reward model trained on arithmetic preference
+    # pairs (right vs wrong answer) scores the completions of the pairs' prompts
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(40, seed=0)))
+    rm = tmp_path / "rm"
+    proc = run_cli(
+        "finetune", "+experiment=reward_demo", f"init_from={arith_lm}", f"task.train_path={pairs}",
+        "data.seq_len=32", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.progress=false",
+        f"hydra.run.dir={rm}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rlhf = tmp_path / "rlhf"
+    proc = run_cli(
+        "rl", "+experiment=rlhf_demo", f"init_from={arith_lm}", f"rl.reward_model={rm}", f"task.train_path={pairs}",
+        "data.seq_len=32", "rl.max_new_tokens=6", "data.batch_size=2", "rl.group_size=2", "rl.eval_prompts=4",
+        "trainer.max_steps=2", "trainer.eval_every=2", "trainer.log_every=1", "trainer.progress=false",
+        f"hydra.run.dir={rlhf}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records(rlhf)
+    assert [r["step"] for r in recs if "train/reward" in r] == [1, 2]
+    assert [r["step"] for r in recs if "val/reward" in r] == [0, 2]
+    assert all(math.isfinite(r["val/reward"]) for r in recs if "val/reward" in r)
 
 
 def without_timing(recs: list[dict]) -> list[dict]:
