@@ -9,7 +9,7 @@ from typing import Optional
 
 @dataclass
 class ModelConfig:
-    name: str = "gpt2"  # registry key: gpt2 | llama | bert
+    name: str = "gpt2"  # registry key: gpt2 | llama | bert | t5
     n_layer: int = 4
     n_head: int = 4
     n_kv_heads: Optional[int] = None  # grouped-query attention (llama); None = n_head
@@ -25,6 +25,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int = 2  # bert segment embeddings
     init_std: float = 0.02
+    head_dim: Optional[int] = None  # t5's d_kv; None = d_model // n_head
+    # t5: sentinel ids above the tokenizer's vocabulary (<extra_id_0> is the highest), as T5's
+    # 100 extra ids; the vocabulary is padded from tokenizer size + extra_ids
+    extra_ids: int = 0
+    relative_buckets: int = 32  # t5 relative position bias: buckets and the distance they reach
+    relative_max_distance: int = 128
 
 
 @dataclass
@@ -55,9 +61,14 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | nsp | mlm_nsp
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | span_corruption | denoising
     mask_prob: float = 0.15
     nsp_prob: float = 0.5
+    # span_corruption (T5) / denoising (BART): fraction of tokens corrupted and the mean span
+    # length (denoising: the Poisson lambda of its span lengths)
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    permute_sentences: bool = False  # denoising: shuffle the sentences of the input too
 
 
 @dataclass
