@@ -146,7 +146,7 @@ class LoraConfig:
 class TaskConfig:
     """Fine-tuning / evaluation task (registry kind "task"). Fields unused by a task are ignored."""
 
-    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization
+    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization | seq2seq
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     text_field: str = "text"
@@ -163,6 +163,8 @@ class TaskConfig:
     # generative tasks (instruction, summarization): validation answers generated while fine-tuning
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
+    num_beams: int = 1  # > 1: beam search for the validation answers
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
     prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
     all_targets: bool = False  # summarization: one training example per target (else the first)
     null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
@@ -182,6 +184,8 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: Optional[int] = 200  # None = no top-k cut
     top_p: Optional[float] = None  # nucleus sampling; None = off
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature/top_k/top_p unused)
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
 
 
 @dataclass
