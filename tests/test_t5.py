@@ -73,7 +73,9 @@ def test_logits_and_state_dict_match_hf_t5(tied):
     mask[1, 19:] = 0  # padding in the encoder input
     y = torch.randint(0, 128, (2, 25))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, mask, y), hf(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits, **TOL)
+        torch.testing.assert_close(
+            ours(x, mask, y), hf(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits, **TOL
+        )
     back = t5.from_hf_state_dict(dict(hf.state_dict()))
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
@@ -213,9 +215,12 @@ def test_objective_and_architecture_must_fit():
         c.data.seq_len = 32
         return c
 
-    for model, objective, needle in [("t5", "clm", "encoder-decoder"), ("t5", "mlm", "span_corruption"),
-                                     ("gpt2", "span_corruption", "needs an encoder-decoder"),
-                                     ("bert", "denoising", "needs an encoder-decoder")]:
+    for model, objective, needle in [
+        ("t5", "clm", "encoder-decoder"),
+        ("t5", "mlm", "span_corruption"),
+        ("gpt2", "span_corruption", "needs an encoder-decoder"),
+        ("bert", "denoising", "needs an encoder-decoder"),
+    ]:
         with pytest.raises(UserError, match=needle):
             validate_config(cfg(model, objective))
     validate_config(cfg("t5", "span_corruption"))
@@ -234,7 +239,10 @@ def test_cached_decoding_equals_uncached_logits():
         memory = m.encode(x, mask)
         cross, cache = m.cross_kv(memory), m.new_kv_cache(2, 9)
         steps = [m.lm_logits(m.decode(y[:, :3], memory_mask=mask, kv_cache=cache, cross_kv=cross))]
-        steps += [m.lm_logits(m.decode(y[:, t : t + 1], memory_mask=mask, kv_cache=cache, cross_kv=cross)) for t in range(3, 9)]
+        steps += [
+            m.lm_logits(m.decode(y[:, t : t + 1], memory_mask=mask, kv_cache=cache, cross_kv=cross))
+            for t in range(3, 9)
+        ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
     prompts = [x[0, :7].tolist(), x[1].tolist()]
     a = generate(m, prompts, max_new_tokens=10, temperature=0, eos_id=None)
@@ -291,8 +299,13 @@ def test_seq2seq_reads_csv_and_jsonl_and_trains_t5(tmp_path):
     assert (batch["input_ids"] == task.tokenizer.eos_id).any(dim=1).all()  # the source ends with </s>
     out = task.loss(build_model(model_cfg), batch)
     assert torch.isfinite(out.loss) and out.n_targets > 0
-    task2, _ = _seq2seq_task(tmp_path, '{"src": "a b", "tgt": "c"}\n{"src": "d e", "tgt": "f"}\n', ".jsonl",
-                             source_field="src", target_field="tgt")
+    task2, _ = _seq2seq_task(
+        tmp_path,
+        '{"src": "a b", "tgt": "c"}\n{"src": "d e", "tgt": "f"}\n',
+        ".jsonl",
+        source_field="src",
+        target_field="tgt",
+    )
     assert len(task2.train_examples()) == 1 and task2.train_examples()[0]["tgt"][-1] == task2.tokenizer.eos_id
 
 
@@ -331,9 +344,9 @@ def t5_run(tmp_path_factory):
 
 def test_cli_bad_seq2seq_file_exit_2(t5_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"source": "x"}\n')
+    bad.write_text('{"source": "x", "target": "y"}\n{"source": "x"}\n{"source": "z", "target": "w"}\n')
     proc = run_cli("finetune", "task=seq2seq", f"init_from={t5_run}", f"task.train_path={bad}")
-    assert_user_error(proc, "bad.jsonl", "target")
+    assert_user_error(proc, "bad.jsonl", "record 2", "'target'")
 
 
 def test_span_corruption_resume_is_bit_exact(t5_run, tmp_path):

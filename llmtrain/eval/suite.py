@@ -213,7 +213,11 @@ def _encoder_decoder_task(ctx: EvalContext, name: str) -> TaskResult:
     if count == 0:
         raise UserError(f"data {data.path}: no validation tokens to score")
     return TaskResult(
-        {f"{name}/loss": total / count, f"{name}/ppl": metrics.perplexity(total, int(count)), f"{name}/tokens": int(count)},
+        {
+            f"{name}/loss": total / count,
+            f"{name}/ppl": metrics.perplexity(total, int(count)),
+            f"{name}/tokens": int(count),
+        },
         {"data": data.path},
     )
 

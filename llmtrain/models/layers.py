@@ -275,9 +275,9 @@ class RelativePositionBias(nn.Module):
         else:
             n = (-rel).clamp(min=0)
         exact = n_buckets // 2
-        large = exact + (
-            torch.log(n.float() / exact) / math.log(self.max_distance / exact) * (n_buckets - exact)
-        ).to(torch.long)
+        large = exact + (torch.log(n.float() / exact) / math.log(self.max_distance / exact) * (n_buckets - exact)).to(
+            torch.long
+        )
         large = large.clamp(max=n_buckets - 1)
         return out + torch.where(n < exact, n, large)
 

@@ -131,4 +131,3 @@ class SpanCorruption(Objective):
 
     def loss(self, model, batch):
         return encoder_decoder_loss(model, batch)
-

@@ -6,11 +6,11 @@ input, the target what the decoder predicts."""
 
 from __future__ import annotations
 
+import torch
+
 from llmtrain.errors import UserError
 from llmtrain.eval.metrics import bleu, rouge
 from llmtrain.generation import generate
-import torch
-
 from llmtrain.objectives.base import LossOutput, encoder_decoder_loss, seq2seq_batch, token_cross_entropy
 from llmtrain.tasks.base import Task, model_device, pad_rows
 
