@@ -114,6 +114,11 @@ class T5(nn.Module):
                 nn.init.normal_(m.up.weight, std=d**-0.5)
                 nn.init.normal_(m.proj.weight, std=ff**-0.5)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """Every block, encoder first: what FSDP shards and activation checkpointing wraps."""
+        return nn.ModuleList([*self.enc_blocks, *self.dec_blocks])
+
     # -- interface ------------------------------------------------------------------------
 
     def _neg(self, dtype) -> float:
