@@ -388,11 +388,10 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
         from llmtrain.tasks.chat_template import stop_strings
 
         stops += stop_strings(template)
-    return (
-        [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples],
-        [ex["references"] for ex in examples],
-        stops,
-    )
+    prompts = [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples]
+    if getattr(ctx.model, "is_encoder_decoder", False):  # the encoder input ends with </s>, as in training
+        prompts = [p + [ctx.tokenizer.eos_id] for p in prompts]
+    return prompts, [ex["references"] for ex in examples], stops
 
 
 @eval_task("generation")
