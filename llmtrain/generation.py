@@ -1,4 +1,4 @@
-"""Autoregressive sampling from a decoder model.
+"""Autoregressive sampling and beam search from a decoder or an encoder-decoder (t5).
 
 `generate` runs a batch of token-id prompts at once. Prompts of different lengths are LEFT
 padded (so every row's next token is the last column), with an attention mask that hides the
@@ -17,6 +17,11 @@ Context limit (model.config.max_seq_len):
 Decoding: greedy when temperature == 0, otherwise softmax(logits / temperature) after the
 top-k and top-p (nucleus) filters. A row stops at eos_id or at one of stop_sequences (neither
 is included in its output); the whole batch stops when every row has.
+
+Encoder-decoders: a prompt is the encoder input (right padded, masked); the encoder runs once,
+the decoder starts from the pad id and keeps its self-attention KV cache plus every layer's
+cross-attention keys/values of the encoder output (use_cache=False re-decodes the whole prefix).
+num_beams > 1: beam search (`beam_search`) for both families, through the same steppers.
 """
 
 from __future__ import annotations
