@@ -281,14 +281,14 @@ def test_beam_search_with_one_beam_is_greedy(arch):
 
 
 # ----------------------------------------------------------------------------- seq2seq data
-def _seq2seq_task(tmp_path, content: str, suffix: str, **kw):
+def _seq2seq_task(tmp_path, content: str, suffix: str, model: ModelConfig | None = None, **kw):
     from llmtrain.tasks import build_task
 
     f = tmp_path / f"train{suffix}"
     f.write_text(content)
     tok = CharTokenizer.train([TEXT])
     cfg = TaskConfig(name="seq2seq", train_path=str(f), **kw)
-    model_cfg = resolve_model_config(tiny_cfg(vocab_size=0, max_seq_len=64), tok)
+    model_cfg = resolve_model_config(model or tiny_cfg(vocab_size=0, max_seq_len=64), tok)
     return build_task(cfg, tok, model_cfg, DataConfig(seq_len=32, batch_size=2, val_fraction=0.5)), model_cfg
 
 
@@ -307,6 +307,12 @@ def test_seq2seq_reads_csv_and_jsonl_and_trains_t5(tmp_path):
         target_field="tgt",
     )
     assert len(task2.train_examples()) == 1 and task2.train_examples()[0]["tgt"][-1] == task2.tokenizer.eos_id
+    # the same file on a decoder: "{source}{prompt_suffix}{target}</s>", loss on the target only
+    llama = ModelConfig(name="llama", n_layer=1, d_model=32, max_seq_len=64, bias=False)
+    dec, dec_cfg = _seq2seq_task(tmp_path, "source,target\nhello there,hi\ngood night,bye\n", ".csv", llama)
+    b = dec.train_source().batch(0)
+    assert "decoder_input_ids" not in b and torch.isfinite(dec.loss(build_model(dec_cfg), b).loss)
+    assert dec.tokenizer.decode(dec.train_examples()[0]["prompt"]).endswith(dec.cfg.prompt_suffix)
 
 
 @pytest.mark.parametrize(
