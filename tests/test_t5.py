@@ -118,6 +118,11 @@ def test_export_then_transformers_generates_our_greedy_tokens(tmp_path):
     assert theirs[0, 0].item() == tok.pad_id  # transformers starts the decoder with pad, as ours
     assert theirs[0, 1:].tolist() == mine.tokens[0]
 
+    from llmtrain.tokenizers.hf import HFTokenizer
+
+    foreign = HFTokenizer.from_pretrained(str(out))  # the sentinels inside its vocabulary, as a T5 directory's
+    obj, _ = _objective("span_corruption", foreign, extra_ids=10)
+    assert obj.top_sentinel == top == foreign.piece_id("<extra_id_0>")
     back = load_checkpoint(f"hf:{out}")
     assert back.model_cfg.extra_ids == 10 and back.tokenizer.state() == tok.state()
     assert all(torch.equal(back.model.state_dict()[k], v) for k, v in ours.model.state_dict().items())

@@ -105,7 +105,10 @@ class SpanCorruption(Objective):
             )
         if self.tokens_length < 2:
             raise UserError(f"data.seq_len={data_cfg.seq_len} is too short for span corruption")
-        self.top_sentinel = tokenizer.vocab_size + extra - 1  # <extra_id_0>
+        # <extra_id_0>: a tokenizer from a T5 directory has the sentinels in its vocabulary
+        # already; ours end below them
+        own = tokenizer.piece_id("<extra_id_0>")
+        self.top_sentinel = own if own is not None else tokenizer.vocab_size + extra - 1
 
     def rows(self, windows: list[torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
         pairs = []
