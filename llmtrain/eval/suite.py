@@ -166,6 +166,10 @@ def lm_task(ctx: EvalContext) -> TaskResult:
     """Causal-LM loss on the validation split of a text source. Bits per byte divide the summed
     NLL by the UTF-8 bytes of the scored text, so models with different tokenizers compare."""
     _check_backbone_task(ctx, "lm")
+    if getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError(
+            "eval task lm needs a decoder checkpoint; use eval.tasks=[span_corruption] or [denoising] for t5"
+        )
     if not getattr(ctx.model, "is_decoder", True):
         raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
     data = _data_config(ctx)
