@@ -271,22 +271,24 @@ def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
 
 
 def _encoder_decoder_task(ctx: EvalContext, name: str) -> TaskResult:
-    """The loss of an encoder-decoder's pretraining objective on the validation split."""
+    """The loss of an encoder-decoder's pretraining objective on a text source (as lm: all of it
+    or its validation split)."""
     _check_backbone_task(ctx, name)
     if not getattr(ctx.model, "is_encoder_decoder", False):
         raise UserError(f"eval task {name} needs an encoder-decoder (t5) checkpoint")
-    data = _data_config(ctx)
-    splits = _val_splits(ctx, data)
-    total, count, _ = score_objective(ctx, _objective(ctx, name, splits, data))
+    data, split = _data_config(ctx)
+    scored = _scored_tokens(ctx, data, split)
+    _report_unk(scored, ctx.tokenizer)
+    total, count, _ = score_objective(ctx, _objective(ctx, name, scored.splits, data))
     if count == 0:
-        raise UserError(f"data {data.path}: no validation tokens to score")
+        raise UserError(f"data {scored.path}: no tokens to score")
     return TaskResult(
         {
             f"{name}/loss": total / count,
             f"{name}/ppl": metrics.perplexity(total, int(count)),
             f"{name}/tokens": int(count),
         },
-        {"data": data.path},
+        {"data": _data_details(scored, ctx.tokenizer)},
     )
 
 
