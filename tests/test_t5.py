@@ -337,9 +337,9 @@ def test_bad_seq2seq_files_are_one_line_errors(tmp_path, content, suffix, needle
 
 
 # ----------------------------------------------------------------------------- CLI
+# the bundled Tiny Shakespeare: its prepared shards are shared with the other tests' runs
 COMMON = [
-    "pretrain", "model=t5_tiny", "objective=span_corruption", "data=wikitext2",
-    f"data.path={SHARED / 'wikitext2' / 'valid.txt'}", "data.seq_len=32", "data.batch_size=4",
+    "pretrain", "model=t5_tiny", "objective=span_corruption", "data.seq_len=32", "data.batch_size=4",
     "trainer.max_steps=6", "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.eval_every=0",
     "trainer.eval_batches=1", "trainer.progress=false", "scheduler.name=constant", "scheduler.warmup_steps=0",
 ]  # fmt: skip
