@@ -297,10 +297,13 @@ def test_import_hf_model_and_round_trip(tmp_path, arch):
 
 
 def test_unsupported_and_missing(tmp_path):
-    d = tmp_path / "t5"
+    d = tmp_path / "bart"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))
-    with pytest.raises(UserError, match=r"unsupported architecture 't5'.*gpt2, llama, bert"):
+    (d / "config.json").write_text(json.dumps({"model_type": "bart", "d_model": 32}))
+    with pytest.raises(UserError, match=r"unsupported architecture 'bart'.*gpt2, llama, bert, t5"):
+        load_checkpoint(f"hf:{d}")
+    (d / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))  # T5 v1.0: relu MLP
+    with pytest.raises(UserError, match=r"unsupported t5 variant .*gated-gelu"):
         load_checkpoint(f"hf:{d}")
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(f"hf:{tmp_path / 'nope'}")

@@ -60,6 +60,7 @@ class HeadModel(nn.Module):
 class Task(Trainee):
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
+    supports_encoder_decoder = False  # True: also trains an encoder-decoder (t5), source -> target
 
     def __init__(
         self,
@@ -77,7 +78,13 @@ class Task(Trainee):
 
         model_cls = model_class(model_cfg.name)
         self.is_decoder = bool(getattr(model_cls, "is_decoder", True))
-        if self.needs_decoder is True and not self.is_decoder:
+        self.is_encoder_decoder = bool(getattr(model_cls, "is_encoder_decoder", False))
+        if self.is_encoder_decoder and not self.supports_encoder_decoder:
+            raise UserError(
+                f"task={self.name} does not fit the {model_cfg.name!r} encoder-decoder checkpoint "
+                "(its tasks: seq2seq, summarization)"
+            )
+        if self.needs_decoder is True and not self.is_decoder and not self.is_encoder_decoder:
             raise UserError(
                 f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
                 f"but the checkpoint is a {model_cfg.name!r} encoder"
