@@ -52,11 +52,15 @@ def test_misspelled_key_exits_2():
 
 
 def test_wrong_type_exits_2():
-    assert_user_error(run_cli("pretrain", "trainer.max_steps=abc"), "trainer.max_steps")
+    proc = run_cli("pretrain", "trainer.max_steps=abc")
+    assert_user_error(proc, "trainer.max_steps", "'abc'")
+    assert "$VALUE" not in proc.stderr  # OmegaConf's unformatted copy of the message is dropped
 
 
-def test_unknown_experiment_exits_2():
-    assert_user_error(run_cli("pretrain", "+experiment=nope"), "experiment/nope")
+def test_unknown_experiment_exits_2_with_the_closest_name():
+    proc = run_cli("pretrain", "+experiment=gpt_smal")
+    assert_user_error(proc, "unknown experiment 'gpt_smal'", "did you mean gpt_small?", "llama_small")
+    assert "search path" not in proc.stderr and "provider=" not in proc.stderr
 
 
 def test_unknown_model_name_exits_2():
@@ -64,7 +68,7 @@ def test_unknown_model_name_exits_2():
 
 
 def test_unknown_model_preset_exits_2():
-    assert_user_error(run_cli("pretrain", "model=nope"), "model/nope")
+    assert_user_error(run_cli("pretrain", "model=nope"), "unknown model 'nope'", "gpt2_124m")
 
 
 def test_unknown_optimizer_and_muon_under_fsdp_exit_2(tmp_path):
