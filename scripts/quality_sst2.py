@@ -104,7 +104,7 @@ def main() -> None:
     )
     result = {
         "dev_accuracy": last(ft, "val/accuracy"),
-        "dev_macro_f1": last(ft, "val/f1"),
+        "dev_macro_f1": last(ft, "val/macro_f1"),
         "dev_loss_before": json.loads((ft / "metrics.jsonl").read_text().splitlines()[0]).get("val/loss"),
         "dev_loss_after": last(ft, "val/loss"),
         "majority_baseline": majority,

@@ -449,7 +449,7 @@ def classification_result(preds: list[int], labels: list[int], names: list[str])
     out: dict[str, float | int] = {
         "classification/accuracy": m["accuracy"],
         "classification/macro_f1": m["macro_f1"],
-        "classification/n": m["n"],
+        "classification/examples": m["n"],
     }
     for name, s in m["per_class"].items():
         out[f"classification/precision[{name}]"] = s["precision"]

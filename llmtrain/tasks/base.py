@@ -59,6 +59,7 @@ class HeadModel(nn.Module):
 class Task(Trainee):
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
+    token_loss = False  # see Trainee; generative and LM tasks set it
 
     def __init__(
         self,

@@ -237,7 +237,9 @@ class Trainer:
         if sums.count.item() == 0:
             return {}
         val_loss = (sums.total / sums.count).item()
-        out = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}
+        out = {"val/loss": val_loss}
+        if getattr(self.trainee, "token_loss", True):
+            out["val/ppl"] = math.exp(min(val_loss, 700.0))
         out.update({f"val/{k}": v for k, v in sums.extra_means().items()})
         return out
 
