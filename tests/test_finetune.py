@@ -446,3 +446,35 @@ def test_bad_inputs_exit_2(pretrained, tmp_path):
         ),
         "checkpoint's tokenizer",
     )
+
+
+def test_headerless_files_read_with_task_columns(tmp_path):
+    spam = tmp_path / "spam.tsv"  # no header row: the first record would become one
+    spam.write_text("ham\tGo until jurong point, crazy\nspam\tFree entry in 2 a wkly comp\nham\tOk lar\n")
+    task, _ = _task("classification", train_path=str(spam), val_path=str(spam))
+    with pytest.raises(UserError, match=r"no column 'label'; the header row \('ham', 'Go until .*looks like data.*task\.columns"):
+        task.train_examples()
+    task, _ = _task("classification", train_path=str(spam), val_path=str(spam), columns=["label", "text"])
+    assert task.labels == ["ham", "spam"] and len(task.train_examples()) == 3  # the first row is data
+
+    # STS-B: ten columns, no header; a sentence pair labelled by its genre
+    stsb = tmp_path / "stsb.tsv"
+    rows = (SHARED / "stsb" / "dev.tsv").read_text().splitlines()
+    stsb.write_text("\n".join(rows[:10] + rows[-10:]) + "\n")
+    cols = ["idx", "genre", "file", "year", "old_idx", "src1", "src2", "sentence1", "sentence2", "score"]
+    task, tok = _task(
+        "classification", train_path=str(stsb), val_path=str(stsb), columns=cols,
+        text_field="sentence1", text_pair_field="sentence2", label_field="genre",
+    )
+    first = task.train_examples()[0]
+    assert len(task.train_examples()) == 20 and tok.sep_id in first["ids"]  # a pair: two segments
+    assert task.labels == ["main-captions", "main-news"]
+    with pytest.raises(UserError, match=r"stsb.tsv: row 1 has 10 columns but task.columns names 2"):
+        _task("classification", train_path=str(stsb), val_path=str(stsb), columns=["a", "b"])[0].train_examples()
+
+    # a real header stays the usual *_field hint
+    ok = tmp_path / "ok.csv"
+    ok.write_text("sentence,label\ngood,1\nbad,0\n")
+    task, _ = _task("classification", train_path=str(ok), val_path=str(ok))
+    with pytest.raises(UserError, match=r"has no field 'text' \(fields: sentence, label\); set the task's \*_field"):
+        task.train_examples()
