@@ -155,6 +155,12 @@ def _task(stage: str, checked: bool = False) -> Callable:
     """
 
     def task(cfg) -> float:
+        from llmtrain.run_records import console_log
+
+        with console_log():  # the console output also goes to RUN_DIR/<stage>.log
+            return run(cfg)
+
+    def run(cfg) -> float:
         import time
 
         from llmtrain.config import compose, to_run_config
