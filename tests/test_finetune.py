@@ -452,7 +452,9 @@ def test_headerless_files_read_with_task_columns(tmp_path):
     spam = tmp_path / "spam.tsv"  # no header row: the first record would become one
     spam.write_text("ham\tGo until jurong point, crazy\nspam\tFree entry in 2 a wkly comp\nham\tOk lar\n")
     task, _ = _task("classification", train_path=str(spam), val_path=str(spam))
-    with pytest.raises(UserError, match=r"no column 'label'; the header row \('ham', 'Go until .*looks like data.*task\.columns"):
+    with pytest.raises(
+        UserError, match=r"no column 'label'; the header row \('ham', 'Go until .*looks like data.*task\.columns"
+    ):
         task.train_examples()
     task, _ = _task("classification", train_path=str(spam), val_path=str(spam), columns=["label", "text"])
     assert task.labels == ["ham", "spam"] and len(task.train_examples()) == 3  # the first row is data
@@ -463,8 +465,13 @@ def test_headerless_files_read_with_task_columns(tmp_path):
     stsb.write_text("\n".join(rows[:10] + rows[-10:]) + "\n")
     cols = ["idx", "genre", "file", "year", "old_idx", "src1", "src2", "sentence1", "sentence2", "score"]
     task, tok = _task(
-        "classification", train_path=str(stsb), val_path=str(stsb), columns=cols,
-        text_field="sentence1", text_pair_field="sentence2", label_field="genre",
+        "classification",
+        train_path=str(stsb),
+        val_path=str(stsb),
+        columns=cols,
+        text_field="sentence1",
+        text_pair_field="sentence2",
+        label_field="genre",
     )
     first = task.train_examples()[0]
     assert len(task.train_examples()) == 20 and tok.sep_id in first["ids"]  # a pair: two segments

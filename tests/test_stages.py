@@ -27,7 +27,9 @@ def test_pretrain_lowers_loss_and_writes_run_dir(pretrained):
     hydra_dir = pretrained / ".hydra"
     assert {p.name for p in hydra_dir.iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert "trainer.max_steps=60" in (hydra_dir / "overrides.yaml").read_text()
-    assert "job:" in (hydra_dir / "hydra.yaml").read_text() and "max_steps: 60" in (hydra_dir / "config.yaml").read_text()
+    assert (
+        "job:" in (hydra_dir / "hydra.yaml").read_text() and "max_steps: 60" in (hydra_dir / "config.yaml").read_text()
+    )
     log = (pretrained / "pretrain.log").read_text()
     assert "pretrain: gpt2" in log and "step 30: val/loss" in log and "done at step 60" in log
     assert "\r" not in log  # progress-bar redraws are not logged
