@@ -116,3 +116,17 @@ def test_start_up_line_names_the_thread_count(tmp_path):
     proc = run_cli("pretrain", *TINY, "trainer.max_steps=2", "trainer.threads=1", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert " 1 threads, run dir" in proc.stdout, proc.stdout
+
+
+def test_subword_bert_preset_is_the_sst2_recipe():
+    """+experiment=bert_small_subword is run A of docs/benchmarks.md (~79% SST-2 dev accuracy)."""
+    from conftest import SHARED
+    from llmtrain.config import compose, register_configs
+
+    register_configs()
+    with compose.hydra_session("pretrain"):
+        overrides = ["+experiment=bert_small_subword", f"data.path={SHARED / 'wikitext2' / 'valid.txt'}"]
+        cfg = compose.validate(compose.compose_run("pretrain", overrides))
+    assert (cfg.tokenizer.name, cfg.tokenizer.model_type, cfg.tokenizer.vocab_size) == ("sentencepiece", "bpe", 8000)
+    assert (cfg.model.name, cfg.model.n_layer, cfg.model.d_model, cfg.objective.name) == ("bert", 4, 128, "mlm_nsp")
+    assert (cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.max_steps, cfg.trainer.eval_batches) == (32, 128, 1500, 20)
