@@ -86,6 +86,7 @@ class ConsoleLog:
             *lines, self._line = self._line.split("\n")
             self.log.write("".join(ln.rsplit("\r", 1)[-1] + "\n" for ln in lines))
             self.log.flush()
+        self._line = self._line.rsplit("\r", 1)[-1]  # a bar redrawn for hours keeps one frame
         return n
 
     def flush(self) -> None:

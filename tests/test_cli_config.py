@@ -129,4 +129,9 @@ def test_subword_bert_preset_is_the_sst2_recipe():
         cfg = compose.validate(compose.compose_run("pretrain", overrides))
     assert (cfg.tokenizer.name, cfg.tokenizer.model_type, cfg.tokenizer.vocab_size) == ("sentencepiece", "bpe", 8000)
     assert (cfg.model.name, cfg.model.n_layer, cfg.model.d_model, cfg.objective.name) == ("bert", 4, 128, "mlm_nsp")
-    assert (cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.max_steps, cfg.trainer.eval_batches) == (32, 128, 1500, 20)
+    assert (cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.max_steps, cfg.trainer.eval_batches) == (
+        32,
+        128,
+        1500,
+        20,
+    )

@@ -42,3 +42,16 @@ def test_bench_warns_when_a_preset_is_too_big_for_the_cpu():
     assert msg and "about 17 minutes" in msg and "bench.steps" in msg
     assert cpu_warning("cpu", first_step_s=0.05, calls=50) is None  # a quick run says nothing
     assert cpu_warning("cuda", first_step_s=20.0, calls=50) is None  # a GPU's first step compiles
+
+
+def test_console_log_keeps_lines_and_the_last_frame_of_a_bar():
+    import io
+
+    from llmtrain.run_records import ConsoleLog
+
+    console, log = io.StringIO(), io.StringIO()
+    out = ConsoleLog(console, log)
+    for text in ["start\n", "\rbar 1", "\rbar 2", "\r     \r", "step 5: val/loss 1.0\n", "\rbar 3", "\rbar 4", "\n"]:
+        out.write(text)
+    assert console.getvalue().startswith("start\n\rbar 1")  # the console gets everything
+    assert log.getvalue() == "start\nstep 5: val/loss 1.0\nbar 4\n"
