@@ -41,7 +41,8 @@ VERBS: dict[str, Verb] = {
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
-        "extractive QA, instruction tuning or summarization; architecture and tokenizer come from the "
+        "extractive QA, instruction tuning, summarization, a reward model (task=reward) or preference tuning "
+        "(task=preference: DPO, IPO, SimPO); architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
         "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
@@ -50,8 +51,8 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
-        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens task.val_path "
-        "data.path data.val_path trainer.eval_batches trainer.device",
+        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens "
+        "eval.length_normalize task.val_path data.path data.val_path trainer.eval_batches trainer.device",
     ),
     "generate": Verb(
         "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
@@ -138,16 +139,20 @@ KEYS: dict[str, str] = {
     "task.prompt_suffix": "summarization: text between the source and the target",
     "task.all_targets": "summarization: one training example per target (else the first)",
     "task.null_threshold": 'extractive_qa: answer "no answer" when [CLS] beats the best span by more',
+    "task.loss": "preference: dpo | ipo | simpo",
+    "task.beta": "preference: strength of the pull to the reference (SimPO: reward scale)",
+    "task.gamma": "preference, loss simpo: target reward margin",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference ([] = the checkpoint's own)",
     "eval.split": "all | val: score all of the data (eval/*) or its validation split (val/*); "
     "unset = all of data.path given here, else the checkpoint's validation split",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",
+    "eval.length_normalize": "preference task: compare a policy's per-token log-probs, not their sums",
     "generate.prompt": "the text to continue",
     "generate.max_new_tokens": "tokens to generate",
     "generate.temperature": "sampling temperature (0 = greedy)",

@@ -45,6 +45,7 @@ RUN_OUTPUTS = (
     "overrides.yaml",
     "run_info.json",
     ".hydra",
+    "reference_logps.safetensors",  # task=preference's cache of the reference log-probs
     "curves.png",
     "wandb",
     "tensorboard",

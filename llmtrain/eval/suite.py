@@ -11,6 +11,8 @@ all-reduced and per-example outputs gathered, so every example counts exactly on
     generation      BLEU, ROUGE-1/2/L, exact match of greedy generations against references
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
+    preference      held-out preference pairs: chosen beats rejected (a reward model's score, or
+                    a policy's log-prob)
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
         "extractive_qa": "qa",
         "instruction": "generation",
         "summarization": "generation",
+        "reward": "preference",
+        "preference": "preference",
     }
     task = task_config_of(meta).get("name")
     if task in by_task:
@@ -333,9 +337,9 @@ def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[
 
 
 def chat_template_name(meta: dict[str, Any]) -> str | None:
-    """The chat template of an instruction-tuned checkpoint (None: a plain LM)."""
+    """The chat template of an instruction- or preference-tuned checkpoint (None: a plain LM)."""
     task = task_config_of(meta)
-    if task.get("name") != "instruction":
+    if task.get("name") not in ("instruction", "preference"):
         return None
     return task.get("chat_template") or "default"
 
@@ -564,3 +568,72 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         {"prompt": task.val_questions[q]["question"], "generated": preds[q], "references": refs[q]} for q in qids[:5]
     ]
     return res
+
+
+# ----------------------------------------------------------------------------- preference pairs
+def _pair_task(ctx: EvalContext):
+    """The held-out pairs: a reward/preference checkpoint's own validation split (or task.* given
+    here), else task.train_path / task.val_path read as preference pairs with data.val_fraction,
+    rendered with the checkpoint's chat template unless task.chat_template is given."""
+    task = ctx.load().task
+    if task is not None and getattr(task, "name", None) in ("reward", "preference"):
+        return task
+    from llmtrain.tasks import build_task
+
+    given = task_overrides(ctx.cfg.task)
+    if not (given.get("train_path") or given.get("val_path")):
+        raise UserError("eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE)")
+    given.setdefault("train_path", given.get("val_path"))
+    own = task_config_of(ctx.meta).get("chat_template")
+    if own and "chat_template" not in given:
+        given["chat_template"] = own
+    task_cfg = TaskConfig(**{**known_fields(TaskConfig, {}), **given, "name": "preference"})
+    model_cfg = ctx.load().model_cfg
+    data = DataConfig(**{**ctx.cfg.data.__dict__, "seq_len": min(ctx.cfg.data.seq_len, model_cfg.max_seq_len)})
+    return build_task(task_cfg, ctx.tokenizer, model_cfg, data)
+
+
+@eval_task("preference")
+def preference_task(ctx: EvalContext) -> TaskResult:
+    """Held-out preference pairs: a reward model (task=reward) is right when it scores the chosen
+    reply higher; any other decoder (a policy) when it gives the chosen reply the higher log-prob,
+    summed over the reply's tokens (per token with eval.length_normalize=true)."""
+    from llmtrain.tasks.preference import pair_logps
+
+    task = _pair_task(ctx)
+    model = ctx.model
+    is_reward = getattr(task, "name", None) == "reward" and ctx.load().task is task
+    if not is_reward and hasattr(model, "head"):
+        raise UserError(f"eval task preference needs a decoder LM or a reward model; this checkpoint is a {task.name}")
+    examples = task.val_examples()
+    if ctx.cfg.eval.max_examples:
+        examples = examples[: ctx.cfg.eval.max_examples]
+    rank, world_size = world()
+    pairs = []
+    for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
+        chunk = [e for _, e in batch]
+        if is_reward:
+            scores = task.rewards(model, chunk, ctx.device, ctx.cfg.eval.batch_size)
+        else:
+            scores, lens = pair_logps(model, task, chunk, ctx.device, ctx.cfg.eval.batch_size)
+            if ctx.cfg.eval.length_normalize:
+                scores = scores / lens.clamp(min=1)
+        pairs += [(i, s) for (i, _), s in zip(batch, scores.tolist())]
+    scores = torch.tensor(gather_indexed(pairs), dtype=torch.float64).reshape(-1, 2)
+    right = (scores[:, 0] > scores[:, 1]).double()
+    n = len(right)
+    acc = float(right.mean()) if n else 0.0
+    by = (
+        "reward model"
+        if is_reward
+        else f"policy log-prob ({'per token' if ctx.cfg.eval.length_normalize else 'summed'})"
+    )
+    return TaskResult(
+        {
+            "preference/accuracy": acc,
+            "preference/accuracy_se": math.sqrt(acc * (1 - acc) / n) if n else 0.0,
+            "preference/margin": float((scores[:, 0] - scores[:, 1]).mean()) if n else 0.0,
+            "preference/examples": n,
+        },
+        {"scored_by": by},
+    )
