@@ -156,7 +156,7 @@ class Trainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        if hasattr(self.trainee, "state_dict"):  # e.g. RL's sampling generator and rollout (llmtrain/rl.py)
+        if hasattr(self.trainee, "state_dict"):  # e.g. RL's sampling generator and rollout (llmtrain/grpo.py)
             state["trainee"] = all_gather_object(self.trainee.state_dict())
         return state
 
