@@ -172,6 +172,10 @@ def test_distill_needs_a_teacher_and_checks_its_keys():
             compose.validate(compose.compose_run("distill", STUDENT))
         with pytest.raises(UserError, match="distill.temperature must be > 0"):
             compose.validate(compose.compose_run("distill", [*STUDENT, "teacher=RUN", "distill.temperature=0"]))
-        cfg = compose.validate(compose.compose_run("distill", [*STUDENT, "teacher=RUN", "+experiment=distill_sst2",
-                                                               f"task.train_path={SHARED / 'sst2' / 'dev.tsv'}"]))
+        cfg = compose.validate(
+            compose.compose_run(
+                "distill",
+                [*STUDENT, "teacher=RUN", "+experiment=distill_sst2", f"task.train_path={SHARED / 'sst2' / 'dev.tsv'}"],
+            )
+        )
         assert cfg.task.name == "classification" and cfg.teacher == "RUN"
