@@ -10,7 +10,7 @@ refuses the override otherwise), and the experiment overrides `task` exactly whe
 config has a task group. So presets naming a task are fine-tuning presets (finetune) and the
 others train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
 (evaluate, generate, chat, export) have none. An experiment that sets a verb's own group (e.g.
-`distill:`) fits that verb only, with or without a task.
+`distill:`) fits that verb only, with or without a task, and such a verb takes only those.
 """
 
 from __future__ import annotations
@@ -224,16 +224,18 @@ def overridden_groups(experiment: str) -> set[str]:
 
 def experiments_for(verb: str) -> list[str]:
     """The rule in this module's docstring."""
-    groups = primary_groups(verb)
-    fits = []
-    for name in group_options("experiment"):
-        over, owner = overridden_groups(name), verb_group_of(name)
-        if owner is not None:
-            if owner == verb.replace(" ", "_"):
-                fits.append(name)
-        elif over <= groups.keys() and ("task" in over) == ("task" in groups):
-            fits.append(name)
-    return fits
+    groups, names = primary_groups(verb), group_options("experiment")
+    owners = {name: verb_group_of(name) for name in names}
+    own = [name for name in names if owners[name] == verb.replace(" ", "_")]
+    if own:
+        return own
+    return [
+        name
+        for name in names
+        if owners[name] is None
+        and overridden_groups(name) <= groups.keys()
+        and ("task" in overridden_groups(name)) == ("task" in groups)
+    ]
 
 
 def verb_group_of(experiment: str) -> str | None:

@@ -15,6 +15,7 @@ from conftest import SHARED, TINY, assert_user_error, run_cli
 from llmtrain.config import compose, register_configs
 from llmtrain.config.schema import DistillConfig, ModelConfig
 from llmtrain.errors import UserError
+from llmtrain.help import experiments_for
 from llmtrain.models import build_model
 from llmtrain.objectives.distill import Distillation, kd_loss
 from llmtrain.tasks.classification import SequenceClassifier
@@ -179,3 +180,8 @@ def test_distill_needs_a_teacher_and_checks_its_keys():
             )
         )
         assert cfg.task.name == "classification" and cfg.teacher == "RUN"
+
+
+def test_distill_presets_fit_distill_only():
+    assert experiments_for("distill") == ["distill_shakespeare", "distill_sst2"]
+    assert not {"distill_shakespeare", "distill_sst2"} & set(experiments_for("pretrain") + experiments_for("finetune"))
