@@ -11,25 +11,37 @@ their distributions token by token.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
-from llmtrain.config.schema import RunConfig
+from llmtrain.config.schema import ModelConfig, RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.data.validation import sum_losses
 from llmtrain.errors import UserError
 from llmtrain.models import build_model, model_class, resolve_model_config
-from llmtrain.objectives import build_objective
+from llmtrain.objectives import Trainee, build_objective
 from llmtrain.objectives.distill import Distillation
 from llmtrain.run_dir import claim
 from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.stages.pretrain import train_and_report
 from llmtrain.tasks import build_task, task_meta
+from llmtrain.tokenizers import Tokenizer
 from llmtrain.train.device import autocast
 
 LM_OBJECTIVES = ("clm", "mlm")
+
+
+@dataclass
+class Student:
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    base: Trainee  # the objective or task it would train on without the teacher
+    classes: int  # the logits KD compares: the tokenizer's vocabulary (no padded rows) or the labels
+    data: str  # what it trains on, for the start line
 
 
 def run(cfg: RunConfig) -> float | None:
@@ -39,37 +51,14 @@ def run(cfg: RunConfig) -> float | None:
     rt = setup_runtime(cfg)
     with claim(cfg, rt) as run_dir:
         teacher = checkpoints.load(cfg.teacher, rt.device)
-        init = checkpoints.load(cfg.init_from) if cfg.init_from else None
-        tokenizer = init.tokenizer if init else None
-        if kind == "classification":
-            tokenizer = tokenizer or scratch_task_tokenizer(cfg, teacher)
-            check_same_tokenizer(teacher, tokenizer)
-            check_teacher(cfg, kind, teacher)
-            task = student_task(cfg, teacher, init, tokenizer)
-            model, model_cfg = task_student(cfg, task, init, tokenizer)
-            base, data = task, task.summary()
-        else:
-            check_teacher(cfg, kind, teacher)
-            if tokenizer is not None:  # before the init checkpoint's tokenizer prepares the data
-                check_same_tokenizer(teacher, tokenizer)
-            tokenizer, splits = load_corpus(cfg, tokenizer=tokenizer)
-            if init is None:  # built from tokenizer=... on data.path
-                check_same_tokenizer(teacher, tokenizer)
-            model_cfg = init.model_cfg if init else resolve_model_config(cfg.model, tokenizer)
-            model = init.backbone if init else build_model(model_cfg)
-            check_student(kind, model_cfg, cfg.data.seq_len)
-            base = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
-            data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens"
-        model.train()  # the loader hands out eval-mode models
-        classes = len(task.labels) if kind == "classification" else tokenizer.vocab_size
-        trainee = Distillation(
-            base, kind, teacher.model, cfg.distill, classes, model_cfg.d_model, teacher.model_cfg.d_model
-        )
-        meta = checkpoint_meta(cfg, model_cfg, tokenizer)
+        student = build_student(cfg, kind, teacher, checkpoints.load(cfg.init_from) if cfg.init_from else None)
+        d_student, d_teacher = student.model_cfg.d_model, teacher.model_cfg.d_model
+        trainee = Distillation(student.base, kind, teacher.model, cfg.distill, student.classes, d_student, d_teacher)
+        meta = checkpoint_meta(cfg, student.model_cfg, student.tokenizer)
         meta["teacher"] = str(teacher.path)
         if kind == "classification":
-            meta["task"] = task_meta(task)
-        teacher_val = validation(base, teacher.model, cfg, rt)  # every rank: the sums are all-reduced
+            meta["task"] = task_meta(student.base)
+        teacher_val = validation(student.base, teacher.model, cfg, rt)  # every rank: the sums are all-reduced
         if rt.is_main:
             print(
                 f"distill: teacher {teacher.path} ({count(teacher.model) / 1e6:.2f}M params, val/loss "
@@ -77,11 +66,35 @@ def run(cfg: RunConfig) -> float | None:
                 + (f", hidden_weight {cfg.distill.hidden_weight}" if cfg.distill.hidden_weight > 0 else ""),
                 flush=True,
             )
-        n_student = count(model)  # before the trainer wraps (maybe shards) it
-        result = train_and_report(cfg, rt, run_dir, model, trainee, data, meta)
+        n_student = count(student.model)  # before the trainer wraps (maybe shards) it
+        result = train_and_report(cfg, rt, run_dir, student.model, trainee, student.data, meta)
         if rt.is_main and result.metrics:
-            print_table(teacher, count(teacher.model), teacher_val, n_student, result.metrics)
+            print_table(count(teacher.model), teacher_val, n_student, result.metrics)
         return result.metrics.get(cfg.optimize_metric)
+
+
+def build_student(cfg: RunConfig, kind: str, teacher: Loaded, init: Loaded | None) -> Student:
+    """The student (model=PRESET, or init_from's checkpoint) with its data, after checking that
+    it shares the teacher's tokenizer and that the teacher fits the kind of distillation."""
+    check_teacher(cfg, kind, teacher)
+    tokenizer = init.tokenizer if init else None
+    if kind == "classification":
+        tokenizer = tokenizer or scratch_task_tokenizer(cfg, teacher)
+        check_same_tokenizer(teacher, tokenizer)
+        task = student_task(cfg, teacher, init, tokenizer)
+        model, model_cfg = task_student(cfg, task, init, tokenizer)
+        return Student(model.train(), model_cfg, tokenizer, task, len(task.labels), task.summary())
+    if tokenizer is not None:  # before the init checkpoint's tokenizer prepares the data
+        check_same_tokenizer(teacher, tokenizer)
+    tokenizer, splits = load_corpus(cfg, tokenizer=tokenizer)
+    if init is None:  # built from tokenizer=... on data.path
+        check_same_tokenizer(teacher, tokenizer)
+    model_cfg = init.model_cfg if init else resolve_model_config(cfg.model, tokenizer)
+    check_student(kind, model_cfg, cfg.data.seq_len)
+    model = init.backbone if init else build_model(model_cfg)
+    base = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
+    data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens"
+    return Student(model.train(), model_cfg, tokenizer, base, tokenizer.vocab_size, data)  # train(): loaded in eval
 
 
 def distill_kind(cfg: RunConfig) -> str:
@@ -184,7 +197,7 @@ def validation(base, model: torch.nn.Module, cfg: RunConfig, rt) -> dict[str, fl
     return {"val/loss": val, "val/ppl": math.exp(min(val, 700.0)), **extras}
 
 
-def print_table(teacher: Loaded, n_teacher: int, teacher_val: dict, n_student: int, student_val: dict) -> None:
+def print_table(n_teacher: int, teacher_val: dict, n_student: int, student_val: dict) -> None:
     keys = ["val/loss", "val/ppl"] + [k for k in ("val/accuracy", "val/mlm_accuracy") if k in teacher_val]
     rows = [("teacher", n_teacher, teacher_val), ("student", n_student, student_val)]
     print("distill: student against teacher, same validation batches", flush=True)
