@@ -106,6 +106,21 @@ def test_classifier_kd_compares_the_logits_and_is_zero_against_itself():
     assert twin.loss(student, batch).extras["kd_loss"][0].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_hidden_state_loss_trains_the_projection_and_vanishes_for_a_copy():
+    student = _bert(32, 0)
+    trainee = Distillation(_Base(), "mlm", copy.deepcopy(student), DistillConfig(hidden_weight=1.0), 40, 32, 32)
+    with torch.no_grad():
+        trainee.extra.weight.copy_(torch.eye(32))  # identity projection of an identical model
+    out = trainee.loss(student, _batch())
+    assert out.extras["hidden_loss"][0].item() == pytest.approx(0.0, abs=1e-8)
+    with torch.no_grad():
+        trainee.extra.weight.mul_(0.5)
+    out = trainee.loss(student, _batch())
+    assert out.extras["hidden_loss"][0].item() > 0
+    out.loss.backward()
+    assert trainee.extra.weight.grad is not None and trainee.extra.weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- the CLI
 STUDENT = [
     *TINY,
