@@ -36,16 +36,16 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
-        "data.path data.seq_len data.batch_size model.n_layer model.d_model optim.lr scheduler.warmup_steps "
-        "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
-        "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
+        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
+        "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
+        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
         "extractive QA, instruction tuning or summarization; architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
-        "data.path data.seq_len data.batch_size data.val_fraction optim.lr trainer.max_steps "
+        "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
     "distill": Verb(
@@ -59,8 +59,8 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
-        "checkpoint eval.tasks eval.max_examples eval.batch_size eval.max_new_tokens task.val_path data.path "
-        "trainer.eval_batches trainer.device",
+        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens task.val_path "
+        "data.path data.val_path trainer.eval_batches trainer.device",
     ),
     "generate": Verb(
         "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
@@ -84,9 +84,9 @@ VERBS: dict[str, Verb] = {
         "trainer.precision trainer.compile trainer.device",
     ),
     "tokenizer train": Verb(
-        "Train a SentencePiece tokenizer (BPE or unigram) on the text data.path names.",
-        "data.path tokenizer.vocab_size tokenizer.model_type tokenizer.character_coverage "
-        "tokenizer.byte_fallback tokenizer.input_sentence_size",
+        "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
+        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
+        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
     ),
     "data prepare": Verb(
         "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "
@@ -108,7 +108,9 @@ KEYS: dict[str, str] = {
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
     "data.seq_len": "tokens per training window",
     "data.batch_size": "windows per step (per device)",
-    "data.val_fraction": "last fraction of the documents (or task records) used for validation",
+    "data.val_fraction": "last fraction of the text by characters, cut at a document boundary when one is near "
+    "(or of the task records), used for validation",
+    "data.val_path": "a separate validation source (file, directory, glob); set: all of data.path trains",
     "data.text_field": "field holding the text in .jsonl/.json/.csv/.tsv/.parquet files",
     "data.doc_pattern": "regex of a line that starts a new document inside a text file",
     "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
@@ -154,6 +156,8 @@ KEYS: dict[str, str] = {
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
     "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "eval.split": "all | val: score all of the data (eval/*) or its validation split (val/*); "
+    "unset = all of data.path given here, else the checkpoint's validation split",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",

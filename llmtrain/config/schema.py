@@ -34,7 +34,9 @@ class DataConfig:
     # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
     # " = Title = " headings); None = one document per file (or per record).
     doc_pattern: Optional[str] = None
-    val_fraction: float = 0.1  # last fraction of the corpus used for validation
+    val_fraction: float = 0.1  # last fraction of the corpus (by characters) used for validation
+    # a separate validation source (file, directory, glob, hf:...); set: data.path trains whole
+    val_path: Optional[str] = None
     seq_len: int = 128
     batch_size: int = 16
     encoding_errors: str = "strict"  # strict | replace
@@ -214,6 +216,9 @@ class EvalConfig(SamplingConfig):
     top_k: Optional[int] = None
     stop: list[str] = field(default_factory=list)  # more strings that end a generation
     prompt_format: Optional[str] = None  # e.g. "{source} TL;DR:" for a plain LM; None = template or raw text
+    # lm/mlm/nsp: what of the data to score: all | val; None = all of data given on the command
+    # line (metrics eval/*), else the checkpoint's own validation split (val/*)
+    split: Optional[str] = None
 
 
 @dataclass

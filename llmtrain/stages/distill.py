@@ -93,8 +93,7 @@ def build_student(cfg: RunConfig, kind: str, teacher: Loaded, init: Loaded | Non
     check_student(kind, model_cfg, cfg.data.seq_len)
     model = init.backbone if init else build_model(model_cfg)
     base = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
-    data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens"
-    return Student(model.train(), model_cfg, tokenizer, base, tokenizer.vocab_size, data)  # train(): loaded in eval
+    return Student(model.train(), model_cfg, tokenizer, base, tokenizer.vocab_size, splits.describe())  # train(): loaded in eval
 
 
 def distill_kind(cfg: RunConfig) -> str:

@@ -18,6 +18,7 @@ import torch
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import unk_report
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.errors import UserError
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
@@ -64,6 +65,8 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     splits = load_corpus(cfg, tokenizer=tokenizer)[1] if cfg.task.name == "lm" else None
     task = build_task(cfg.task, tokenizer, model_cfg, cfg.data, seed=cfg.trainer.seed, splits=splits)
     summary = task.summary()  # reads and tokenizes the data: bad input fails here, before training
+    counts = getattr(task, "report", {})  # a task's own files: <unk> counted as they are encoded
+    unk_line = unk_report(counts.get("unk_tokens", 0), counts.get("tokens", 0), f"task {cfg.task.name}")
     model = task.build_model(backbone)
     heads, reused = _init_heads(model, backbone, init_state)
     adapted = _setup_method(cfg, model, backbone, heads)
@@ -73,6 +76,8 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
 
     if rt.is_main:
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
+        if unk_line and unk_line.startswith("warning"):  # the summary has the count; above 0.1% say so
+            print(unk_line, flush=True)
         new = [f"{n} {list(p.shape)}" for n, p in heads.items() if n not in reused]
         print(
             f"finetune: new heads (randomly initialised): {', '.join(new) or 'none'}"

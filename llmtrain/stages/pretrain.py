@@ -22,7 +22,7 @@ def run(cfg: RunConfig) -> float | None:
         model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-        data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens"
+        data = splits.describe()
         result = train_and_report(cfg, rt, run_dir, model, objective, data, meta)
         return result.metrics.get(cfg.optimize_metric)
 
