@@ -93,7 +93,8 @@ def build_student(cfg: RunConfig, kind: str, teacher: Loaded, init: Loaded | Non
     check_student(kind, model_cfg, cfg.data.seq_len)
     model = init.backbone if init else build_model(model_cfg)
     base = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
-    return Student(model.train(), model_cfg, tokenizer, base, tokenizer.vocab_size, splits.describe())  # train(): loaded in eval
+    model.train()  # loaded checkpoints come in eval mode
+    return Student(model, model_cfg, tokenizer, base, tokenizer.vocab_size, splits.describe())
 
 
 def distill_kind(cfg: RunConfig) -> str:
