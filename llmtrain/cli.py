@@ -27,6 +27,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("llmtrain.stages.generate", "Sample text from a checkpoint (checkpoint=PATH generate.prompt=...)."),
     "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),
     "export": ("llmtrain.stages.export", "Export a checkpoint as Hugging Face files (checkpoint=PATH export.out=DIR)."),
+    "quantize": (
+        "llmtrain.stages.quantize",
+        "Quantize a checkpoint's linear layers (checkpoint=PATH quant.method=...).",
+    ),
+    "prune": ("llmtrain.stages.prune", "Prune a checkpoint (checkpoint=PATH prune.method=...)."),
     "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),
     "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a SentencePiece tokenizer on data.path."),
     "data prepare": ("llmtrain.stages.prepare", "Tokenize a dataset into packed token shards (cached)."),

@@ -166,15 +166,24 @@ class Attention(nn.Module):
     """Multi-head attention with one fused qkv projection, grouped-query heads (n_kv_heads
     <= n_head) and torch's scaled_dot_product_attention."""
 
-    def __init__(self, d: int, n_head: int, n_kv_heads: Optional[int] = None, bias: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        d: int,
+        n_head: int,
+        n_kv_heads: Optional[int] = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        head_dim: Optional[int] = None,
+    ):
         super().__init__()
-        assert d % n_head == 0, "d_model must be divisible by n_head"
+        assert head_dim or d % n_head == 0, "d_model must be divisible by n_head"
         self.n_head = n_head
         self.n_kv_heads = n_kv_heads or n_head
         assert n_head % self.n_kv_heads == 0, "n_head must be a multiple of n_kv_heads"
-        self.head_dim = d // n_head
+        # head_dim * n_head < d after structured pruning removed heads
+        self.head_dim = head_dim or d // n_head
         self.qkv = nn.Linear(d, (n_head + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(d, d, bias=bias)  # residual projection (scaled init)
+        self.proj = nn.Linear(n_head * self.head_dim, d, bias=bias)  # residual projection (scaled init)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -202,7 +211,7 @@ class Attention(nn.Module):
             # plain causal only when there is no explicit mask and no cached prefix
             is_causal=causal and attn_mask is None and k.shape[2] == T,
         )
-        y = y.transpose(1, 2).reshape(B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.resid_dropout(self.proj(y))
 
 

@@ -10,7 +10,13 @@ metrics are combined exactly once (see llmtrain/data/validation.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from llmtrain import checkpoints
+from llmtrain.compress.layout import compression_of
+from llmtrain.compress.report import compression_report
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.eval.report import print_table, write_reports
@@ -30,6 +36,20 @@ def _loader(path: str, device, task_cfg):
         return loaded
 
     return load
+
+
+def _compression_report(cfg: RunConfig, path, meta: dict, run_dir) -> None:
+    """A compressed checkpoint (quantized, pruned, distilled, or a recovery fine-tune of one) is
+    also measured against the model it came from: compression.json / compression.md."""
+    source = compression_of(meta).get("source")
+    if not source:
+        return
+    if not checkpoints.is_hf(source) and not Path(source).exists():
+        print(f"evaluate: the source model {source} is gone; no compression report", flush=True)
+        return
+    cpu = torch.device("cpu")
+    compression_report(checkpoints.load(source, cpu), checkpoints.load(path, cpu), cfg, run_dir)
+    print(f"wrote {run_dir / 'compression.json'} and compression.md", flush=True)
 
 
 def run(cfg: RunConfig) -> float | None:
@@ -60,5 +80,6 @@ def run(cfg: RunConfig) -> float | None:
         print(f"evaluate: {path} ({', '.join(tasks)})")
         print_table({k: v for k, v in results.items() if "/" in k})
         print(f"wrote {rt.run_dir / 'eval.json'} and eval.md", flush=True)
+        _compression_report(cfg, path, meta, rt.run_dir)
     value = results.get(cfg.optimize_metric)
     return float(value) if isinstance(value, (int, float)) else None
