@@ -29,7 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("llmtrain.stages.export", "Export a checkpoint as Hugging Face files (checkpoint=PATH export.out=DIR)."),
     "quantize": (
         "llmtrain.stages.quantize",
-        "Quantize a checkpoint's linear layers (checkpoint=PATH quant.method=...).",
+        "Quantize a checkpoint (checkpoint=PATH quant.method=...).",
     ),
     "prune": ("llmtrain.stages.prune", "Prune a checkpoint (checkpoint=PATH prune.method=...)."),
     "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),

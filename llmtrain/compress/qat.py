@@ -75,7 +75,8 @@ def check_init(cfg, loaded) -> None:
     if "quant" in compression_of(loaded.meta):
         raise UserError(
             f"init_from={loaded.path} is quantized and has no trainable weights; fine-tune its source "
-            f"({compression_of(loaded.meta).get('source')}), with finetune.qat=int8|int4 for quantization-aware training"
+            f"({compression_of(loaded.meta).get('source')}), with finetune.qat=int8|int4 for quantization-aware "
+            "training"
         )
     if ft.qat is not None:
         if ft.qat not in QAT_METHODS:

@@ -31,12 +31,18 @@ METHODS = ("int8", "int4", "int8_dynamic")
 @lru_cache(maxsize=1)
 def torchao_int8():
     """torchao's Int8Tensor and its helpers, or None where torchao does not import on this torch."""
+    # its optional CUDA extensions and a torch deprecation warn on import, which is noise on a CPU
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
     try:
-        logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA extensions warn on CPU
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
         from torchao.quantization.granularity import PerRow
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor, QuantizeTensorToInt8Kwargs
     except Exception:  # noqa: BLE001 - any import failure means: use the reference quantizer
         return None
+    finally:
+        quiet[1].setLevel(levels[1])
     return Int8Tensor, PerRow, QuantizeTensorToInt8Kwargs
 
 

@@ -101,7 +101,8 @@ def _quality(loaded, cfg, run_dir: Path, device) -> dict[str, Any]:
     return out
 
 
-def measure(loaded, cfg, run_dir: Path, device=torch.device("cpu")) -> dict[str, Any]:
+def measure(loaded, cfg, run_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
+    device = device or torch.device("cpu")
     loaded.model.to(device).eval()
     params, nonzero = param_counts(loaded.model)
     row: dict[str, Any] = {
@@ -118,7 +119,9 @@ def measure(loaded, cfg, run_dir: Path, device=torch.device("cpu")) -> dict[str,
     return row
 
 
-def compression_report(source, compressed, cfg, run_dir: str | Path, device=torch.device("cpu")) -> dict[str, Any]:
+def compression_report(
+    source, compressed, cfg, run_dir: str | Path, device: torch.device | None = None
+) -> dict[str, Any]:
     """Measure both models on the same data (cfg's data / task keys, else the source checkpoint's),
     write compression.json and compression.md to run_dir, print the table; returns the report."""
     run_dir = Path(run_dir)

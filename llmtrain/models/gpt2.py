@@ -140,7 +140,8 @@ def hf_config(cfg: ModelConfig):
         raise UserError(
             f"GPT2Config has no head_dim: a {cfg.name} model with {cfg.n_head} heads of {cfg.head_dim} "
             f"(attention heads removed by structured pruning) is narrower than d_model={cfg.d_model} inside "
-            "attention and cannot be exported to transformers (prune.heads=false prunes FFN channels only; llama exports either)"
+            "attention and cannot be exported to transformers (prune.heads=false prunes FFN channels only; "
+            "llama exports either)"
         )
 
     special = {} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}
