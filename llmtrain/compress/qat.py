@@ -1,5 +1,5 @@
-"""Quantization-aware fine-tuning (finetune.qat=int8|int4) and the other fine-tuning hooks of
-compressed models.
+"""Quantization-aware fine-tuning (finetune.qat=int8|int4): fake-quantized layers and the
+conversion at the end.
 
 While training, every quantizable linear layer (llmtrain/compress/quant.py) computes with its
 weights fake-quantized by the same quantizer the final conversion uses, with a straight-through
@@ -16,9 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmtrain.compress import prune, quant
-from llmtrain.compress.layout import compression_of
-from llmtrain.errors import UserError
+from llmtrain.compress import quant
 
 QAT_METHODS = ("int8", "int4")
 
@@ -63,66 +61,3 @@ def convert_qat(model: nn.Module, method: str, group_size: int) -> dict:
         for k in ("method", "group_size"):
             model.get_submodule(n).__dict__.pop(k, None)
     return quant.quantize_model(model, method, group_size)
-
-
-# ----------------------------------------------------------------------------- finetune hooks
-
-
-def check_init(cfg, loaded) -> None:
-    """Refuse what cannot be fine-tuned: a quantized checkpoint (no trainable weights), masks
-    under FSDP (sharded weights), QAT with LoRA or FSDP, an unknown finetune.qat."""
-    ft = cfg.finetune
-    if "quant" in compression_of(loaded.meta):
-        raise UserError(
-            f"init_from={loaded.path} is quantized and has no trainable weights; fine-tune its source "
-            f"({compression_of(loaded.meta).get('source')}), with finetune.qat=int8|int4 for quantization-aware "
-            "training"
-        )
-    if ft.qat is not None:
-        if ft.qat not in QAT_METHODS:
-            raise UserError(f"finetune.qat={ft.qat!r} is not one of {', '.join(QAT_METHODS)} (or null)")
-        if ft.lora.r > 0 or cfg.trainer.strategy == "fsdp":
-            raise UserError("finetune.qat cannot be combined with finetune.lora.r > 0 or trainer.strategy=fsdp")
-        if ft.qat == "int4" and ft.qat_group_size % 2:
-            raise UserError(f"finetune.qat_group_size={ft.qat_group_size} must be even")
-    if prune.masks_of(loaded.model) and (cfg.trainer.strategy == "fsdp" or ft.lora.r > 0):
-        raise UserError(
-            f"init_from={loaded.path} has pruning masks: recover it with full fine-tuning "
-            "(LoRA's merged update and FSDP's sharded weights cannot keep the pruned weights at zero)"
-        )
-
-
-def setup(cfg, model: nn.Module, loaded) -> str:
-    """Before training: QAT layers; returns a note for the start-up line ('' if nothing)."""
-    notes = []
-    masks = prune.masks_of(model)
-    if masks:
-        notes.append(f"pruning masks on {len(masks)} layers kept at zero")
-    if cfg.finetune.qat:
-        names = prepare_qat(model, cfg.finetune.qat, cfg.finetune.qat_group_size)
-        notes.append(f"QAT {cfg.finetune.qat} on {len(names)} linear layers")
-    return "; ".join(notes)
-
-
-def checkpoint_record(cfg, loaded) -> dict:
-    """meta.json additions: the source's compression record carries on (the report compares
-    with the original model); QAT is recorded while training."""
-    rec = dict(compression_of(loaded.meta))
-    if rec:
-        rec["recovery_finetune_of"] = str(loaded.path)
-    if cfg.finetune.qat:
-        rec.update(method=f"qat {cfg.finetune.qat}", source=str(loaded.path), qat=cfg.finetune.qat)
-    return {"compression": rec} if rec else {}
-
-
-def finish_qat(cfg, trainer, model: nn.Module, meta: dict, metrics: dict):
-    """After training: quantize the layers for real and replace the final checkpoint (collective)."""
-    record = convert_qat(model, cfg.finetune.qat, cfg.finetune.qat_group_size)
-    meta["compression"] = {**meta.get("compression", {}), "quant": record}
-    trainer.meta = meta
-    return trainer.save(metrics)
-
-
-def check_resumable(cfg, newest_meta: dict | None) -> None:
-    if cfg.trainer.resume == "auto" and newest_meta and "quant" in compression_of(newest_meta):
-        raise UserError("the run's last checkpoint is the quantized end of a finished QAT run; nothing to resume")

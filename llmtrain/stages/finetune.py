@@ -17,7 +17,7 @@ import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
-from llmtrain.compress import prune, qat
+from llmtrain.compress import finetune as compressed, prune
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.errors import UserError
@@ -59,7 +59,7 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         if isinstance(module, torch.nn.Dropout):
             module.p = model_cfg.dropout
     _check_tokenizer(cfg, loaded)
-    qat.check_init(cfg, loaded)
+    compressed.check_init(cfg, loaded)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")
 
@@ -72,9 +72,9 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     unused = _freeze_unused(model, task)
     if unused:
         adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
-    compressed = qat.setup(cfg, model, loaded)  # QAT layers; pruning masks are noted
-    if compressed:
-        adapted += f"; {compressed}"
+    noted = compressed.setup(cfg, model, loaded)  # QAT layers; pruning masks are noted
+    if noted:
+        adapted += f"; {noted}"
 
     if rt.is_main:
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
@@ -94,12 +94,12 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         )
 
     meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-    meta.update(init_from=str(loaded.path), task=task_meta(task), **qat.checkpoint_record(cfg, loaded))
+    meta.update(init_from=str(loaded.path), task=task_meta(task), **compressed.checkpoint_record(cfg, loaded))
     if cfg.finetune.lora.r > 0:
         meta["lora"] = {**dataclasses.asdict(cfg.finetune.lora), "merged": False}
         _check_resumable(cfg, rt.run_dir)
     found = ckpt.list_checkpoints(rt.run_dir / "checkpoints")
-    qat.check_resumable(cfg, ckpt.load_meta(found[-1]) if found else None)
+    compressed.check_resumable(cfg, ckpt.load_meta(found[-1]) if found else None)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     model.to(rt.device)
     before = None
@@ -123,7 +123,7 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         if cfg.finetune.lora.r > 0:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
         if cfg.finetune.qat:
-            result.checkpoint = qat.finish_qat(cfg, trainer, model, meta, result.metrics) or result.checkpoint
+            result.checkpoint = compressed.finish_qat(cfg, trainer, model, meta, result.metrics) or result.checkpoint
         if not rt.is_main:
             return result.metrics.get(cfg.optimize_metric)
         metrics = {f"val/{k}": v for k, v in task.evaluate(model, rt.device, cfg.eval.max_examples).items()}
