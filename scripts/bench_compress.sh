@@ -20,6 +20,8 @@ $LLM quantize checkpoint="$OUT/base" quant.method=int4 quant.group_size=64 quant
   hydra.run.dir="$OUT/int4_g64_cal"
 $LLM quantize checkpoint="$OUT/base" quant.method=int8_dynamic $EVAL hydra.run.dir="$OUT/int8_dynamic"
 $LLM finetune init_from="$OUT/base" $FT hydra.run.dir="$OUT/fp32_control"
+$LLM quantize checkpoint="$OUT/fp32_control" quant.method=int4 quant.group_size=64 $EVAL \
+  hydra.run.dir="$OUT/fp32_control_int4_g64"   # PTQ of the same extra training, for the QAT comparison
 $LLM finetune init_from="$OUT/base" finetune.qat=int4 finetune.qat_group_size=64 $FT hydra.run.dir="$OUT/qat_int4_g64"
 $LLM evaluate checkpoint="$OUT/qat_int4_g64" $EVAL hydra.run.dir="$OUT/qat_int4_g64/eval"
 $LLM prune checkpoint="$OUT/base" prune.method=magnitude prune.sparsity=0.5 $EVAL hydra.run.dir="$OUT/mag50"

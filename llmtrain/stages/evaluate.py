@@ -18,6 +18,7 @@ from llmtrain import checkpoints
 from llmtrain.compress.layout import compression_of
 from llmtrain.compress.report import compression_report
 from llmtrain.config.schema import RunConfig
+from llmtrain.distributed import world
 from llmtrain.errors import UserError
 from llmtrain.eval.report import print_table, write_reports
 from llmtrain.eval.suite import EVAL_TASKS, EvalContext, default_tasks, task_overrides
@@ -43,6 +44,9 @@ def _compression_report(cfg: RunConfig, path, meta: dict, run_dir) -> None:
     also measured against the model it came from: compression.json / compression.md."""
     source = compression_of(meta).get("source")
     if not source:
+        return
+    if world()[1] > 1:  # the report scores both models on one process (rank 0 alone would wait on the others)
+        print("evaluate: run without torchrun for the compression report (compression.json)", flush=True)
         return
     if not checkpoints.is_hf(source) and not Path(source).exists():
         print(f"evaluate: the source model {source} is gone; no compression report", flush=True)
