@@ -17,6 +17,7 @@ from llmtrain.compress import prune, qat, quant
 from llmtrain.compress.layout import compressed_meta
 from llmtrain.config.schema import ExportConfig, ModelConfig, RunConfig, TokenizerConfig
 from llmtrain.errors import UserError
+from llmtrain.generation import generate
 from llmtrain.models import build_model
 from llmtrain.tokenizers import build_tokenizer
 from llmtrain.train import checkpoint as ckpt
@@ -88,6 +89,10 @@ def test_quantized_logits_are_close_to_fp32(method, tmp_path):
     loaded = save_and_load(q, model.config, tmp_path, quant=record)  # through the one loader
     assert isinstance(loaded.model.blocks[0].attn.qkv, quant.QuantLinear)
     assert torch.allclose(loaded.model(BATCH), out, atol=1e-5)
+    # generate / chat sample from the loaded model as from any other (KV cache included)
+    res = generate(loaded.model, [[1, 2, 3]], max_new_tokens=6, temperature=0.0)
+    nocache = generate(loaded.model, [[1, 2, 3]], max_new_tokens=6, temperature=0.0, use_cache=False)
+    assert len(res.tokens[0]) == 6 and res.tokens == nocache.tokens
 
 
 def test_int4_calibration_clip_search_does_not_hurt_outputs():
@@ -149,7 +154,7 @@ def test_layer_scope_and_2_4_patterns():
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
 def test_structured_pruning_equals_the_masked_original(arch):
     model = make(arch)
     energy = prune.input_energy(model, lambda: model(BATCH))
@@ -217,7 +222,8 @@ def test_prune_then_recovery_finetune_keeps_zeros(pretrained, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_cli(
-        "finetune", f"init_from={pruned}", *TINY, "trainer.max_steps=4", "trainer.eval_every=4", f"hydra.run.dir={rec}"
+        "finetune", f"init_from={pruned}", *TINY, "trainer.max_steps=4",
+        "trainer.eval_batches=2", "trainer.eval_every=4", f"hydra.run.dir={rec}"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pruning masks on" in proc.stdout
@@ -227,3 +233,21 @@ def test_prune_then_recovery_finetune_keeps_zeros(pretrained, tmp_path):
         w, w0 = after.model.get_submodule(name).weight, src.model.get_submodule(name).weight
         assert (w[~mask] == 0).all() and not torch.equal(w[mask], w0[mask]), name  # trained, zeros kept
     assert after.meta["compression"]["prune"]["method"] == "magnitude"
+
+
+def test_qat_finetune_ends_with_a_quantized_checkpoint(pretrained, tmp_path):
+    proc = run_cli(
+        "finetune",
+        f"init_from={pretrained}",
+        *TINY,
+        "finetune.qat=int8",
+        "trainer.max_steps=2",
+        "trainer.eval_batches=2",
+        "trainer.eval_every=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "QAT int8 on" in proc.stdout
+    loaded = checkpoints.load(tmp_path)
+    assert loaded.meta["compression"]["quant"]["method"] == "int8" and loaded.meta["step"] == 2
+    assert isinstance(loaded.model.blocks[0].mlp.fc, quant.QuantLinear)
