@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from llmtrain.compress import prune, quant
+from llmtrain.errors import UserError
 
 
 def compression_of(meta: dict[str, Any]) -> dict[str, Any]:
@@ -19,9 +20,12 @@ def compression_of(meta: dict[str, Any]) -> dict[str, Any]:
 
 def restore_layout(model: torch.nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     record = compression_of(meta).get("quant")
-    if record:
-        quant.restore(model, record)
-    prune.attach_from_state(model, state)
+    try:
+        if record:
+            quant.restore(model, record)
+        prune.attach_from_state(model, state)
+    except (AttributeError, KeyError, TypeError) as e:  # a record naming layers this model lacks
+        raise UserError(f"checkpoint's compression record does not match its model: {e}") from None
 
 
 def compressed_meta(source_meta: dict[str, Any], source_path, model_cfg, method: str, **record: Any) -> dict[str, Any]:
