@@ -68,6 +68,16 @@ def finish_qat(cfg, trainer, model: nn.Module, meta: dict, metrics: dict):
     return trainer.save(metrics)
 
 
-def check_resumable(cfg, newest_meta: dict | None) -> None:
-    if cfg.trainer.resume == "auto" and newest_meta and "quant" in compression_of(newest_meta):
-        raise UserError("the run's last checkpoint is the quantized end of a finished QAT run; nothing to resume")
+def check_resumable(cfg, run_dir) -> None:
+    """trainer.resume=auto of a finished QAT run: its last checkpoint is quantized, nothing to resume."""
+    from llmtrain.train import checkpoint as ckpt
+
+    if not cfg.finetune.qat or cfg.trainer.resume != "auto":
+        return
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    try:
+        newest = ckpt.load_meta(found[-1]) if found else {}
+    except UserError:  # a corrupt newest checkpoint is the trainer's to set aside
+        return
+    if "quant" in compression_of(newest):
+        raise UserError(f"{found[-1]} is the quantized end of a finished QAT run; nothing to resume")

@@ -98,8 +98,7 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     if cfg.finetune.lora.r > 0:
         meta["lora"] = {**dataclasses.asdict(cfg.finetune.lora), "merged": False}
         _check_resumable(cfg, rt.run_dir)
-    found = ckpt.list_checkpoints(rt.run_dir / "checkpoints")
-    compressed.check_resumable(cfg, ckpt.load_meta(found[-1]) if found else None)
+    compressed.check_resumable(cfg, rt.run_dir)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     model.to(rt.device)
     before = None
