@@ -12,6 +12,7 @@ compression.md, and printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -23,6 +24,8 @@ import torch
 
 from llmtrain.compress.layout import compression_of
 from llmtrain.compress.quant import QuantLinear, linear_bytes
+from llmtrain.config.moved_keys import known_fields
+from llmtrain.config.schema import DataConfig
 from llmtrain.eval.report import format_value
 from llmtrain.files import atomic_write
 
@@ -101,6 +104,18 @@ def _quality(loaded, cfg, run_dir: Path, device) -> dict[str, Any]:
     return out
 
 
+def same_data(cfg, *loaded):
+    """cfg with data.path set: the one given, else the first checkpoint's that records one, so
+    both models are scored on the same text even when a recovery fine-tune used other data."""
+    if cfg.data.path:
+        return cfg
+    for ld in loaded:
+        saved = (ld.meta.get("config") or {}).get("data") or {}
+        if saved.get("path"):
+            return dataclasses.replace(cfg, data=DataConfig(**known_fields(DataConfig, saved)))
+    return cfg
+
+
 def measure(loaded, cfg, run_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
     device = device or torch.device("cpu")
     loaded.model.to(device).eval()
@@ -122,9 +137,10 @@ def measure(loaded, cfg, run_dir: Path, device: torch.device | None = None) -> d
 def compression_report(
     source, compressed, cfg, run_dir: str | Path, device: torch.device | None = None
 ) -> dict[str, Any]:
-    """Measure both models on the same data (cfg's data / task keys, else the source checkpoint's),
+    """Measure both models on the same data (cfg's data / task keys, else the compressed checkpoint's),
     write compression.json and compression.md to run_dir, print the table; returns the report."""
     run_dir = Path(run_dir)
+    cfg = same_data(cfg, compressed, source)
     before = measure(source, cfg, run_dir, device)
     after = measure(compressed, cfg, run_dir, device)
     ratios = {
