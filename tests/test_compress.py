@@ -222,8 +222,13 @@ def test_prune_then_recovery_finetune_keeps_zeros(pretrained, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_cli(
-        "finetune", f"init_from={pruned}", *TINY, "trainer.max_steps=4",
-        "trainer.eval_batches=2", "trainer.eval_every=4", f"hydra.run.dir={rec}"
+        "finetune",
+        f"init_from={pruned}",
+        *TINY,
+        "trainer.max_steps=4",
+        "trainer.eval_batches=2",
+        "trainer.eval_every=4",
+        f"hydra.run.dir={rec}",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pruning masks on" in proc.stdout
@@ -251,3 +256,17 @@ def test_qat_finetune_ends_with_a_quantized_checkpoint(pretrained, tmp_path):
     loaded = checkpoints.load(tmp_path)
     assert loaded.meta["compression"]["quant"]["method"] == "int8" and loaded.meta["step"] == 2
     assert isinstance(loaded.model.blocks[0].mlp.fc, quant.QuantLinear)
+
+
+def test_bad_methods_are_one_line_errors():
+    from llmtrain.config.schema import PruneConfig, QuantConfig
+    from llmtrain.stages import prune as prune_stage, quantize as quantize_stage
+
+    with pytest.raises(UserError, match="quant.method='int3' is not one of int8, int4, int8_dynamic"):
+        quantize_stage.run(RunConfig(checkpoint="x", quant=QuantConfig(method="int3")))
+    with pytest.raises(UserError, match="quant.group_size=33 must be even"):
+        quantize_stage.run(RunConfig(checkpoint="x", quant=QuantConfig(method="int4", group_size=33)))
+    with pytest.raises(UserError, match="prune.method='1:4' is not one of magnitude, 2:4, structured"):
+        prune_stage.run(RunConfig(checkpoint="x", prune=PruneConfig(method="1:4")))
+    with pytest.raises(UserError, match="prune needs checkpoint=PATH"):
+        prune_stage.run(RunConfig())
