@@ -12,6 +12,8 @@ like any model. The before/after report goes to compression.json / compression.m
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llmtrain import checkpoints
@@ -32,6 +34,8 @@ def run(cfg: RunConfig) -> float | None:
     p = cfg.prune
     if not cfg.checkpoint:
         raise UserError("prune needs checkpoint=PATH (a checkpoint or run directory)")
+    if cfg.trainer.devices > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UserError(f"prune runs in one process (trainer.devices={cfg.trainer.devices}; no torchrun)")
     if p.method not in prune.METHODS:
         raise UserError(f"prune.method={p.method!r} is not one of {', '.join(prune.METHODS)}")
     if p.scope not in SCOPES:

@@ -12,6 +12,8 @@ packed layers). The before/after report goes to compression.json / compression.m
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llmtrain import checkpoints
@@ -30,6 +32,8 @@ def run(cfg: RunConfig) -> float | None:
     q = cfg.quant
     if not cfg.checkpoint:
         raise UserError("quantize needs checkpoint=PATH (a checkpoint or run directory)")
+    if cfg.trainer.devices > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UserError(f"quantize runs in one process (trainer.devices={cfg.trainer.devices}; no torchrun)")
     if q.method not in quant.METHODS:
         raise UserError(f"quant.method={q.method!r} is not one of {', '.join(quant.METHODS)}")
     if q.method == "int4" and q.group_size % 2:
