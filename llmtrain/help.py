@@ -35,24 +35,25 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
-        "data.path data.seq_len data.batch_size model.n_layer model.d_model optim.lr scheduler.warmup_steps "
-        "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
-        "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
+        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
+        "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
+        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
-        "extractive QA, instruction tuning or summarization; architecture and tokenizer come from the "
+        "extractive QA, instruction tuning, summarization, a reward model (task=reward) or preference tuning "
+        "(task=preference: DPO, IPO, SimPO); architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
         "finetune.qat finetune.qat_group_size "
-        "data.path data.seq_len data.batch_size data.val_fraction optim.lr trainer.max_steps "
+        "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
-        "checkpoint eval.tasks eval.max_examples eval.batch_size eval.max_new_tokens task.val_path data.path "
-        "trainer.eval_batches trainer.device",
+        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens "
+        "eval.length_normalize task.val_path data.path data.val_path trainer.eval_batches trainer.device",
     ),
     "generate": Verb(
         "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
@@ -76,9 +77,9 @@ VERBS: dict[str, Verb] = {
         "trainer.precision trainer.compile trainer.device",
     ),
     "tokenizer train": Verb(
-        "Train a SentencePiece tokenizer (BPE or unigram) on the text data.path names.",
-        "data.path tokenizer.vocab_size tokenizer.model_type tokenizer.character_coverage "
-        "tokenizer.byte_fallback tokenizer.input_sentence_size",
+        "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
+        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
+        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
     ),
     "quantize": Verb(
         "Quantize a checkpoint's linear layers (checkpoint=PATH): int8 per channel or int4 group-wise "
@@ -108,7 +109,9 @@ KEYS: dict[str, str] = {
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
     "data.seq_len": "tokens per training window",
     "data.batch_size": "windows per step (per device)",
-    "data.val_fraction": "last fraction of the documents (or task records) used for validation",
+    "data.val_fraction": "last fraction of the text by characters, cut at a document boundary when one is near "
+    "(or of the task records), used for validation",
+    "data.val_path": "a separate validation source (file, directory, glob); set: all of data.path trains",
     "data.text_field": "field holding the text in .jsonl/.json/.csv/.tsv/.parquet files",
     "data.doc_pattern": "regex of a line that starts a new document inside a text file",
     "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
@@ -149,6 +152,9 @@ KEYS: dict[str, str] = {
     "task.prompt_suffix": "summarization: text between the source and the target",
     "task.all_targets": "summarization: one training example per target (else the first)",
     "task.null_threshold": 'extractive_qa: answer "no answer" when [CLS] beats the best span by more',
+    "task.loss": "preference: dpo | ipo | simpo",
+    "task.beta": "preference: strength of the pull to the reference (SimPO: reward scale)",
+    "task.gamma": "preference, loss simpo: target reward margin",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
@@ -165,10 +171,13 @@ KEYS: dict[str, str] = {
     "prune.heads": "structured: also remove attention heads (false: FFN channels only)",
     "prune.calibration": "structured: training batches for the importance scores",
     "prune.report": "measure source vs pruned model (compression.json, compression.md)",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference ([] = the checkpoint's own)",
+    "eval.split": "all | val: score all of the data (eval/*) or its validation split (val/*); "
+    "unset = all of data.path given here, else the checkpoint's validation split",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",
+    "eval.length_normalize": "preference task: compare a policy's per-token log-probs, not their sums",
     "generate.prompt": "the text to continue",
     "generate.max_new_tokens": "tokens to generate",
     "generate.temperature": "sampling temperature (0 = greedy)",

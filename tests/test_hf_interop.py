@@ -388,7 +388,7 @@ def test_cli_export_then_finetune_and_evaluate_from_hf(tmp_path):
         f"hydra.run.dir={tmp_path / 'ev'}",
     )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["val/loss"] > 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["eval/loss"] > 0  # all of data.path
 
 
 def test_export_stage_and_hub_errors(tmp_path, monkeypatch):

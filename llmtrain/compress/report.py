@@ -107,12 +107,14 @@ def _quality(loaded, cfg, run_dir: Path, device) -> dict[str, Any]:
 def same_data(cfg, *loaded):
     """cfg with data.path set: the one given, else the first checkpoint's that records one, so
     both models are scored on the same text even when a recovery fine-tune used other data."""
-    if cfg.data.path:
+    if cfg.data.path or cfg.data.val_path:
         return cfg
     for ld in loaded:
         saved = (ld.meta.get("config") or {}).get("data") or {}
         if saved.get("path"):
-            return dataclasses.replace(cfg, data=DataConfig(**known_fields(DataConfig, saved)))
+            # the checkpoint's own data is scored on its validation split, as evaluate does
+            split = dataclasses.replace(cfg.eval, split=cfg.eval.split or "val")
+            return dataclasses.replace(cfg, data=DataConfig(**known_fields(DataConfig, saved)), eval=split)
     return cfg
 
 

@@ -85,6 +85,12 @@ def check_required_files(cfg: RunConfig) -> None:
     )
     if reads_data and not cfg.data.path:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
+    if cfg.data.val_path and cfg.stage == "finetune" and cfg.task.name != "lm":
+        raise UserError(
+            f"data.val_path is for text (task=lm); task={cfg.task.name} reads its validation file from task.val_path"
+        )
+    if cfg.eval.split not in (None, "all", "val"):
+        raise UserError(f"eval.split must be all or val, got {cfg.eval.split!r}")
     if cfg.stage == "finetune" and cfg.task.name != "lm" and not cfg.task.train_path:
         raise UserError(
             f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"

@@ -84,6 +84,8 @@ RANGES: dict[str, Range] = {
     "eval.max_examples": AT_LEAST_0,
     "task.max_new_tokens": AT_LEAST_0,
     "task.max_examples": AT_LEAST_0,
+    "task.beta": Range(0, low_open=True),
+    "task.gamma": AT_LEAST_0,
 }
 
 

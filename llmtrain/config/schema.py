@@ -35,7 +35,9 @@ class DataConfig:
     # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
     # " = Title = " headings); None = one document per file (or per record).
     doc_pattern: Optional[str] = None
-    val_fraction: float = 0.1  # last fraction of the corpus used for validation
+    val_fraction: float = 0.1  # last fraction of the corpus (by characters) used for validation
+    # a separate validation source (file, directory, glob, hf:...); set: data.path trains whole
+    val_path: Optional[str] = None
     seq_len: int = 128
     batch_size: int = 16
     encoding_errors: str = "strict"  # strict | replace
@@ -136,7 +138,7 @@ class LoraConfig:
 class TaskConfig:
     """Fine-tuning / evaluation task (registry kind "task"). Fields unused by a task are ignored."""
 
-    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization
+    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization | reward | preference
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     text_field: str = "text"
@@ -156,6 +158,11 @@ class TaskConfig:
     prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
     all_targets: bool = False  # summarization: one training example per target (else the first)
     null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
+    # preference: the DPO-family loss, its beta (strength of the pull to the reference) and
+    # SimPO's target margin gamma
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float = 0.1
+    gamma: float = 0.5
 
 
 @dataclass
@@ -232,6 +239,10 @@ class EvalConfig(SamplingConfig):
     top_k: Optional[int] = None
     stop: list[str] = field(default_factory=list)  # more strings that end a generation
     prompt_format: Optional[str] = None  # e.g. "{source} TL;DR:" for a plain LM; None = template or raw text
+    length_normalize: bool = False  # preference task: compare per-token (not summed) log-probs of a policy
+    # lm/mlm/nsp: what of the data to score: all | val; None = all of data given on the command
+    # line (metrics eval/*), else the checkpoint's own validation split (val/*)
+    split: Optional[str] = None
 
 
 @dataclass

@@ -37,6 +37,9 @@ TASK_CLASSES = {
     ("SpanModel", "bert"): ("BertForQuestionAnswering", "qa_outputs"),
     ("SpanModel", "gpt2"): ("GPT2ForQuestionAnswering", "qa_outputs"),
     ("SpanModel", "llama"): ("LlamaForQuestionAnswering", "qa_outputs"),
+    # reward models: one bias-free score on the last non-pad token, as HF pools it
+    ("RewardModel", "gpt2"): ("GPT2ForSequenceClassification", "score"),
+    ("RewardModel", "llama"): ("LlamaForSequenceClassification", "score"),
 }
 # where the backbone lives in our HF mapping (the pretraining classes)
 _BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
@@ -74,7 +77,7 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
                 "class (exportable task models: " + ", ".join(f"{a}/{b}" for a, b in TASK_CLASSES) + ")"
             )
         cls_name, head_name = TASK_CLASSES[key]
-        if head_name == "classifier":
+        if head_name in ("classifier", "score"):
             config.num_labels = head.out_features
             if labels and len(labels) == config.num_labels:
                 config.id2label = dict(enumerate(labels))
@@ -93,7 +96,8 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
         sd = {prefix + k[len(base) :]: v for k, v in sd.items() if k.startswith(base)}
         sd = {k: v for k, v in sd.items() if k in target}
         sd[f"{head_name}.weight"] = head.weight.detach().float().cpu()
-        sd[f"{head_name}.bias"] = head.bias.detach().float().cpu()
+        if head.bias is not None:
+            sd[f"{head_name}.bias"] = head.bias.detach().float().cpu()
     result = hf.load_state_dict(sd, strict=False)
     # tied output weights may be absent from (or extra in) our mapping; anything else is a bug
     tied = {"lm_head.weight", "cls.predictions.decoder.weight"} if model_cfg.tie_embeddings else set()

@@ -116,6 +116,18 @@ def _canonical(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# Files from which transformers builds a real tokenizer (fast or slow).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "merges.txt",
+)
+
+
 def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
     side = path / SIDE_FILE
     if side.is_file():
@@ -126,7 +138,18 @@ def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
     else:
         from llmtrain.tokenizers.hf import HFTokenizer
 
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            # AutoTokenizer would build an empty tokenizer from config.json alone, and training
+            # would fail much later with "0 training tokens" (after caching its empty shards).
+            raise UserError(
+                f"hf:{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                "save the tokenizer into the directory too (tokenizer.save_pretrained(DIR))"
+            )
         tok = HFTokenizer.from_pretrained(str(path))
+        if tok.vocab_size < 2:
+            raise UserError(
+                f"hf:{path}: its tokenizer has {tok.vocab_size} token(s); the tokenizer files are incomplete"
+            )
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(
             f"hf:{path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size} embeddings"

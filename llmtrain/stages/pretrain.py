@@ -37,7 +37,7 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
         write_run_files(rt.run_dir, cfg)
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
-            f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
+            f"{splits.describe()}, device {rt.device} "
             f"{rt.precision} {rt.threads} threads, run dir {rt.run_dir}",
             flush=True,
         )

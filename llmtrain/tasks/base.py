@@ -7,6 +7,7 @@
     for batch in task.val_batches(max_batches): out = task.loss(model, batch)
     task.evaluate(model, device) -> {"accuracy": ..., "f1": ...}     # llmtrain/eval/metrics.py
     task.state()                              # JSON (e.g. label names), stored in meta["task"]
+    task.prepare(model, device, run_dir)      # before training, on the initial model (e.g. DPO's reference)
 
 Tasks read their own files (task.train_path / task.val_path); the `lm` task reads data.path
 (or takes the token splits it is built with). Examples are tokenized once; batches are a pure
@@ -111,6 +112,14 @@ class Task(Trainee):
 
     def state(self) -> dict:
         return dict(self._state)
+
+    def prepare(self, model: nn.Module, device, run_dir: Path, rank: int = 0, world: int = 1) -> str | None:
+        """Work on the initial model before training starts (e.g. preference tuning's reference
+        log-probs); nothing for most tasks. Returns a line to print, or None."""
+        return None
+
+    def write_files(self, run_dir: Path) -> None:
+        """Files the task keeps in the run directory (written once every check has passed)."""
 
     def val_loss(self, model, device=None, max_batches: int = 0) -> float:
         """Mean loss over the validation set (response tokens only for generative tasks); used for
