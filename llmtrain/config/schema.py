@@ -9,13 +9,12 @@ from typing import Optional
 
 @dataclass
 class ModelConfig:
-    name: str = "gpt2"  # registry key: gpt2 | llama | bert
+    name: str = "gpt2"  # registry key: gpt2 | llama | bert | t5
     n_layer: int = 4
     n_head: int = 4
     n_kv_heads: Optional[int] = None  # grouped-query attention (llama); None = n_head
     d_model: int = 128
     d_ff: Optional[int] = None  # MLP hidden size; None = architecture default
-    head_dim: Optional[int] = None  # None = d_model // n_head (structured pruning leaves fewer heads)
     vocab_size: int = 0  # 0 = take from the tokenizer (padded up to pad_vocab_multiple)
     pad_vocab_multiple: int = 64
     max_seq_len: int = 256
@@ -26,6 +25,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int = 2  # bert segment embeddings
     init_std: float = 0.02
+    head_dim: Optional[int] = None  # t5's d_kv, or fewer heads after structured pruning; None = d_model // n_head
+    # t5: sentinel ids above the tokenizer's vocabulary (<extra_id_0> is the highest), as T5's
+    # 100 extra ids; the vocabulary is padded from tokenizer size + extra_ids
+    extra_ids: int = 0
+    relative_buckets: int = 32  # t5 relative position bias: buckets and the distance they reach
+    relative_max_distance: int = 128
 
 
 @dataclass
@@ -58,9 +63,14 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | nsp | mlm_nsp
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | span_corruption | denoising
     mask_prob: float = 0.15
     nsp_prob: float = 0.5
+    # span_corruption (T5) / denoising (BART): fraction of tokens corrupted and the mean span
+    # length (denoising: the Poisson lambda of its span lengths)
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    permute_sentences: bool = False  # denoising: shuffle the sentences of the input too
 
 
 @dataclass
@@ -138,12 +148,15 @@ class LoraConfig:
 class TaskConfig:
     """Fine-tuning / evaluation task (registry kind "task"). Fields unused by a task are ignored."""
 
-    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization | reward | preference
+    name: str = (
+        "lm"  # lm | classification | instruction | extractive_qa | summarization | seq2seq | reward | preference
+    )
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     text_field: str = "text"
     text_pair_field: Optional[str] = None
     label_field: str = "label"
+    columns: Optional[list[str]] = None  # names of a headerless .tsv/.csv's columns; None = a header row
     labels: Optional[list[str]] = None  # declared label set; None = inferred from the training data
     source_field: str = "source"
     target_field: str = "target"
@@ -155,6 +168,8 @@ class TaskConfig:
     # generative tasks (instruction, summarization): validation answers generated while fine-tuning
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
+    num_beams: int = 1  # > 1: beam search for the validation answers
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
     prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
     all_targets: bool = False  # summarization: one training example per target (else the first)
     null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
@@ -206,6 +221,8 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: Optional[int] = 200  # None = no top-k cut
     top_p: Optional[float] = None  # nucleus sampling; None = off
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature/top_k/top_p unused)
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
 
 
 @dataclass

@@ -67,6 +67,8 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
     config = mod.hf_config(model_cfg)
     # our tokenizer's special ids (generation stops at eos; pad for batching)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
+    if getattr(config, "is_encoder_decoder", False):
+        config.decoder_start_token_id = tokenizer.pad_id  # ours starts the decoder with pad, as T5
     head = getattr(model, "head", None) if hasattr(model, "backbone") else None
     head_name = None
     if head is not None:
@@ -88,6 +90,8 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
     state = {k: v for k, v in model.state_dict().items() if not is_mask_key(k)}
     sd = mod.to_hf_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
     hf = getattr(transformers, cls_name)(config)
+    if hasattr(mod, "prepare_hf_model"):
+        mod.prepare_hf_model(hf, model_cfg)
     if head is not None:
         # the backbone under the task class's prefix; pretraining heads (lm_head, cls.*) and a
         # pooler the task class lacks are not part of the task model's function
@@ -140,10 +144,12 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
     tmp.mkdir()
     try:
         # the tokenizer first: a tokenizer with no HF equivalent fails (UserError) before any work
-        save_tokenizer(tok, tmp, max_len=cfg.max_seq_len)
+        save_tokenizer(tok, tmp, max_len=cfg.max_seq_len, extra_ids=cfg.extra_ids)
         hf = hf_model(model, cfg, tok, labels)
         hf.save_pretrained(str(tmp), safe_serialization=True)
         gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        if cfg.name == "t5":
+            gen.decoder_start_token_id = tok.pad_id
         gen.save_pretrained(str(tmp))
         info = {
             "source_checkpoint": str(loaded.path),
