@@ -28,6 +28,7 @@ from llmtrain.runtime import setup_runtime
 from llmtrain.train import checkpoint as ckpt
 
 SCOPES = ("global", "layer")
+STRUCTURED = ("gpt2", "llama", "bert")
 
 
 def run(cfg: RunConfig) -> float | None:
@@ -49,6 +50,11 @@ def run(cfg: RunConfig) -> float | None:
     model, model_cfg = loaded.model, loaded.model_cfg
     record: dict = {"method": p.method}
     if p.method == "structured":
+        if model_cfg.name not in STRUCTURED:  # t5's cross-attention shares n_head with the pruned self-attention
+            raise UserError(
+                f"prune.method=structured supports {', '.join(STRUCTURED)} models, not {model_cfg.name} "
+                "(use prune.method=magnitude or 2:4)"
+            )
         energy = prune.input_energy(model, forward_passes(model, trainee_of(loaded, cfg), p.calibration, cpu))
         plan = prune.structured_plan(model, energy, p.sparsity, heads=p.heads)
         model_cfg = prune.apply_structured(model, plan, model_cfg)
