@@ -7,6 +7,7 @@ llmtrain pretrain --cfg job                     # print the composed config
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -28,6 +29,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("llmtrain.stages.generate", "Sample text from a checkpoint (checkpoint=PATH generate.prompt=...)."),
     "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),
     "export": ("llmtrain.stages.export", "Export a checkpoint as Hugging Face files (checkpoint=PATH export.out=DIR)."),
+    "quantize": (
+        "llmtrain.stages.quantize",
+        "Quantize a checkpoint (checkpoint=PATH quant.method=...).",
+    ),
+    "prune": ("llmtrain.stages.prune", "Prune a checkpoint (checkpoint=PATH prune.method=...)."),
     "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),
     "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a SentencePiece tokenizer on data.path."),
     "data prepare": ("llmtrain.stages.prepare", "Tokenize a dataset into packed token shards (cached)."),
@@ -99,8 +105,12 @@ def _one_line(exc: BaseException) -> str:
     e: BaseException | None = exc
     while e is not None:
         msg = str(e).strip()
-        if msg:
+        # OmegaConf chains an unformatted copy of its message ('$VALUE' of type '$VALUE_TYPE')
+        # under the formatted one; the formatted one already says it all.
+        if msg and "$VALUE" not in msg:
             lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            # Hydra appends its config search path to a missing-option error: not the user's concern
+            lines = lines[: next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), len(lines))]
             head = lines[0]
             key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
             options = [ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "reference_type"))]
@@ -110,7 +120,12 @@ def _one_line(exc: BaseException) -> str:
             elif key and key not in head:
                 head += f" (key: {key})"
             if "Available options" in msg:
-                head += " [available: " + ", ".join(o for o in options if not o.startswith("Available")) + "]"
+                available = [o.lstrip("- ").strip() for o in options if not o.startswith("Available")]
+                missing = re.search(r"Could not find '([^']+)/([^'/]+)'", head)
+                close = difflib.get_close_matches(missing.group(2), available, n=1) if missing else []
+                if missing:
+                    head = f"unknown {missing.group(1)} {missing.group(2)!r}"
+                head += (f" (did you mean {close[0]}?)" if close else "") + " [available: " + ", ".join(available) + "]"
             if head not in parts:
                 parts.append(head)
         e = e.__cause__ or e.__context__
@@ -146,6 +161,12 @@ def _task(stage: str, checked: bool = False) -> Callable:
     """
 
     def task(cfg) -> float:
+        from llmtrain.run_records import console_log
+
+        with console_log():  # the console output also goes to RUN_DIR/<stage>.log
+            return run(cfg)
+
+    def run(cfg) -> float:
         import time
 
         from llmtrain.config import compose, to_run_config

@@ -35,16 +35,20 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
-        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
+        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP; span corruption or "
+        "denoising for the t5 encoder-decoder) on data.path.",
         "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
         "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
-        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
+        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads objective.noise_density "
+        "objective.mean_span_length objective.permute_sentences model.extra_ids optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
-        "extractive QA, instruction tuning or summarization; architecture and tokenizer come from the "
+        "extractive QA, instruction tuning, summarization or seq2seq, a reward model (task=reward) or preference "
+        "tuning (task=preference: DPO, IPO, SimPO); architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
+        "finetune.qat finetune.qat_group_size "
         "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
@@ -59,13 +63,14 @@ VERBS: dict[str, Verb] = {
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
-        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens task.val_path "
-        "data.path data.val_path trainer.eval_batches trainer.device",
+        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens eval.num_beams "
+        "eval.length_penalty eval.length_normalize task.val_path data.path data.val_path trainer.eval_batches "
+        "trainer.device",
     ),
     "generate": Verb(
         "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
         "checkpoint generate.prompt generate.max_new_tokens generate.temperature generate.top_k "
-        "generate.top_p generate.num_samples trainer.seed trainer.device",
+        "generate.top_p generate.num_samples generate.num_beams generate.length_penalty trainer.seed trainer.device",
     ),
     "chat": Verb(
         "Chat with an instruction-tuned checkpoint (checkpoint=PATH): stdin lines are user turns, replies go "
@@ -87,6 +92,19 @@ VERBS: dict[str, Verb] = {
         "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
         "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
         "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
+    ),
+    "quantize": Verb(
+        "Quantize a checkpoint's linear layers (checkpoint=PATH): int8 per channel or int4 group-wise "
+        "weights, or int8 weights with dynamic int8 activations; writes a checkpoint that evaluate, generate "
+        "and chat load, and a before/after report (compression.json, compression.md).",
+        "checkpoint quant.method quant.group_size quant.calibration quant.report data.path trainer.eval_batches",
+    ),
+    "prune": Verb(
+        "Prune a checkpoint (checkpoint=PATH): magnitude (unstructured), 2:4 semi-structured, or structured "
+        "(whole heads and FFN channels removed: a smaller model); masks stay in the checkpoint and hold through "
+        "a recovery `llmtrain finetune init_from=RUN`; writes a before/after report.",
+        "checkpoint prune.method prune.sparsity prune.scope prune.heads prune.calibration prune.report data.path "
+        "trainer.eval_batches",
     ),
     "data prepare": Verb(
         "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "
@@ -138,9 +156,10 @@ KEYS: dict[str, str] = {
     "task.text_field": "classification: the text field",
     "task.text_pair_field": "classification: the second text of a pair (e.g. NLI hypothesis)",
     "task.label_field": "classification: the label field",
+    "task.columns": "names of the columns of a .tsv/.csv without a header row, e.g. [label,text]",
     "task.labels": "classification: the label set (unset = inferred from the training file)",
-    "task.source_field": "summarization: the source field",
-    "task.target_field": "summarization: the target field",
+    "task.source_field": "summarization, seq2seq: the source field",
+    "task.target_field": "summarization, seq2seq: the target field",
     "task.chat_template": "instruction: default | chatml",
     "task.packing": "instruction: pack several examples into one window",
     "task.doc_stride": "extractive_qa: overlap (tokens) between windows of a long context",
@@ -148,19 +167,46 @@ KEYS: dict[str, str] = {
     "task.max_examples": "use at most this many records (0 = all)",
     "task.max_new_tokens": "generative tasks: tokens generated per validation answer",
     "task.temperature": "generative tasks: sampling temperature of validation answers (0 = greedy)",
-    "task.prompt_suffix": "summarization: text between the source and the target",
+    "task.prompt_suffix": "summarization, seq2seq on decoders: text between the source and the target",
+    "task.num_beams": "generative tasks: beams of validation answers (1 = greedy/sampled)",
+    "task.length_penalty": "beam search: score = log-prob / length ** length_penalty",
     "task.all_targets": "summarization: one training example per target (else the first)",
     "task.null_threshold": 'extractive_qa: answer "no answer" when [CLS] beats the best span by more',
+    "task.loss": "preference: dpo | ipo | simpo",
+    "task.beta": "preference: strength of the pull to the reference (SimPO: reward scale)",
+    "task.gamma": "preference, loss simpo: target reward margin",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "finetune.qat": "int8 | int4: quantization-aware training (fake-quantized weights), quantized at the end",
+    "finetune.qat_group_size": "finetune.qat=int4: inputs per scale",
+    "quant.method": "int8 (weights, per channel) | int4 (weights, group-wise) | int8_dynamic (+ int8 activations)",
+    "quant.group_size": "int4: inputs sharing one scale and zero point",
+    "quant.calibration": "int4: training batches for the per-row clipping search (0 = plain min/max)",
+    "quant.report": "measure source vs quantized model (compression.json, compression.md)",
+    "prune.method": "magnitude | 2:4 | structured",
+    "prune.sparsity": "magnitude: fraction of weights zeroed; structured: fraction of heads and FFN channels removed",
+    "prune.scope": "magnitude: global (one threshold) | layer (same fraction per layer)",
+    "prune.heads": "structured: also remove attention heads (false: FFN channels only)",
+    "prune.calibration": "structured: training batches for the importance scores",
+    "prune.report": "measure source vs pruned model (compression.json, compression.md)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | span_corruption | denoising "
+    "([] = the checkpoint's own)",
+    "eval.num_beams": "generation task: beams (1 = greedy)",
+    "eval.length_penalty": "beam search: score = log-prob / length ** length_penalty",
+    "generate.num_beams": "beam search with this many beams (1 = sample / greedy)",
+    "generate.length_penalty": "beam search: score = log-prob / length ** length_penalty",
+    "objective.noise_density": "span_corruption / denoising: fraction of tokens corrupted",
+    "objective.mean_span_length": "span_corruption: mean span length; denoising: Poisson lambda",
+    "objective.permute_sentences": "denoising: also shuffle the sentences of the input",
+    "model.extra_ids": "t5: sentinel ids above the tokenizer's vocabulary (<extra_id_N>)",
     "eval.split": "all | val: score all of the data (eval/*) or its validation split (val/*); "
     "unset = all of data.path given here, else the checkpoint's validation split",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",
+    "eval.length_normalize": "preference task: compare a policy's per-token log-probs, not their sums",
     "generate.prompt": "the text to continue",
     "generate.max_new_tokens": "tokens to generate",
     "generate.temperature": "sampling temperature (0 = greedy)",

@@ -54,6 +54,17 @@ def validate_config(cfg: RunConfig) -> None:
         objective_cls = objective_class(cfg.objective.name)
         needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
+        enc_dec = getattr(model_cls, "is_encoder_decoder", False)
+        if getattr(objective_cls, "needs_encoder_decoder", False) != enc_dec:
+            if enc_dec:
+                raise UserError(
+                    f"objective={cfg.objective.name} does not fit model {cfg.model.name!r}, an encoder-decoder "
+                    "(use objective=span_corruption or denoising)"
+                )
+            raise UserError(
+                f"objective={cfg.objective.name} needs an encoder-decoder, but model {cfg.model.name!r} is "
+                f"{'a causal decoder' if is_decoder else 'an encoder'} (use model=t5_tiny, t5_small or t5_base)"
+            )
         if needs is True and not is_decoder:
             raise UserError(
                 f"objective={cfg.objective.name} needs a causal decoder, but model "
@@ -71,7 +82,7 @@ def validate_config(cfg: RunConfig) -> None:
     check_optimizer(cfg.optim, sharded=cfg.trainer.strategy == "fsdp")
     if not from_scratch:  # the checkpoint decides the architecture; checked when loaded
         m = ModelConfig(max_seq_len=max(d.seq_len, 1))
-    if m.d_model % m.n_head:
+    if m.d_model % m.n_head and not m.head_dim:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
     if m.n_kv_heads is not None and m.n_head % m.n_kv_heads:
         raise UserError(f"model.n_head={m.n_head} is not divisible by model.n_kv_heads={m.n_kv_heads}")

@@ -9,7 +9,7 @@ from typing import Optional
 
 @dataclass
 class ModelConfig:
-    name: str = "gpt2"  # registry key: gpt2 | llama | bert
+    name: str = "gpt2"  # registry key: gpt2 | llama | bert | t5
     n_layer: int = 4
     n_head: int = 4
     n_kv_heads: Optional[int] = None  # grouped-query attention (llama); None = n_head
@@ -25,6 +25,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int = 2  # bert segment embeddings
     init_std: float = 0.02
+    head_dim: Optional[int] = None  # t5's d_kv, or fewer heads after structured pruning; None = d_model // n_head
+    # t5: sentinel ids above the tokenizer's vocabulary (<extra_id_0> is the highest), as T5's
+    # 100 extra ids; the vocabulary is padded from tokenizer size + extra_ids
+    extra_ids: int = 0
+    relative_buckets: int = 32  # t5 relative position bias: buckets and the distance they reach
+    relative_max_distance: int = 128
 
 
 @dataclass
@@ -57,9 +63,14 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | nsp | mlm_nsp
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | span_corruption | denoising
     mask_prob: float = 0.15
     nsp_prob: float = 0.5
+    # span_corruption (T5) / denoising (BART): fraction of tokens corrupted and the mean span
+    # length (denoising: the Poisson lambda of its span lengths)
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    permute_sentences: bool = False  # denoising: shuffle the sentences of the input too
 
 
 @dataclass
@@ -137,12 +148,15 @@ class LoraConfig:
 class TaskConfig:
     """Fine-tuning / evaluation task (registry kind "task"). Fields unused by a task are ignored."""
 
-    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization
+    name: str = (
+        "lm"  # lm | classification | instruction | extractive_qa | summarization | seq2seq | reward | preference
+    )
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     text_field: str = "text"
     text_pair_field: Optional[str] = None
     label_field: str = "label"
+    columns: Optional[list[str]] = None  # names of a headerless .tsv/.csv's columns; None = a header row
     labels: Optional[list[str]] = None  # declared label set; None = inferred from the training data
     source_field: str = "source"
     target_field: str = "target"
@@ -154,15 +168,49 @@ class TaskConfig:
     # generative tasks (instruction, summarization): validation answers generated while fine-tuning
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
+    num_beams: int = 1  # > 1: beam search for the validation answers
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
     prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
     all_targets: bool = False  # summarization: one training example per target (else the first)
     null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
+    # preference: the DPO-family loss, its beta (strength of the pull to the reference) and
+    # SimPO's target margin gamma
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float = 0.1
+    gamma: float = 0.5
 
 
 @dataclass
 class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_backbone: bool = False
+    # quantization-aware training: int8 | int4 fake-quantizes the linear layers' weights while
+    # training (int4 in groups of qat_group_size), and the final checkpoint is really quantized
+    qat: Optional[str] = None
+    qat_group_size: int = 32
+
+
+@dataclass
+class QuantConfig:
+    """llmtrain quantize: post-training quantization of the linear layers."""
+
+    method: str = "int8"  # int8 (weight-only, per channel) | int4 (weight-only, group-wise) | int8_dynamic
+    group_size: int = 32  # int4: inputs per scale / zero point
+    # batches of training data for the int4 clipping search (0 = plain min/max); int8 needs none
+    calibration: int = 0
+    report: bool = True  # measure source vs quantized (compression.json / .md)
+
+
+@dataclass
+class PruneConfig:
+    """llmtrain prune: zero (magnitude, 2:4) or remove (structured) weights of the blocks' linear layers."""
+
+    method: str = "magnitude"  # magnitude | 2:4 | structured
+    sparsity: float = 0.5  # magnitude: fraction of weights zeroed; structured: of heads and FFN channels removed
+    scope: str = "global"  # magnitude: global (one threshold) | layer (the same fraction per layer)
+    heads: bool = True  # structured: remove attention heads too (false: FFN channels only)
+    calibration: int = 8  # structured: batches of training data for the importance scores
+    report: bool = True
 
 
 @dataclass
@@ -183,6 +231,8 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: Optional[int] = 200  # None = no top-k cut
     top_p: Optional[float] = None  # nucleus sampling; None = off
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature/top_k/top_p unused)
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
 
 
 @dataclass
@@ -216,6 +266,7 @@ class EvalConfig(SamplingConfig):
     top_k: Optional[int] = None
     stop: list[str] = field(default_factory=list)  # more strings that end a generation
     prompt_format: Optional[str] = None  # e.g. "{source} TL;DR:" for a plain LM; None = template or raw text
+    length_normalize: bool = False  # preference task: compare per-token (not summed) log-probs of a policy
     # lm/mlm/nsp: what of the data to score: all | val; None = all of data given on the command
     # line (metrics eval/*), else the checkpoint's own validation split (val/*)
     split: Optional[str] = None
@@ -251,6 +302,8 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
     init_from: Optional[str] = None  # checkpoint to start from (finetune; distill's student)

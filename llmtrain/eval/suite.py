@@ -8,9 +8,12 @@ all-reduced and per-example outputs gathered, so every example counts exactly on
     lm              loss, perplexity, bits per byte on a text source: data=... scored whole
                     (eval/*), or the checkpoint's own validation split (val/*); eval.split
     mlm, nsp        masked-LM / next-sentence accuracy of encoder checkpoints (their objective)
-    generation      BLEU, ROUGE-1/2/L, exact match of greedy generations against references
+    span_corruption, denoising   an encoder-decoder's (t5) pretraining loss on its validation split
+    generation      BLEU, ROUGE-1/2/L, exact match of greedy (or eval.num_beams) generations against references
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
+    preference      held-out preference pairs: chosen beats rejected (a reward model's score, or
+                    a policy's log-prob)
 """
 
 from __future__ import annotations
@@ -95,12 +98,16 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
         "extractive_qa": "qa",
         "instruction": "generation",
         "summarization": "generation",
+        "reward": "preference",
+        "preference": "preference",
     }
     task = task_config_of(meta).get("name")
     if task in by_task:
         return [by_task[task]]
     objective = meta.get("objective", "clm")
-    return {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"]}.get(objective, ["lm"])
+    by_objective = {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"]}
+    by_objective.update({name: [name] for name in ("span_corruption", "denoising")})
+    return by_objective.get(objective, ["lm"])
 
 
 # ----------------------------------------------------------------------------- lm / mlm / nsp
@@ -189,7 +196,7 @@ def _objective(ctx: EvalContext, name: str, splits, data: DataConfig):
     from llmtrain.objectives import build_objective
 
     ocfg = ObjectiveConfig(**{**known_fields(ObjectiveConfig, ctx.run_config("objective")), "name": name})
-    return build_objective(ocfg, ctx.tokenizer, splits, data, ctx.cfg.trainer.seed)
+    return build_objective(ocfg, ctx.tokenizer, splits, data, ctx.cfg.trainer.seed, ctx.load().model_cfg)
 
 
 def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
@@ -223,6 +230,10 @@ def lm_task(ctx: EvalContext) -> TaskResult:
     _data_config). Bits per byte divide the summed
     NLL by the UTF-8 bytes of the scored text, so models with different tokenizers compare."""
     _check_backbone_task(ctx, "lm")
+    if getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError(
+            "eval task lm needs a decoder checkpoint; use eval.tasks=[span_corruption] or [denoising] for t5"
+        )
     if not getattr(ctx.model, "is_decoder", True):
         raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
     data, split = _data_config(ctx)
@@ -261,6 +272,38 @@ def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
     if name == want:  # the loss is this head's own
         out[f"{want}/loss"] = total / max(count, 1.0)
     return TaskResult(out, {"data": _data_details(scored, ctx.tokenizer), "objective": name})
+
+
+def _encoder_decoder_task(ctx: EvalContext, name: str) -> TaskResult:
+    """The loss of an encoder-decoder's pretraining objective on a text source (as lm: all of it
+    or its validation split)."""
+    _check_backbone_task(ctx, name)
+    if not getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError(f"eval task {name} needs an encoder-decoder (t5) checkpoint")
+    data, split = _data_config(ctx)
+    scored = _scored_tokens(ctx, data, split)
+    _report_unk(scored, ctx.tokenizer)
+    total, count, _ = score_objective(ctx, _objective(ctx, name, scored.splits, data))
+    if count == 0:
+        raise UserError(f"data {scored.path}: no tokens to score")
+    return TaskResult(
+        {
+            f"{name}/loss": total / count,
+            f"{name}/ppl": metrics.perplexity(total, int(count)),
+            f"{name}/tokens": int(count),
+        },
+        {"data": _data_details(scored, ctx.tokenizer)},
+    )
+
+
+@eval_task("span_corruption")
+def span_corruption_task(ctx: EvalContext) -> TaskResult:
+    return _encoder_decoder_task(ctx, "span_corruption")
+
+
+@eval_task("denoising")
+def denoising_task(ctx: EvalContext) -> TaskResult:
+    return _encoder_decoder_task(ctx, "denoising")
 
 
 @eval_task("mlm")
@@ -333,9 +376,9 @@ def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[
 
 
 def chat_template_name(meta: dict[str, Any]) -> str | None:
-    """The chat template of an instruction-tuned checkpoint (None: a plain LM)."""
+    """The chat template of an instruction- or preference-tuned checkpoint (None: a plain LM)."""
     task = task_config_of(meta)
-    if task.get("name") != "instruction":
+    if task.get("name") not in ("instruction", "preference"):
         return None
     return task.get("chat_template") or "default"
 
@@ -367,6 +410,8 @@ def generate_texts(
     top_p: float | None = None,
     stop_strings: list[str] | None = None,
     generator: torch.Generator | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ):
     """Batched, left-padded generation from token-id prompts; texts cut at eos and at stop strings."""
     from llmtrain.generation import generate, trim_at_stop
@@ -384,6 +429,8 @@ def generate_texts(
         pad_id=tokenizer.pad_id or 0,
         generator=generator,
         stop_fn=stop_fn,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
     )
     texts = [trim_at_stop(tokenizer.decode(t), stops)[0] for t in res.tokens]
     return texts, res
@@ -415,19 +462,18 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
         from llmtrain.tasks.chat_template import stop_strings
 
         stops += stop_strings(template)
-    return (
-        [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples],
-        [ex["references"] for ex in examples],
-        stops,
-    )
+    prompts = [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples]
+    if getattr(ctx.model, "is_encoder_decoder", False):  # the encoder input ends with </s>, as in training
+        prompts = [p + [ctx.tokenizer.eos_id] for p in prompts]
+    return prompts, [ex["references"] for ex in examples], stops
 
 
 @eval_task("generation")
 def generation_task(ctx: EvalContext) -> TaskResult:
     cfg = ctx.cfg
     _check_backbone_task(ctx, "generation")
-    if not getattr(ctx.model, "is_decoder", True):
-        raise UserError("eval task generation needs a decoder checkpoint")
+    if not getattr(ctx.model, "is_decoder", True) and not getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError("eval task generation needs a decoder or encoder-decoder (t5) checkpoint")
     prompts, refs, stops = _generation_examples(ctx)
     rank, world_size = world()
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed + rank)
@@ -443,6 +489,8 @@ def generation_task(ctx: EvalContext) -> TaskResult:
             top_p=cfg.eval.top_p,
             stop_strings=stops,
             generator=gen,
+            num_beams=cfg.eval.num_beams,
+            length_penalty=cfg.eval.length_penalty,
         )
         pairs += [(i, t.strip()) for (i, _), t in zip(batch, texts)]
         n_tokens, seconds = n_tokens + res.num_generated, seconds + res.seconds
@@ -513,7 +561,7 @@ def classification_result(preds: list[int], labels: list[int], names: list[str])
     out: dict[str, float | int] = {
         "classification/accuracy": m["accuracy"],
         "classification/macro_f1": m["macro_f1"],
-        "classification/n": m["n"],
+        "classification/examples": m["n"],
     }
     for name, s in m["per_class"].items():
         out[f"classification/precision[{name}]"] = s["precision"]
@@ -564,3 +612,72 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         {"prompt": task.val_questions[q]["question"], "generated": preds[q], "references": refs[q]} for q in qids[:5]
     ]
     return res
+
+
+# ----------------------------------------------------------------------------- preference pairs
+def _pair_task(ctx: EvalContext):
+    """The held-out pairs: a reward/preference checkpoint's own validation split (or task.* given
+    here), else task.train_path / task.val_path read as preference pairs with data.val_fraction,
+    rendered with the checkpoint's chat template unless task.chat_template is given."""
+    task = ctx.load().task
+    if task is not None and getattr(task, "name", None) in ("reward", "preference"):
+        return task
+    from llmtrain.tasks import build_task
+
+    given = task_overrides(ctx.cfg.task)
+    if not (given.get("train_path") or given.get("val_path")):
+        raise UserError("eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE)")
+    given.setdefault("train_path", given.get("val_path"))
+    own = task_config_of(ctx.meta).get("chat_template")
+    if own and "chat_template" not in given:
+        given["chat_template"] = own
+    task_cfg = TaskConfig(**{**known_fields(TaskConfig, {}), **given, "name": "preference"})
+    model_cfg = ctx.load().model_cfg
+    data = DataConfig(**{**ctx.cfg.data.__dict__, "seq_len": min(ctx.cfg.data.seq_len, model_cfg.max_seq_len)})
+    return build_task(task_cfg, ctx.tokenizer, model_cfg, data)
+
+
+@eval_task("preference")
+def preference_task(ctx: EvalContext) -> TaskResult:
+    """Held-out preference pairs: a reward model (task=reward) is right when it scores the chosen
+    reply higher; any other decoder (a policy) when it gives the chosen reply the higher log-prob,
+    summed over the reply's tokens (per token with eval.length_normalize=true)."""
+    from llmtrain.tasks.preference import pair_logps
+
+    task = _pair_task(ctx)
+    model = ctx.model
+    is_reward = getattr(task, "name", None) == "reward" and ctx.load().task is task
+    if not is_reward and hasattr(model, "head"):
+        raise UserError(f"eval task preference needs a decoder LM or a reward model; this checkpoint is a {task.name}")
+    examples = task.val_examples()
+    if ctx.cfg.eval.max_examples:
+        examples = examples[: ctx.cfg.eval.max_examples]
+    rank, world_size = world()
+    pairs = []
+    for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
+        chunk = [e for _, e in batch]
+        if is_reward:
+            scores = task.rewards(model, chunk, ctx.device, ctx.cfg.eval.batch_size)
+        else:
+            scores, lens = pair_logps(model, task, chunk, ctx.device, ctx.cfg.eval.batch_size)
+            if ctx.cfg.eval.length_normalize:
+                scores = scores / lens.clamp(min=1)
+        pairs += [(i, s) for (i, _), s in zip(batch, scores.tolist())]
+    scores = torch.tensor(gather_indexed(pairs), dtype=torch.float64).reshape(-1, 2)
+    right = (scores[:, 0] > scores[:, 1]).double()
+    n = len(right)
+    acc = float(right.mean()) if n else 0.0
+    by = (
+        "reward model"
+        if is_reward
+        else f"policy log-prob ({'per token' if ctx.cfg.eval.length_normalize else 'summed'})"
+    )
+    return TaskResult(
+        {
+            "preference/accuracy": acc,
+            "preference/accuracy_se": math.sqrt(acc * (1 - acc) / n) if n else 0.0,
+            "preference/margin": float((scores[:, 0] - scores[:, 1]).mean()) if n else 0.0,
+            "preference/examples": n,
+        },
+        {"scored_by": by},
+    )

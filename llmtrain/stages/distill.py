@@ -1,6 +1,8 @@
 """distill: a teacher checkpoint (teacher=PATH) + a student (model=PRESET from scratch, or
 init_from=PATH) -> the shared trainer on the Distillation trainee -> the student's checkpoint,
-then a table of the student against the teacher on the same validation data.
+then the compression report of the student against the teacher (llmtrain/compress/report.py:
+parameters, bytes, validation metrics and generation speed on the same data; compression.json
+and compression.md in the run directory).
 
 task=lm trains on data.path with objective clm or mlm (the teacher is a pretrained decoder or
 encoder); task=classification distils a fine-tuned classifier's logits into a classifier
@@ -17,6 +19,7 @@ import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
+from llmtrain.compress.report import compression_report
 from llmtrain.config.schema import ModelConfig, RunConfig
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.data.validation import sum_losses
@@ -56,6 +59,8 @@ def run(cfg: RunConfig) -> float | None:
         trainee = Distillation(student.base, kind, teacher.model, cfg.distill, student.classes, d_student, d_teacher)
         meta = checkpoint_meta(cfg, student.model_cfg, student.tokenizer)
         meta["teacher"] = str(teacher.path)
+        # evaluate measures a compressed checkpoint against its source (llmtrain/compress/report.py)
+        meta["compression"] = {"method": "distill", "source": str(teacher.path)}
         if kind == "classification":
             meta["task"] = task_meta(student.base)
         teacher_val = validation(student.base, teacher.model, cfg, rt)  # every rank: the sums are all-reduced
@@ -69,7 +74,15 @@ def run(cfg: RunConfig) -> float | None:
         n_student = count(student.model)  # before the trainer wraps (maybe shards) it
         result = train_and_report(cfg, rt, run_dir, student.model, trainee, student.data, meta)
         if rt.is_main and result.metrics:
-            print_table(count(teacher.model), teacher_val, n_student, result.metrics)
+            if rt.dist.world_size > 1:  # the report scores both models in one process
+                print_table(count(teacher.model), teacher_val, n_student, result.metrics)
+                print("distill: no compression.json under several processes (run llmtrain evaluate on the student)")
+            else:
+                cpu = torch.device("cpu")
+                compression_report(
+                    checkpoints.load(teacher.path, cpu), checkpoints.load(result.checkpoint, cpu), cfg, rt.run_dir
+                )
+                print(f"wrote {rt.run_dir / 'compression.json'} and compression.md", flush=True)
         return result.metrics.get(cfg.optimize_metric)
 
 
@@ -198,6 +211,7 @@ def validation(base, model: torch.nn.Module, cfg: RunConfig, rt) -> dict[str, fl
 
 
 def print_table(n_teacher: int, teacher_val: dict, n_student: int, student_val: dict) -> None:
+    """Student against teacher on the trainer's validation batches (runs of several processes)."""
     keys = ["val/loss", "val/ppl"] + [k for k in ("val/accuracy", "val/mlm_accuracy") if k in teacher_val]
     rows = [("teacher", n_teacher, teacher_val), ("student", n_student, student_val)]
     print("distill: student against teacher, same validation batches", flush=True)

@@ -1,5 +1,5 @@
 """finetune: a checkpoint (init_from=PATH) + a task (task=lm|classification|instruction|
-extractive_qa|summarization) -> the shared trainer -> a fine-tuned checkpoint.
+extractive_qa|summarization|reward|preference) -> the shared trainer -> a fine-tuned checkpoint.
 
 Full fine-tuning by default; finetune.lora.r > 0 trains LoRA adapters (and new heads) on a
 frozen backbone; finetune.freeze_backbone=true trains the new head only. The final checkpoint
@@ -17,6 +17,7 @@ import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
+from llmtrain.compress import finetune as compressed, prune
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import unk_report
 from llmtrain.data.pipeline import load_corpus
@@ -59,6 +60,7 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         if isinstance(module, torch.nn.Dropout):
             module.p = model_cfg.dropout
     _check_tokenizer(cfg, loaded)
+    compressed.check_init(cfg, loaded)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")
 
@@ -68,16 +70,22 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     counts = getattr(task, "report", {})  # a task's own files: <unk> counted as they are encoded
     unk_line = unk_report(counts.get("unk_tokens", 0), counts.get("tokens", 0), f"task {cfg.task.name}")
     model = task.build_model(backbone)
+    prepared = task.prepare(model, rt.device, rt.run_dir, rt.dist.rank, rt.dist.world_size)  # before LoRA: the base
     heads, reused = _init_heads(model, backbone, init_state)
     adapted = _setup_method(cfg, model, backbone, heads)
     unused = _freeze_unused(model, task)
     if unused:
         adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
+    noted = compressed.setup(cfg, model, loaded)  # QAT layers; pruning masks are noted
+    if noted:
+        adapted += f"; {noted}"
 
     if rt.is_main:
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
         if unk_line and unk_line.startswith("warning"):  # the summary has the count; above 0.1% say so
             print(unk_line, flush=True)
+        if prepared:
+            print(f"finetune: {prepared}", flush=True)
         new = [f"{n} {list(p.shape)}" for n, p in heads.items() if n not in reused]
         print(
             f"finetune: new heads (randomly initialised): {', '.join(new) or 'none'}"
@@ -94,10 +102,11 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         )
 
     meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-    meta.update(init_from=str(loaded.path), task=task_meta(task))
+    meta.update(init_from=str(loaded.path), task=task_meta(task), **compressed.checkpoint_record(cfg, loaded))
     if cfg.finetune.lora.r > 0:
         meta["lora"] = {**dataclasses.asdict(cfg.finetune.lora), "merged": False}
         _check_resumable(cfg, rt.run_dir)
+    compressed.check_resumable(cfg, rt.run_dir)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     model.to(rt.device)
     before = None
@@ -108,20 +117,29 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
+        task.write_files(rt.run_dir)
     try:
         logger.open()
         if before is not None:
             logger.log({"val/loss": before}, 0)
             if rt.is_main:
                 print(f"finetune: val/loss before training {before:.4f}", flush=True)
-        result = trainer.fit()
+        with prune.enforce(model):  # pruned weights stay zero after every optimizer step
+            result = trainer.fit()
         if result.interrupted:  # the merged save and the task metrics are left to the resumed run
             raise result.interruption(rt.run_dir)
         if cfg.finetune.lora.r > 0:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
+        if cfg.finetune.qat:
+            result.checkpoint = compressed.finish_qat(cfg, trainer, model, meta, result.metrics) or result.checkpoint
         if not rt.is_main:
             return result.metrics.get(cfg.optimize_metric)
-        metrics = {f"val/{k}": v for k, v in task.evaluate(model, rt.device, cfg.eval.max_examples).items()}
+        if rt.is_main:
+            print(f"finetune: evaluating the {cfg.task.name} task on the validation set", flush=True)
+        task_metrics = task.evaluate(model, rt.device, cfg.eval.max_examples)
+        # One value per name at a step: what the trainer's validation pass logged at this step
+        # (e.g. val/accuracy) is not logged again.
+        metrics = {f"val/{k}": v for k, v in task_metrics.items() if f"val/{k}" not in result.metrics}
         logger.log(metrics, result.step)
     finally:
         logger.close()

@@ -27,7 +27,8 @@ def run(cfg: RunConfig) -> None:
         raise UserError(f"generate.temperature must be >= 0, got {g.temperature}")
     rt = setup_runtime(cfg)
     loaded = checkpoints.load(cfg.checkpoint, rt.device)
-    if not getattr(loaded.model, "is_decoder", True):
+    enc_dec = getattr(loaded.model, "is_encoder_decoder", False)
+    if not getattr(loaded.model, "is_decoder", True) and not enc_dec:
         raise UserError(f"checkpoint {loaded.path} is an encoder ({loaded.model_cfg.name}); generate needs a decoder")
     tok = loaded.tokenizer
     ids = tok.encode(g.prompt) or [tok.bos_id]  # an empty prompt starts from <s>
@@ -37,6 +38,8 @@ def run(cfg: RunConfig) -> None:
         print(f"{report} ({missing!r})", file=sys.stderr, flush=True)
     # The prompt as the model read it (U+FFFD where a character became <unk>).
     shown = tok.decode(ids) if report else g.prompt
+    if enc_dec:  # the prompt is the encoder's input (with its </s>, as in training); output only
+        ids = ids + [tok.eos_id]
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     # The samples are rows of one batch: same prompt, independent draws.
     res = generate(
@@ -49,11 +52,13 @@ def run(cfg: RunConfig) -> None:
         eos_id=tok.eos_id,
         pad_id=tok.pad_id or 0,
         generator=gen,
+        num_beams=g.num_beams,
+        length_penalty=g.length_penalty,
     )
     for i, new in enumerate(res.tokens):
         if g.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(shown + tok.decode(new), flush=True)
+        print(("" if enc_dec else shown) + tok.decode(new), flush=True)
     print(
         f"generate: {res.num_generated} tokens in {res.seconds:.2f}s ({res.tokens_per_second:.1f} tokens/s, "
         f"{g.num_samples} sample{'s' if g.num_samples > 1 else ''}, device {rt.device})",

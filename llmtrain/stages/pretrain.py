@@ -20,7 +20,7 @@ def run(cfg: RunConfig) -> float | None:
         tokenizer, splits = load_corpus(cfg)
         model_cfg = resolve_model_config(cfg.model, tokenizer)
         model = build_model(model_cfg)
-        objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
+        objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed, model_cfg)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
         data = splits.describe()
         result = train_and_report(cfg, rt, run_dir, model, objective, data, meta)
