@@ -150,7 +150,10 @@ def test_distill_runs_end_to_end_and_logs_both_losses(distilled):
     train = [r for r in records if "train/loss" in r]
     assert train and all("train/kd_loss" in r and "train/task_loss" in r and "train/hidden_loss" in r for r in train)
     assert any("val/loss" in r and "val/kd_loss" in r for r in records)
-    assert "| teacher |" in stdout and "| student |" in stdout
+    report = json.loads((run / "compression.json").read_text())  # student against teacher
+    assert report["compression"]["method"] == "distill"
+    assert report["compressed"]["params"] < report["source"]["params"]
+    assert "compression.md" in stdout
     final = run / "checkpoints" / "step_0000010"
     weights = load_file(final / "model.safetensors")
     assert "blocks.0.attn.qkv.weight" in weights and not any(k.startswith("blocks.1.") for k in weights)
