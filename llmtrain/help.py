@@ -4,13 +4,13 @@ that fit it, rendered from the tables below, the verb's composed config and the 
 Defaults are not written here: they are read from the verb's config as Hydra composes it (the
 schema dataclasses in llmtrain/config/schema.py, then the verb's YAML), so they cannot drift.
 
-Which experiments fit a verb (no composition needed, only each file's `defaults:` list and top
-keys): an experiment fits when the verb's primary config has every group the experiment
-overrides (Hydra refuses the override otherwise), the experiment overrides `task` exactly when
-the verb's config has a task group, and it sets `rl` exactly when the verb is rl. So presets
-naming a task are fine-tuning presets (finetune) or, with `rl`, RL presets (rl), and the others
-train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
-(evaluate, generate, chat, export) have none.
+Which experiments fit a verb (no composition needed, only each file's `defaults:` list): an
+experiment fits when the verb's primary config has every group the experiment overrides (Hydra
+refuses the override otherwise), and the experiment overrides `task` exactly when the verb's
+config has a task group. So presets naming a task are fine-tuning presets (finetune) and the
+others train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
+(evaluate, generate, chat, export) have none. An experiment that sets a verb's own group (e.g.
+`distill:`) fits that verb only, with or without a task, and such a verb takes only those.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ VERBS: dict[str, Verb] = {
         "tuning (task=preference: DPO, IPO, SimPO); architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
+        "finetune.qat finetune.qat_group_size "
         "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
@@ -57,6 +58,14 @@ VERBS: dict[str, Verb] = {
         "frozen init_from; the reward is the task's verifiable one (arithmetic), a reward model or your function.",
         "init_from rl.* task.name task.digits task.ops data.batch_size optim.lr trainer.max_steps "
         "trainer.eval_every trainer.resume",
+    ),
+    "distill": Verb(
+        "Distil a teacher checkpoint (teacher=PATH) into a student: model=PRESET from scratch or "
+        "init_from=PATH, with the teacher's tokenizer. Causal LM or masked LM on data.path (task=lm), or a "
+        "fine-tuned classifier's logits (task=classification).",
+        "teacher init_from distill.* objective.name task.name task.train_path task.val_path data.path "
+        "data.seq_len data.batch_size model.n_layer model.d_model optim.lr trainer.max_steps trainer.eval_every "
+        "trainer.resume",
     ),
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
@@ -91,6 +100,19 @@ VERBS: dict[str, Verb] = {
         "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
         "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
     ),
+    "quantize": Verb(
+        "Quantize a checkpoint's linear layers (checkpoint=PATH): int8 per channel or int4 group-wise "
+        "weights, or int8 weights with dynamic int8 activations; writes a checkpoint that evaluate, generate "
+        "and chat load, and a before/after report (compression.json, compression.md).",
+        "checkpoint quant.method quant.group_size quant.calibration quant.report data.path trainer.eval_batches",
+    ),
+    "prune": Verb(
+        "Prune a checkpoint (checkpoint=PATH): magnitude (unstructured), 2:4 semi-structured, or structured "
+        "(whole heads and FFN channels removed: a smaller model); masks stay in the checkpoint and hold through "
+        "a recovery `llmtrain finetune init_from=RUN`; writes a before/after report.",
+        "checkpoint prune.method prune.sparsity prune.scope prune.heads prune.calibration prune.report data.path "
+        "trainer.eval_batches",
+    ),
     "data prepare": Verb(
         "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "
         "cache is missing).",
@@ -102,6 +124,11 @@ VERBS: dict[str, Verb] = {
 KEYS: dict[str, str] = {
     "checkpoint": "what to load: a run dir, step dir, best_checkpoint, task or LoRA run, or hf:DIR",
     "init_from": "the checkpoint to start from (any form `checkpoint` accepts)",
+    "teacher": "distill: the checkpoint to learn from (any form `checkpoint` accepts)",
+    "distill.alpha": "weight of the KD term; 1 - alpha weighs the task loss on the labels",
+    "distill.temperature": "softmax temperature of both distributions (the KD term is scaled by T^2)",
+    "distill.hidden_weight": "weight of a hidden-state MSE through a learned projection (0 = off)",
+    "objective.name": "clm | mlm (choose with objective=NAME)",
     "optimize_metric": "the metric a sweep optimises (returned by the run)",
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
     "data.seq_len": "tokens per training window",
@@ -176,6 +203,18 @@ KEYS: dict[str, str] = {
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
+    "finetune.qat": "int8 | int4: quantization-aware training (fake-quantized weights), quantized at the end",
+    "finetune.qat_group_size": "finetune.qat=int4: inputs per scale",
+    "quant.method": "int8 (weights, per channel) | int4 (weights, group-wise) | int8_dynamic (+ int8 activations)",
+    "quant.group_size": "int4: inputs sharing one scale and zero point",
+    "quant.calibration": "int4: training batches for the per-row clipping search (0 = plain min/max)",
+    "quant.report": "measure source vs quantized model (compression.json, compression.md)",
+    "prune.method": "magnitude | 2:4 | structured",
+    "prune.sparsity": "magnitude: fraction of weights zeroed; structured: fraction of heads and FFN channels removed",
+    "prune.scope": "magnitude: global (one threshold) | layer (same fraction per layer)",
+    "prune.heads": "structured: also remove attention heads (false: FFN channels only)",
+    "prune.calibration": "structured: training batches for the importance scores",
+    "prune.report": "measure source vs pruned model (compression.json, compression.md)",
     "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | span_corruption | denoising "
     "| arithmetic ([] = the checkpoint's own)",
     "eval.num_beams": "generation task: beams (1 = greedy)",
@@ -259,14 +298,24 @@ def overridden_groups(experiment: str) -> set[str]:
 
 def experiments_for(verb: str) -> list[str]:
     """The rule in this module's docstring."""
-    groups = primary_groups(verb)
-    fits = []
-    for name in group_options("experiment"):
-        over = overridden_groups(name)
-        sets_rl = "rl" in OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
-        if over <= groups.keys() and ("task" in over) == ("task" in groups) and sets_rl == (verb == "rl"):
-            fits.append(name)
-    return fits
+    groups, names = primary_groups(verb), group_options("experiment")
+    owners = {name: verb_group_of(name) for name in names}
+    own = [name for name in names if owners[name] == verb.replace(" ", "_")]
+    if own:
+        return own
+    return [
+        name
+        for name in names
+        if owners[name] is None
+        and overridden_groups(name) <= groups.keys()
+        and ("task" in overridden_groups(name)) == ("task" in groups)
+    ]
+
+
+def verb_group_of(experiment: str) -> str | None:
+    """The verb whose own group the experiment sets (a top-level key named like a verb), if any."""
+    keys = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")).keys()
+    return next((k for k in keys if k in {v.replace(" ", "_") for v in VERBS}), None)
 
 
 def _summary(experiment: str) -> str:

@@ -25,7 +25,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int = 2  # bert segment embeddings
     init_std: float = 0.02
-    head_dim: Optional[int] = None  # t5's d_kv; None = d_model // n_head
+    head_dim: Optional[int] = None  # t5's d_kv, or fewer heads after structured pruning; None = d_model // n_head
     # t5: sentinel ids above the tokenizer's vocabulary (<extra_id_0> is the highest), as T5's
     # 100 extra ids; the vocabulary is padded from tokenizer size + extra_ids
     extra_ids: int = 0
@@ -190,6 +190,43 @@ class TaskConfig:
 class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_backbone: bool = False
+    # quantization-aware training: int8 | int4 fake-quantizes the linear layers' weights while
+    # training (int4 in groups of qat_group_size), and the final checkpoint is really quantized
+    qat: Optional[str] = None
+    qat_group_size: int = 32
+
+
+@dataclass
+class QuantConfig:
+    """llmtrain quantize: post-training quantization of the linear layers."""
+
+    method: str = "int8"  # int8 (weight-only, per channel) | int4 (weight-only, group-wise) | int8_dynamic
+    group_size: int = 32  # int4: inputs per scale / zero point
+    # batches of training data for the int4 clipping search (0 = plain min/max); int8 needs none
+    calibration: int = 0
+    report: bool = True  # measure source vs quantized (compression.json / .md)
+
+
+@dataclass
+class PruneConfig:
+    """llmtrain prune: zero (magnitude, 2:4) or remove (structured) weights of the blocks' linear layers."""
+
+    method: str = "magnitude"  # magnitude | 2:4 | structured
+    sparsity: float = 0.5  # magnitude: fraction of weights zeroed; structured: of heads and FFN channels removed
+    scope: str = "global"  # magnitude: global (one threshold) | layer (the same fraction per layer)
+    heads: bool = True  # structured: remove attention heads too (false: FFN channels only)
+    calibration: int = 8  # structured: batches of training data for the importance scores
+    report: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """llmtrain distill: loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * task loss
+    (+ hidden_weight * MSE(projected student hidden states, teacher hidden states))."""
+
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha goes to the task loss on the labels
+    temperature: float = 2.0  # softens both distributions; the KD term is scaled by T^2
+    hidden_weight: float = 0.0  # > 0: also match final hidden states through a learned projection
 
 
 @dataclass
@@ -272,7 +309,7 @@ class RLConfig:
 @dataclass
 class RunConfig:
     """The whole run: groups shared by every stage, and each stage's own group (generate, chat,
-    export, eval, bench). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
+    export, eval, bench, distill). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,15 +321,19 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
-    init_from: Optional[str] = None  # checkpoint to start from (finetune)
+    init_from: Optional[str] = None  # checkpoint to start from (finetune; distill's student)
+    teacher: Optional[str] = None  # the checkpoint to distill from (distill)
     checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, chat, export)
     # what a sweep optimises: the stage returns this metric
     optimize_metric: str = "val/loss"

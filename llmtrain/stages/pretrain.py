@@ -19,7 +19,7 @@ from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import setup_runtime
 from llmtrain.train.tracking import MetricsLogger
-from llmtrain.train.trainer import Trainer
+from llmtrain.train.trainer import Trainer, TrainResult
 
 
 def run(cfg: RunConfig) -> float | None:
@@ -30,7 +30,9 @@ def run(cfg: RunConfig) -> float | None:
         model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed, model_cfg)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-        return train_and_report(cfg, rt, run_dir, model, objective, splits, meta)
+        data = splits.describe()
+        result = train_and_report(cfg, rt, run_dir, model, objective, data, meta)
+        return result.metrics.get(cfg.optimize_metric)
 
 
 ARITHMETIC_DATA = "task:arithmetic"
@@ -55,9 +57,9 @@ def arithmetic_corpus(cfg: RunConfig):
     )
 
 
-def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -> float | None:
+def train_and_report(cfg, rt, run_dir: RunDir, model, objective, data: str, meta) -> TrainResult:
     """Start (the resume checkpoint checked before anything is written), write the run files,
-    train, report; returns the optimised metric."""
+    train, report (also used by distill)."""
     n = sum(p.numel() for p in model.parameters())  # before the trainer wraps (maybe shards) it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
@@ -67,7 +69,7 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
         write_run_files(rt.run_dir, cfg)
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
-            f"{splits.describe()}, device {rt.device} "
+            f"{data}, device {rt.device} "
             f"{rt.precision} {rt.threads} threads, run dir {rt.run_dir}",
             flush=True,
         )
@@ -83,7 +85,7 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
         write_curves(rt.run_dir)
     if result.interrupted:
         raise result.interruption(rt.run_dir)
-    return result.metrics.get(cfg.optimize_metric)
+    return result
 
 
 def write_curves(run_dir) -> None:
