@@ -21,12 +21,13 @@ from llmtrain.errors import Interrupted, UserError, fail
 # verb -> (stage module, one-line help). The module's `run(cfg)` does the work; the primary
 # config is conf/<verb with spaces as underscores>.yaml.
 STAGES: dict[str, tuple[str, str]] = {
-    "pretrain": ("llmtrain.stages.pretrain", "Pretrain a model (causal LM, masked LM, NSP)."),
+    "pretrain": ("llmtrain.stages.pretrain", "Pretrain a model (causal LM, masked LM, NSP, contrastive)."),
     "finetune": ("llmtrain.stages.finetune", "Fine-tune a checkpoint (init_from=PATH)."),
     "evaluate": ("llmtrain.stages.evaluate", "Evaluate a checkpoint (checkpoint=PATH)."),
     "generate": ("llmtrain.stages.generate", "Sample text from a checkpoint (checkpoint=PATH generate.prompt=...)."),
     "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),
     "export": ("llmtrain.stages.export", "Export a checkpoint as Hugging Face files (checkpoint=PATH export.out=DIR)."),
+    "embed": ("llmtrain.stages.embed", "Write sentence embeddings (checkpoint=PATH embed.input=FILE embed.out=FILE.npy)."),
     "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),
     "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a SentencePiece tokenizer on data.path."),
     "data prepare": ("llmtrain.stages.prepare", "Tokenize a dataset into packed token shards (cached)."),

@@ -34,8 +34,10 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
-        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP) on data.path.",
-        "data.path data.seq_len data.batch_size model.n_layer model.d_model optim.lr scheduler.warmup_steps "
+        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP, contrastive "
+        "sentence embeddings) on data.path; init_from=PATH starts from a checkpoint's weights instead.",
+        "data.path data.seq_len data.batch_size model.n_layer model.d_model init_from objective.temperature "
+        "objective.pooling objective.pair_columns objective.positive_threshold optim.lr scheduler.warmup_steps "
         "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
         "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
     ),
@@ -51,7 +53,13 @@ VERBS: dict[str, Verb] = {
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
         "checkpoint eval.tasks eval.max_examples eval.batch_size eval.max_new_tokens task.val_path data.path "
-        "trainer.eval_batches trainer.device",
+        "eval.sts_path eval.sts_columns eval.pooling trainer.eval_batches trainer.device",
+    ),
+    "embed": Verb(
+        "Write sentence embeddings of an encoder checkpoint (checkpoint=PATH) to a .npy file: one row per line "
+        "or record of embed.input.",
+        "checkpoint embed.input embed.out embed.pooling embed.normalize embed.batch_size data.text_field "
+        "trainer.device",
     ),
     "generate": Verb(
         "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
@@ -139,7 +147,19 @@ KEYS: dict[str, str] = {
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp ([] = the checkpoint's own)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | sts ([] = the checkpoint's own)",
+    "eval.sts_path": "sts: sentence pairs with gold scores (e.g. STS-B dev.tsv)",
+    "eval.sts_columns": "sts: columns of sentence A, B, score (digits: 1-based, headerless file; else field names)",
+    "eval.pooling": "sts: mean | cls (null = the checkpoint's objective.pooling)",
+    "embed.input": "sentences: one per line (text) or record (.jsonl/.json/.csv/.tsv, data.text_field)",
+    "embed.out": "the .npy file to write (float32, one row per line or record)",
+    "embed.pooling": "mean | cls (null = the checkpoint's objective.pooling)",
+    "embed.normalize": "L2-normalise each row",
+    "embed.batch_size": "sentences per forward pass",
+    "objective.temperature": "contrastive: InfoNCE temperature",
+    "objective.pooling": "contrastive: mean | cls, how token states become a sentence vector",
+    "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised, one sentence a line)",
+    "objective.positive_threshold": "contrastive: a pair with score >= this is a positive; below, a hard negative",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",

@@ -48,14 +48,14 @@ def validate_config(cfg: RunConfig) -> None:
     from llmtrain.train.optim import check_optimizer
 
     model_cls = model_class(cfg.model.name)
-    if cfg.stage == "pretrain":
+    if cfg.stage == "pretrain" and not cfg.init_from:  # with init_from, checked against the checkpoint
         objective_cls = objective_class(cfg.objective.name)
         needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
         if needs is True and not is_decoder:
             raise UserError(
                 f"objective={cfg.objective.name} needs a causal decoder, but model "
-                f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp or mlm_nsp)"
+                f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp, mlm_nsp or contrastive)"
             )
         if needs is False and is_decoder:
             raise UserError(
@@ -67,7 +67,7 @@ def validate_config(cfg: RunConfig) -> None:
     check_ranges(cfg)  # first: the size checks below divide by these
     m, d = cfg.model, cfg.data
     check_optimizer(cfg.optim, sharded=cfg.trainer.strategy == "fsdp")
-    if cfg.stage != "pretrain":  # the checkpoint decides the architecture; checked when loaded
+    if cfg.stage != "pretrain" or cfg.init_from:  # the checkpoint decides the architecture; checked when loaded
         m = ModelConfig(max_seq_len=max(d.seq_len, 1))
     if m.d_model % m.n_head:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")

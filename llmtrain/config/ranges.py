@@ -78,6 +78,8 @@ RANGES: dict[str, Range] = {
     "eval.max_examples": AT_LEAST_0,
     "task.max_new_tokens": AT_LEAST_0,
     "task.max_examples": AT_LEAST_0,
+    "objective.temperature": Range(0, low_open=True),
+    "embed.batch_size": AT_LEAST_1,
 }
 
 

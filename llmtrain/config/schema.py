@@ -55,9 +55,17 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | nsp | mlm_nsp
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | contrastive
     mask_prob: float = 0.15
     nsp_prob: float = 0.5
+    # contrastive (SimCSE): InfoNCE temperature, and how token states become one sentence vector
+    temperature: float = 0.05
+    pooling: str = "mean"  # mean | cls
+    # Supervised contrastive: the (sentence A, sentence B, score) columns of data.path; a digit is a
+    # 1-based column of a headerless .tsv/.csv, a name a field of a header row or JSON record.
+    # Empty = unsupervised: one sentence per line (text) or record (data.text_field).
+    pair_columns: list[str] = field(default_factory=list)
+    positive_threshold: float = 4.0  # a pair with score >= this is a positive; below, B is a hard negative
 
 
 @dataclass
@@ -195,7 +203,7 @@ class ExportConfig:
 
 @dataclass
 class EvalConfig(SamplingConfig):
-    tasks: list[str] = field(default_factory=lambda: ["lm"])  # lm | classification | qa | generation | mlm | nsp
+    tasks: list[str] = field(default_factory=lambda: ["lm"])  # lm | classification | qa | generation | mlm | nsp | sts
     max_examples: int = 0  # 0 = all
     batch_size: int = 16
     # generation task: greedy unless set
@@ -204,6 +212,20 @@ class EvalConfig(SamplingConfig):
     top_k: Optional[int] = None
     stop: list[str] = field(default_factory=list)  # more strings that end a generation
     prompt_format: Optional[str] = None  # e.g. "{source} TL;DR:" for a plain LM; None = template or raw text
+    # sts task: a sentence-pair file with gold similarity scores (e.g. STS-B dev.tsv)
+    sts_path: Optional[str] = None
+    sts_columns: list[str] = field(default_factory=lambda: ["8", "9", "10"])  # A, B, score; as objective.pair_columns
+    sts_positive: float = 4.0  # alignment is over the pairs scoring >= this (SimCSE: STS-B pairs above 4)
+    pooling: Optional[str] = None  # mean | cls; None = the checkpoint's objective.pooling
+
+
+@dataclass
+class EmbedConfig:
+    input: Optional[str] = None  # sentences: one per line (text) or record (.jsonl/.json/.csv/.tsv, data.text_field)
+    out: Optional[str] = None  # the .npy file to write: one row per line or record
+    pooling: Optional[str] = None  # mean | cls; None = the checkpoint's objective.pooling
+    normalize: bool = False  # L2-normalise each row
+    batch_size: int = 64
 
 
 @dataclass
@@ -218,7 +240,7 @@ class BenchConfig:
 @dataclass
 class RunConfig:
     """The whole run: groups shared by every stage, and each stage's own group (generate, chat,
-    export, eval, bench). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
+    export, eval, bench, embed). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,9 +257,10 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
-    init_from: Optional[str] = None  # checkpoint to start from (finetune)
+    init_from: Optional[str] = None  # checkpoint to start from (finetune; pretrain: its weights and tokenizer)
     checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, chat, export)
     # what a sweep optimises: the stage returns this metric
     optimize_metric: str = "val/loss"

@@ -10,6 +10,7 @@ all-reduced and per-example outputs gathered, so every example counts exactly on
     generation      BLEU, ROUGE-1/2/L, exact match of greedy generations against references
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
+    sts             Spearman of embedding cosines vs gold scores, alignment, uniformity (llmtrain/eval/sts.py)
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
     if task in by_task:
         return [by_task[task]]
     objective = meta.get("objective", "clm")
-    return {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"]}.get(objective, ["lm"])
+    return {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"], "contrastive": ["sts"]}.get(objective, ["lm"])
 
 
 # ----------------------------------------------------------------------------- lm / mlm / nsp
@@ -500,3 +501,12 @@ def qa_task(ctx: EvalContext) -> TaskResult:
         {"prompt": task.val_questions[q]["question"], "generated": preds[q], "references": refs[q]} for q in qids[:5]
     ]
     return res
+
+
+# ----------------------------------------------------------------------------- sentence embeddings
+@eval_task("sts")
+def sts_task(ctx: EvalContext) -> TaskResult:
+    """STS Spearman, alignment and uniformity of an encoder's sentence embeddings (eval.sts_path)."""
+    from llmtrain.eval.sts import sts_eval
+
+    return TaskResult(*sts_eval(ctx))

@@ -1,15 +1,26 @@
-"""pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint."""
+"""pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint.
+
+init_from=PATH starts from a checkpoint's weights and tokenizer instead (e.g. contrastive
+training of an MLM encoder); the checkpoint decides the architecture, and its dropout is kept
+unless model.dropout is given on the command line.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
+from llmtrain import checkpoints
 from llmtrain.checkpoints import checkpoint_meta
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.pipeline import load_corpus
+from llmtrain.data.pipeline import load_corpus, run_tokenizer
+from llmtrain.errors import UserError
 from llmtrain.models import build_model, resolve_model_config
-from llmtrain.objectives import build_objective
+from llmtrain.objectives import build_objective, objective_class
 from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
-from llmtrain.runtime import setup_runtime
+from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer
 
@@ -17,12 +28,47 @@ from llmtrain.train.trainer import Trainer
 def run(cfg: RunConfig) -> float | None:
     rt = setup_runtime(cfg)
     with claim(cfg, rt) as run_dir:
-        tokenizer, splits = load_corpus(cfg)
-        model_cfg = resolve_model_config(cfg.model, tokenizer)
-        model = build_model(model_cfg)
+        model = model_cfg = tokenizer = splits = None
+        if cfg.init_from:
+            model, model_cfg, tokenizer, init_path = start_from(cfg)
+        objective_cls = objective_class(cfg.objective.name)
+        if getattr(objective_cls, "reads_own_data", False):  # sentences or pairs, not a token stream
+            tokenizer = tokenizer or run_tokenizer(cfg, lambda: objective_cls.texts(cfg.objective, cfg.data))
+        else:
+            tokenizer, splits = load_corpus(cfg, tokenizer=tokenizer)
+        if model is None:
+            model_cfg = resolve_model_config(cfg.model, tokenizer)
+            model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
+        if hasattr(objective, "check_model"):
+            objective.check_model(model_cfg)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
+        if cfg.init_from:
+            meta["init_from"] = init_path
         return train_and_report(cfg, rt, run_dir, model, objective, splits, meta)
+
+
+def start_from(cfg: RunConfig):
+    """(model, model config, tokenizer, path) of init_from, checked against the objective."""
+    loaded = checkpoints.load(cfg.init_from)
+    model = loaded.backbone.train()
+    needs = getattr(objective_class(cfg.objective.name), "needs_decoder", None)
+    is_decoder = bool(getattr(model, "is_decoder", True))
+    if needs is not None and needs != is_decoder:
+        want = "a causal decoder" if needs else "an encoder (bert)"
+        raise UserError(
+            f"objective={cfg.objective.name} needs {want}, but init_from={cfg.init_from} is a "
+            f"{loaded.model_cfg.name} {'decoder' if is_decoder else 'encoder'}"
+        )
+    model_cfg = loaded.model_cfg
+    if any(o.lstrip("+~").split("=", 1)[0] == "model.dropout" for o in hydra_overrides()):
+        model_cfg = dataclasses.replace(model_cfg, dropout=cfg.model.dropout)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = model_cfg.dropout
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")
+    return model, model_cfg, loaded.tokenizer, str(loaded.path)
 
 
 def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -> float | None:
@@ -35,9 +81,10 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
     run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
+        data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens" if splits is not None else objective.summary()
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
-            f"{len(splits.train):,} train / {len(splits.val):,} val tokens, device {rt.device} "
+            f"{data}, device {rt.device} "
             f"{rt.precision} {rt.threads} threads, run dir {rt.run_dir}",
             flush=True,
         )
