@@ -28,7 +28,6 @@ from llmtrain.data.sentences import read_pairs, read_sentences
 from llmtrain.data.validation import shard
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Objective
-from llmtrain.objectives.mlm import keep_params_in_graph
 from llmtrain.registry import register
 from llmtrain.tokenizers import Tokenizer
 
@@ -157,13 +156,23 @@ class Contrastive(Objective):
         """The text of data.path, for a tokenizer trained from scratch."""
         return [t for a, b, _ in _read_rows(cfg, data_cfg) for t in (a, b) if t]
 
-    def check_model(self, model_cfg) -> None:
-        """Refuse a model the objective cannot train (called by the stage, before any work)."""
+    def prepare_model(self, model, model_cfg) -> list[str]:
+        """Called by the stage before training: refuse a model the objective cannot train, and
+        freeze the parameters its loss does not reach (BERT's MLM and NSP heads, the pooler),
+        which would otherwise have no optimizer state to resume from. Returns their names."""
         if not self.cfg.pair_columns and model_cfg.dropout <= 0:
             raise UserError(
                 "objective=contrastive (unsupervised) needs model.dropout > 0: the two views of a sentence "
                 "differ only by dropout (e.g. model.dropout=0.1)"
             )
+        with torch.random.fork_rng(devices=[]):  # the probe's dropout must not move the run's RNG
+            self.loss(model, self.train_source().batch(0)).loss.backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        for n, p in model.named_parameters():
+            p.grad = None
+            if n in unused:
+                p.requires_grad_(False)
+        return unused
 
     def summary(self) -> str:
         kind = "pairs" if self.cfg.pair_columns else "sentences"
@@ -189,8 +198,6 @@ class Contrastive(Objective):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         z = pool(hidden, batch["attention_mask"], self.cfg.pooling)
         n = batch["labels"].size(0)
-        loss, correct = info_nce(z[:n], z[n:], self.cfg.temperature)
-        # The MLM and NSP heads take no part; DDP needs every parameter in the graph.
-        loss = keep_params_in_graph(model, hidden, keep_params_in_graph(model, hidden, loss, "nsp"), "mlm")
+        loss, correct = info_nce(z[:n], z[n:], self.cfg.temperature)  # the heads are frozen: prepare_model
         count = torch.full((), n, device=z.device)
         return LossOutput(loss=loss, n_targets=count, extras={"contrastive_accuracy": (correct.detach(), count)})

@@ -40,8 +40,10 @@ def run(cfg: RunConfig) -> float | None:
             model_cfg = resolve_model_config(cfg.model, tokenizer)
             model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
-        if hasattr(objective, "check_model"):
-            objective.check_model(model_cfg)
+        if hasattr(objective, "prepare_model"):  # e.g. contrastive freezes the heads it does not train
+            frozen = objective.prepare_model(model, model_cfg)
+            if frozen and rt.is_main:
+                print(f"{cfg.stage}: {len(frozen)} tensors the objective does not use frozen", flush=True)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
         if cfg.init_from:
             meta["init_from"] = init_path
