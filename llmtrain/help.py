@@ -158,7 +158,7 @@ KEYS: dict[str, str] = {
     "embed.batch_size": "sentences per forward pass",
     "objective.temperature": "contrastive: InfoNCE temperature",
     "objective.pooling": "contrastive: mean | cls, how token states become a sentence vector",
-    "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised, one sentence a line)",
+    "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised sentences)",
     "objective.positive_threshold": "contrastive: a pair with score >= this is a positive; below, a hard negative",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",

@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mlm-steps", type=int, default=600)
     ap.add_argument("--cl-steps", type=int, default=300)
+    ap.add_argument("--cl-batch", type=int, default=64, help="sentences (pairs) per contrastive step")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality_sts")
     ap.add_argument("--init-from", help="skip MLM pretraining: start from this checkpoint")
     args = ap.parse_args()
@@ -69,7 +70,8 @@ def main() -> None:
     mlm = Path(args.init_from) if args.init_from else out / "mlm"
     if not args.init_from:
         results["mlm_seconds"] = cli(
-            "pretrain", "model=bert_small", "objective=mlm", "data=wikitext2", f"data.path={DATA / 'wikitext2' / 'valid.txt'}",
+            "pretrain", "model=bert_small", "objective=mlm", "data=wikitext2",
+            f"data.path={DATA / 'wikitext2' / 'valid.txt'}",
             "data.seq_len=128", "data.batch_size=16", "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.beta2=0.98",
             "scheduler.warmup_steps=50", f"trainer.max_steps={args.mlm_steps}", "trainer.eval_every=0",
             "trainer.eval_batches=25", "trainer.log_every=50", f"hydra.run.dir={mlm}", *common,
@@ -87,12 +89,13 @@ def main() -> None:
         run = out / name
         results[f"{name}_seconds"] = cli(
             "pretrain", "+experiment=simcse", f"init_from={mlm}", *extra, f"trainer.max_steps={args.cl_steps}",
-            f"hydra.run.dir={run}", *common,
+            f"data.batch_size={args.cl_batch}", f"hydra.run.dir={run}", *common,
         )  # fmt: skip
         results[name] = sts(run, out / f"eval_{name}", dev)
     for name in ("mlm", *variants):
-        print(f"{name:>14}: Spearman {results[name]['sts/spearman']:.4f}  alignment {results[name]['sts/alignment']:.4f}"
-              f"  uniformity {results[name]['sts/uniformity']:.4f}")  # fmt: skip
+        r = results[name]
+        print(f"{name:>14}: Spearman {r['sts/spearman']:.4f}  alignment {r['sts/alignment']:.4f}"
+              f"  uniformity {r['sts/uniformity']:.4f}")  # fmt: skip
     (out / "quality_sts.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

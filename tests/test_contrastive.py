@@ -63,7 +63,8 @@ def test_sts_spearman_equals_scipy_on_a_fixed_case():
     a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 2.0], [3.0, -1.0]])
     b = torch.tensor([[1.0, 0.1], [1.0, -1.0], [1.0, 1.0], [2.0, 1.0], [1.0, 0.0]])
     gold = [5.0, 0.5, 2.0, 3.5, 4.0]
-    cos = [float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a.double().numpy(), b.double().numpy())]
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    cos = [float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a64, b64)]
     m = sts_metrics(a, b, gold, positive=4.0)
     assert m["sts/spearman"] == pytest.approx(spearmanr(cos, gold).statistic, abs=1e-12)
     assert m["sts/pearson"] == pytest.approx(pearsonr(cos, gold).statistic, abs=1e-12)
@@ -86,7 +87,8 @@ def test_read_pairs_headerless_columns_and_named_fields(tmp_path):
     tsv = tmp_path / "dev.tsv"
     tsv.write_text("0\tg\tf\t2012\t1\tx\ty\tA cat.\tA dog.\t1.5\n1\tg\tf\t2012\t2\tx\ty\tHi there.\tHello.\t4.25\n")
     pairs = read_pairs(str(tsv), ["8", "9", "10"], "eval.sts_path")
-    assert [(p.a, p.b, p.score, p.line) for p in pairs] == [("A cat.", "A dog.", 1.5, 1), ("Hi there.", "Hello.", 4.25, 2)]
+    got = [(p.a, p.b, p.score, p.line) for p in pairs]
+    assert got == [("A cat.", "A dog.", 1.5, 1), ("Hi there.", "Hello.", 4.25, 2)]
     jl = tmp_path / "pairs.jsonl"
     jl.write_text('{"s1": "a", "s2": "b"}\n\n{"s1": "c", "s2": "d"}\n')
     assert [(p.a, p.b, p.score) for p in read_pairs(str(jl), ["s1", "s2"], "data.path")] == [
@@ -126,7 +128,8 @@ def _objective(tmp_path, **objective):
     from llmtrain.tokenizers.char import CharTokenizer
 
     path = tmp_path / "pairs.tsv"
-    path.write_text("".join(f"{a}\t{b}\t{s}\n" for a, b, s in zip(SENTENCES[::2], SENTENCES[1::2], [5, 1, 4.5, 0, 4, 2])))
+    scores = [5, 1, 4.5, 0, 4, 2]
+    path.write_text("".join(f"{a}\t{b}\t{s}\n" for a, b, s in zip(SENTENCES[::2], SENTENCES[1::2], scores)))
     tok = CharTokenizer.train(SENTENCES)
     data = DataConfig(path=str(path), seq_len=32, batch_size=6, val_fraction=0.0)
     return build_objective(ObjectiveConfig(name="contrastive", **objective), tok, None, data, seed=3), tok
@@ -215,7 +218,8 @@ def test_embed_and_sts_end_to_end(tmp_path):
     scores = [4.8, 1.0, 3.2, 0.4, 2.5, 4.0]
     sts.write_text("".join(f"{SENTENCES[i]}\t{SENTENCES[i + 6]}\t{s}\n" for i, s in enumerate(scores)))
     ev = tmp_path / "eval"
-    proc = run_cli("evaluate", f"checkpoint={run}", f"eval.sts_path={sts}", "eval.sts_columns=[1,2,3]", f"hydra.run.dir={ev}")
+    columns = "eval.sts_columns=[1,2,3]"
+    proc = run_cli("evaluate", f"checkpoint={run}", f"eval.sts_path={sts}", columns, f"hydra.run.dir={ev}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ev / "eval.json").read_text())
     assert result["tasks"] == ["sts"] and -1 <= result["sts/spearman"] <= 1 and result["sts/n"] == 6
@@ -225,4 +229,11 @@ def test_embed_and_sts_end_to_end(tmp_path):
     assert_user_error(
         run_cli("evaluate", f"checkpoint={run}", "eval.tasks=[sts]", f"eval.sts_path={bad}"), str(bad), "line 1"
     )
-    assert_user_error(run_cli("embed", f"checkpoint={run}", f"input={sentences}"), "'input' is now 'embed.input'")
+
+
+def test_embed_keys_live_in_the_embed_group():
+    from llmtrain.config.moved_keys import moved_key_error
+
+    assert moved_key_error("embed", ["input=s.txt"]) == "'input' is now 'embed.input'"
+    assert moved_key_error("embed", ["out=v.npy"]) == "'out' is now 'embed.out'"
+    assert moved_key_error("export", ["out=d"]) == "'out' is now 'export.out'"

@@ -114,7 +114,8 @@ def read_pairs(path: str | None, columns: list[str], what: str, errors: str = "s
         if numbered:
             idx = [int(c) - 1 for c in columns]
             if len(row) <= max(idx):
-                raise UserError(f"{p}: {where} has {len(row)} columns, needs column {max(idx) + 1} (columns: {columns})")
+                need = max(idx) + 1
+                raise UserError(f"{p}: {where} has {len(row)} columns, needs column {need} (columns: {columns})")
             values = [row[i] for i in idx]
         else:
             if not isinstance(row, dict):

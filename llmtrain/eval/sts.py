@@ -69,7 +69,7 @@ def sts_eval(ctx) -> tuple[dict[str, float | int], dict]:
     if not e.sts_path:
         raise UserError("eval task sts needs eval.sts_path=FILE (sentence pairs with gold scores, e.g. STS-B dev.tsv)")
     if len(e.sts_columns) != 3:
-        raise UserError(f"eval.sts_columns must name 3 columns (sentence A, sentence B, score), got {list(e.sts_columns)}")
+        raise UserError(f"eval.sts_columns must name 3 columns (sentence A, B, score), got {list(e.sts_columns)}")
     pairs = read_pairs(e.sts_path, list(e.sts_columns), "eval.sts_path")
     if e.max_examples:
         pairs = pairs[: e.max_examples]

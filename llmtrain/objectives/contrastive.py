@@ -144,7 +144,9 @@ class Contrastive(Objective):
         n_val = round(data_cfg.val_fraction * len(rows)) if data_cfg.val_fraction > 0 else 0
         n_val = max(n_val, 1) if data_cfg.val_fraction > 0 else 0
         if len(rows) - n_val < 2:
-            raise UserError(f"data {data_cfg.path}: {len(rows)} examples are too few to train on (need 2 besides validation)")
+            raise UserError(
+                f"data {data_cfg.path}: {len(rows)} examples are too few to train on (need 2 besides validation)"
+            )
         ids_a = tokenize(tokenizer, [r[0] for r in rows], data_cfg.seq_len)
         ids_b = tokenize(tokenizer, [r[1] or "" for r in rows], data_cfg.seq_len)
         examples = [(a, b if r[1] is not None else None, r[2]) for a, b, r in zip(ids_a, ids_b, rows)]

@@ -42,7 +42,8 @@ def run(cfg: RunConfig) -> None:
     loaded = checkpoints.load(cfg.checkpoint, rt.device)
     model = loaded.backbone
     if getattr(model, "is_decoder", True):
-        raise UserError(f"checkpoint {loaded.path} is a decoder ({loaded.model_cfg.name}); embed needs an encoder (bert)")
+        name = loaded.model_cfg.name
+        raise UserError(f"checkpoint {loaded.path} is a decoder ({name}); embed needs an encoder (bert)")
     pooling = e.pooling or checkpoint_pooling(loaded.meta)
     vectors = embed_texts(model, loaded.tokenizer, texts, pooling, rt.device, e.batch_size)
     if e.normalize:

@@ -83,7 +83,8 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
     run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
-        data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens" if splits is not None else objective.summary()
+        data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens" if splits is not None else ""
+        data = data or objective.summary()
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{data}, device {rt.device} "
