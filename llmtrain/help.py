@@ -37,7 +37,7 @@ VERBS: dict[str, Verb] = {
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP, contrastive "
         "sentence embeddings) on data.path; init_from=PATH starts from a checkpoint's weights instead.",
         "data.path data.seq_len data.batch_size model.n_layer model.d_model init_from objective.temperature "
-        "objective.pooling objective.pair_columns objective.positive_threshold optim.lr scheduler.warmup_steps "
+        "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold optim.lr scheduler.warmup_steps "
         "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
         "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
     ),
@@ -159,7 +159,8 @@ KEYS: dict[str, str] = {
     "objective.temperature": "contrastive: InfoNCE temperature",
     "objective.pooling": "contrastive: mean | cls, how token states become a sentence vector",
     "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised sentences)",
-    "objective.positive_threshold": "contrastive: a pair with score >= this is a positive; below, a hard negative",
+    "objective.positive_threshold": "contrastive: a pair with score >= this is a positive",
+    "objective.hard_negative_threshold": "contrastive: a pair with score <= this gives a hard negative (null = none)",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",

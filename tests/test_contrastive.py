@@ -131,21 +131,22 @@ def _objective(tmp_path, **objective):
     scores = [5, 1, 4.5, 0, 4, 2]
     path.write_text("".join(f"{a}\t{b}\t{s}\n" for a, b, s in zip(SENTENCES[::2], SENTENCES[1::2], scores)))
     tok = CharTokenizer.train(SENTENCES)
-    data = DataConfig(path=str(path), seq_len=32, batch_size=6, val_fraction=0.0)
+    data = DataConfig(path=str(path), seq_len=32, batch_size=5, val_fraction=0.0)
     return build_objective(ObjectiveConfig(name="contrastive", **objective), tok, None, data, seed=3), tok
 
 
 def test_supervised_batches_positives_and_hard_negatives(tmp_path):
-    obj, tok = _objective(tmp_path, pair_columns=["1", "2", "3"], positive_threshold=4.0)
-    batch = obj.train_source().batch(0)
-    assert batch["labels"].tolist() == list(range(6))
+    obj, tok = _objective(tmp_path, pair_columns=["1", "2", "3"], positive_threshold=4.0, hard_negative_threshold=1.0)
+    batch = obj.train_source().batch(0)  # 5 pairs: the one scoring 2 is neither positive nor negative
+    assert batch["labels"].tolist() == list(range(5))
     rows = [tok.decode(r.tolist()) for r in batch["input_ids"]]
-    anchors, targets, negatives = rows[:6], rows[6:12], rows[12:]
+    anchors, targets, negatives = rows[:5], rows[5:10], rows[10:]
     pairs = dict(zip(SENTENCES[::2], zip(SENTENCES[1::2], [5, 1, 4.5, 0, 4, 2])))
+    assert sorted(anchors) == sorted(a for a, (_, s) in pairs.items() if s != 2)
     for a, t in zip(anchors, targets):  # a positive pair's target is B, otherwise A's second view
         b, score = pairs[a]
         assert t == (b if score >= 4 else a)
-    assert sorted(negatives) == sorted(b for b, s in pairs.values() if s < 4)
+    assert sorted(negatives) == sorted(b for b, s in pairs.values() if s <= 1)
     assert torch.equal(obj.train_source().batch(5)["input_ids"], obj.train_source().batch(5)["input_ids"])
 
 

@@ -65,7 +65,8 @@ class ObjectiveConfig:
     # 1-based column of a headerless .tsv/.csv, a name a field of a header row or JSON record.
     # Empty = unsupervised: one sentence per line (text) or record (data.text_field).
     pair_columns: list[str] = field(default_factory=list)
-    positive_threshold: float = 4.0  # a pair with score >= this is a positive; below, B is a hard negative
+    positive_threshold: float = 4.0  # a pair with score >= this is a positive
+    hard_negative_threshold: Optional[float] = None  # a pair with score <= this: B is a hard negative; None = none
 
 
 @dataclass

@@ -9,8 +9,9 @@ negatives:
   encoded twice in one forward pass, and dropout makes the two views differ; a view's positive is
   the other view of the same sentence. It needs model.dropout > 0.
 - supervised (objective.pair_columns=[A, B, score]): the sentence pairs of data.path. A pair
-  scoring >= objective.positive_threshold is a positive (A's positive is B); a pair below it makes
-  B a hard negative, and A's positive is its own second dropout view.
+  scoring >= objective.positive_threshold is a positive (A's positive is B). A pair scoring <=
+  objective.hard_negative_threshold (null: none) makes B a hard negative, and A's positive is its
+  own second dropout view; pairs in between are not trained on (they are neither).
 
 Batches are a function of (seed, step, rank) like every objective; dropout draws from torch's
 RNG, which the trainer saves with each checkpoint, so a resumed run is bit-exact.
@@ -108,7 +109,12 @@ def _read_rows(cfg, data_cfg) -> list[tuple[str, str | None, bool]]:
         sentences = read_sentences(data_cfg.path, data_cfg.text_field, data_cfg.encoding_errors)
         return [(s, None, True) for s in sentences]
     pairs = read_pairs(data_cfg.path, list(cfg.pair_columns), "data.path", data_cfg.encoding_errors)
-    return [(p.a, p.b, p.score >= cfg.positive_threshold) for p in pairs]
+    negative = cfg.hard_negative_threshold
+    return [
+        (p.a, p.b, p.score >= cfg.positive_threshold)
+        for p in pairs
+        if p.score >= cfg.positive_threshold or (negative is not None and p.score <= negative)
+    ]
 
 
 class ExampleOrder:
