@@ -18,11 +18,14 @@ install: ## Create .venv/ and install llmtrain (editable) with its dev extras
 	@$(VENV)/bin/llmtrain --help >/dev/null && echo "installed: $(VENV)/bin/llmtrain"
 
 # pytest exits 5 when it collects no tests: that counts as a failure here too.
-test: ## Run the whole test suite
-	$(PY) -m pytest -q -p no:cacheprovider
+# The suite runs in JOBS pytest-xdist workers with one torch thread each, so workers share the cores
+# instead of oversubscribing them (two 2-thread processes on 2 cores slow small models many times over).
+JOBS   ?= 2
+test: ## Run the whole test suite (JOBS=2 workers, one thread each)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(JOBS)
 
 test-fast: ## Run the tests that do not start the CLI in a subprocess (-m "not slow")
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(JOBS) -m "not slow"
 
 lint: ## ruff check and ruff format --check (config in pyproject.toml)
 	$(PY) -m ruff check .

@@ -1,4 +1,4 @@
-"""Autoregressive sampling from a decoder model.
+"""Autoregressive sampling and beam search from a decoder or an encoder-decoder (t5).
 
 `generate` runs a batch of token-id prompts at once. Prompts of different lengths are LEFT
 padded (so every row's next token is the last column), with an attention mask that hides the
@@ -17,6 +17,11 @@ Context limit (model.config.max_seq_len):
 Decoding: greedy when temperature == 0, otherwise softmax(logits / temperature) after the
 top-k and top-p (nucleus) filters. A row stops at eos_id or at one of stop_sequences (neither
 is included in its output); the whole batch stops when every row has.
+
+Encoder-decoders: a prompt is the encoder input (right padded, masked); the encoder runs once,
+the decoder starts from the pad id and keeps its self-attention KV cache plus every layer's
+cross-attention keys/values of the encoder output (use_cache=False re-decodes the whole prefix).
+num_beams > 1: beam search (`beam_search`) for both families, through the same steppers.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from llmtrain.errors import UserError
 
 __all__ = [
     "GenerationResult",
+    "beam_search",
     "generate",
     "sample_next",
     "sample_text",
@@ -134,17 +140,24 @@ def generate(
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
     stop_fn: Optional[Callable[[int, list[int]], bool]] = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> GenerationResult:
-    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens. For an
+    encoder-decoder (t5) a prompt is the encoder input and the output starts after the decoder
+    start id (pad). num_beams > 1: beam search (deterministic; the sampling keys are ignored).
 
     stop_fn(row, new_tokens) -> bool is an optional extra per-row stopping test, called after
     each new token (sample_text uses it for stop strings); unlike eos / stop_sequences it does
     not trim anything. See the module docstring for padding and the context limit."""
-    if not getattr(model, "is_decoder", True):
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    if not getattr(model, "is_decoder", True) and not enc_dec:
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)
-        raise UserError(f"model {name!r} is not a decoder; generation needs a causal LM (gpt2, llama)")
+        raise UserError(f"model {name!r} is not a decoder; generation needs a causal LM (gpt2, llama) or t5")
     if not prompts:
         return GenerationResult()
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if max_new_tokens < 0:
@@ -159,6 +172,14 @@ def generate(
     if vocab and any(not 0 <= t < vocab for p in prompts for t in p):
         raise ValueError(f"generate: prompt token ids must be in [0, {vocab})")
     stops = [list(s) for s in (stop_sequences or []) if len(s) > 0]
+    if num_beams > 1 or enc_dec:
+        args = (model, prompts, max_new_tokens, eos_id, pad_id, stops, stop_fn)
+        start = time.perf_counter()
+        if num_beams > 1:
+            new = beam_search(*args, num_beams=num_beams, length_penalty=length_penalty)
+        else:
+            new = _sample_encoder_decoder(*args, temperature, top_k, top_p, generator, use_cache)
+        return _result(new, time.perf_counter() - start)
 
     device = _device_of(model)
     B = len(prompts)
@@ -202,21 +223,7 @@ def generate(
                 logits = model(win_ids, attention_mask=win_mask if padded else None, position_ids=_positions(win_mask))
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             nxt_list = nxt.tolist()
-            for i in range(B):
-                if done[i]:
-                    continue
-                t = int(nxt_list[i])
-                if eos_id is not None and t == eos_id:
-                    done[i] = True
-                    continue
-                new[i].append(t)
-                for s in stops:
-                    if _ends_with(new[i], s):
-                        del new[i][-len(s) :]
-                        done[i] = True
-                        break
-                if not done[i] and stop_fn is not None and stop_fn(i, new[i]):
-                    done[i] = True
+            _accept(nxt_list, new, done, eos_id, stops, stop_fn)
             if all(done) or step == max_new_tokens - 1:
                 break
             # finished rows keep being fed (pad_id) so the batch stays rectangular; their
@@ -228,11 +235,237 @@ def generate(
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - start
+    return _result(new, time.perf_counter() - start)
+
+
+def _result(new: list[list[int]], seconds: float) -> GenerationResult:
     n = sum(len(t) for t in new)
     return GenerationResult(
         tokens=new, num_generated=n, seconds=seconds, tokens_per_second=n / seconds if seconds > 0 else 0.0
     )
+
+
+def _accept(nxt: list[int], new: list[list[int]], done: list[bool], eos_id, stops, stop_fn) -> None:
+    """Append each unfinished row's next token; a row ends at eos (not kept), at a stop sequence
+    (cut off) or when stop_fn says so."""
+    for i, t in enumerate(nxt):
+        if done[i]:
+            continue
+        t = int(t)
+        if eos_id is not None and t == eos_id:
+            done[i] = True
+            continue
+        new[i].append(t)
+        for s in stops:
+            if _ends_with(new[i], s):
+                del new[i][-len(s) :]
+                done[i] = True
+                break
+        if not done[i] and stop_fn is not None and stop_fn(i, new[i]):
+            done[i] = True
+
+
+# ----------------------------------------------------------------------------- steppers
+# A stepper owns a batch of rows being decoded: first() gives the logits of each row's next
+# token, step(tokens) feeds one token per row and gives the next logits, reorder(index) makes
+# row i a copy of row index[i] (beam search). The cached ones keep a KV cache; t5's also keeps
+# its encoder output's cross-attention keys/values, computed once.
+
+
+class _EncDecStepper:
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, max_new: int, repeat: int = 1, cache=True):
+        device = _device_of(model)
+        S = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), S), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), S), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p, dtype=torch.long), 1
+        ids, mask = ids.to(device), mask.to(device)
+        self.model, self.pad_id = model, pad_id
+        self.mask = mask.repeat_interleave(repeat, 0) if not bool(mask.all()) else None
+        # the encoder runs once, on the distinct prompts; beams share their prompt's output
+        self.memory = model.encode(ids, mask if self.mask is not None else None).repeat_interleave(repeat, 0)
+        n = self.memory.shape[0]
+        self.cross = model.cross_kv(self.memory) if cache else None
+        self.cache = model.new_kv_cache(n, max_new + 1, device=device) if cache else None
+        self.dec = torch.full((n, 1), pad_id, dtype=torch.long, device=device)  # decoder start: pad
+
+    def _logits(self, x):
+        if self.cache is not None:
+            h = self.model.decode(x, memory_mask=self.mask, kv_cache=self.cache, cross_kv=self.cross)
+        else:
+            h = self.model.decode(self.dec, self.memory, self.mask)
+        return self.model.lm_logits(h[:, -1]).float()
+
+    def first(self):
+        return self._logits(self.dec)
+
+    def step(self, tokens: torch.Tensor):
+        self.dec = torch.cat([self.dec, tokens.to(self.dec.device)[:, None]], dim=1)
+        return self._logits(self.dec[:, -1:])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = index.to(self.dec.device)
+        self.dec = self.dec.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)  # beams stay inside their prompt: the cross K/V stay as they are
+
+
+class _DecoderStepper:
+    """Left-padded prompts with a KV cache (as generate's cached path)."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, max_new: int, repeat: int = 1):
+        device = _device_of(model)
+        L = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), L), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p) :], mask[i, L - len(p) :] = torch.tensor(p, dtype=torch.long), 1
+        self.ids = ids.repeat_interleave(repeat, 0).to(device)
+        self.mask = mask.repeat_interleave(repeat, 0).to(device)
+        self.padded = not bool(mask.all())
+        self.model = model
+        self.cache = model.new_kv_cache(self.ids.shape[0], L + max_new, device=device)
+
+    def _run(self, x, pos):
+        out = self.model(x, attention_mask=self.mask if self.padded else None, position_ids=pos, kv_cache=self.cache)
+        return out[:, -1].float()
+
+    def first(self):
+        return self._run(self.ids, _positions(self.mask))
+
+    def step(self, tokens: torch.Tensor):
+        ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        return self._run(tokens.to(self.mask.device)[:, None], _positions(self.mask)[:, -1:])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = index.to(self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        self.cache.reorder(index)
+
+
+def _room(model, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
+    """Decoder prompts cropped from the left (never below half the context) and the new-token
+    budget that fits the model's context."""
+    max_len = int(getattr(getattr(model, "config", None), "max_seq_len", 0) or 0) or 10**9
+    budget = max(max_len - max_new_tokens, min(max_len // 2, max(len(p) for p in prompts)), 1)
+    prompts = [p[-budget:] for p in prompts]
+    return prompts, max(0, min(max_new_tokens, max_len - max(len(p) for p in prompts)))
+
+
+def _stepper(model, prompts, pad_id, max_new, repeat=1):
+    if getattr(model, "is_encoder_decoder", False):
+        return _EncDecStepper(model, prompts, pad_id, max_new, repeat)
+    return _DecoderStepper(model, prompts, pad_id, max_new, repeat)
+
+
+@torch.no_grad()
+def _sample_encoder_decoder(
+    model, prompts, max_new_tokens, eos_id, pad_id, stops, stop_fn, temperature, top_k, top_p, generator, use_cache
+) -> list[list[int]]:
+    B = len(prompts)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    was_training = model.training
+    model.eval()
+    try:
+        st = _EncDecStepper(model, prompts, pad_id, max_new_tokens, cache=use_cache)
+        logits = st.first() if max_new_tokens > 0 else None
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            _accept(nxt.tolist(), new, done, eos_id, stops, stop_fn)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = st.step(torch.where(torch.tensor(done, device=nxt.device), pad_id, nxt))
+    finally:
+        model.train(was_training)
+    return new
+
+
+@torch.no_grad()
+def beam_search(
+    model, prompts, max_new_tokens, eos_id, pad_id, stops, stop_fn, *, num_beams: int, length_penalty: float = 1.0
+) -> list[list[int]]:
+    """The best of num_beams beams per prompt, by sum of log-probabilities / length**length_penalty
+    (length in new tokens, eos counted), as HF's beam scorer. A beam ends at eos (not kept), at
+    a stop sequence (cut off) or when stop_fn says so; a prompt is done once num_beams beams
+    have ended (HF's early_stopping=True), else its best running beams count at the end. With
+    one beam this is greedy decoding."""
+    K = num_beams
+    B = len(prompts)
+    if not getattr(model, "is_encoder_decoder", False):
+        prompts, max_new_tokens = _room(model, prompts, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        st = _stepper(model, prompts, pad_id, max_new_tokens, repeat=K)
+        beams: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+        scores = torch.full((B, K), float("-inf"))
+        scores[:, 0] = 0.0  # all beams start equal: expand the first one only
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        done = [max_new_tokens == 0] * B
+        logits = st.first() if max_new_tokens > 0 else None
+
+        def ended(b: int, seq: list[int]) -> list[int] | None:
+            for s in stops:
+                if _ends_with(seq, s):
+                    return seq[: -len(s)]
+            return seq if stop_fn is not None and stop_fn(b, seq) else None
+
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            V = logp.shape[-1]
+            cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+            top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)
+            index, tokens = [], []
+            new_scores = torch.full((B, K), float("-inf"))
+            for b in range(B):
+                if done[b]:  # keep feeding its rows; their output is ignored
+                    index += [b * K + k for k in range(K)]
+                    tokens += [pad_id] * K
+                    continue
+                picked = []
+                for rank, (sc, ix) in enumerate(zip(top_s[b].tolist(), top_i[b].tolist())):
+                    k, t = divmod(ix, V)
+                    seq = beams[b][k] + [t]
+                    if eos_id is not None and t == eos_id:
+                        if rank < K:  # as HF: an eos beyond the first K candidates does not count
+                            finished[b].append((sc / len(seq) ** length_penalty, beams[b][k]))
+                        continue
+                    cut = ended(b, seq)
+                    if cut is not None:
+                        finished[b].append((sc / len(seq) ** length_penalty, cut))
+                        continue
+                    picked.append((sc, k, t, seq))
+                    if len(picked) == K:
+                        break
+                last = step == max_new_tokens - 1
+                if len(finished[b]) >= K or not picked or last:
+                    done[b] = True
+                    if len(finished[b]) < K:  # running beams count too, when the prompt has to stop
+                        finished[b] += [(sc / len(seq) ** length_penalty, seq) for sc, _, _, seq in picked]
+                picked += [picked[-1]] * (K - len(picked)) if picked else []
+                for j, (sc, k, t, seq) in enumerate(picked):
+                    index.append(b * K + k)
+                    tokens.append(t)
+                    beams[b][j] = seq
+                    new_scores[b, j] = sc if j == 0 or picked[j] is not picked[j - 1] else float("-inf")
+                if not picked:
+                    index += [b * K + k for k in range(K)]
+                    tokens += [pad_id] * K
+            if all(done):
+                break
+            scores = new_scores
+            st.reorder(torch.tensor(index))
+            logits = st.step(torch.tensor(tokens))
+    finally:
+        model.train(was_training)
+    out = []
+    for b in range(B):
+        best = max(finished[b], key=lambda x: x[0]) if finished[b] else (0.0, [])
+        out.append(best[1])
+    return out
 
 
 # ----------------------------------------------------------------------------- text

@@ -35,25 +35,30 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP, contrastive "
-        "sentence embeddings) on data.path; init_from=PATH starts from a checkpoint's weights instead.",
-        "data.path data.seq_len data.batch_size model.n_layer model.d_model init_from objective.temperature "
-        "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold optim.lr scheduler.warmup_steps "
-        "trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision trainer.devices "
-        "trainer.strategy trainer.resume trainer.compile trainer.threads optimize_metric",
+        "sentence embeddings; span corruption or denoising for the t5 encoder-decoder) on data.path; "
+        "init_from=PATH starts from a checkpoint's weights and tokenizer instead.",
+        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
+        "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
+        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads objective.noise_density "
+        "objective.mean_span_length objective.permute_sentences model.extra_ids init_from objective.temperature "
+        "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold "
+        "optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
-        "extractive QA, instruction tuning or summarization; architecture and tokenizer come from the "
+        "extractive QA, instruction tuning, summarization or seq2seq, a reward model (task=reward) or preference "
+        "tuning (task=preference: DPO, IPO, SimPO); architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
-        "data.path data.seq_len data.batch_size data.val_fraction optim.lr trainer.max_steps "
+        "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
-        "checkpoint eval.tasks eval.max_examples eval.batch_size eval.max_new_tokens task.val_path data.path "
-        "eval.sts_path eval.sts_columns eval.pooling trainer.eval_batches trainer.device",
+        "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens eval.num_beams "
+        "eval.length_penalty eval.length_normalize task.val_path data.path data.val_path eval.sts_path "
+        "eval.sts_columns eval.sts_positive eval.pooling trainer.eval_batches trainer.device",
     ),
     "embed": Verb(
         "Write sentence embeddings of an encoder checkpoint (checkpoint=PATH) to a .npy file: one row per line "
@@ -64,7 +69,7 @@ VERBS: dict[str, Verb] = {
     "generate": Verb(
         "Sample text from a checkpoint (checkpoint=PATH) after a prompt.",
         "checkpoint generate.prompt generate.max_new_tokens generate.temperature generate.top_k "
-        "generate.top_p generate.num_samples trainer.seed trainer.device",
+        "generate.top_p generate.num_samples generate.num_beams generate.length_penalty trainer.seed trainer.device",
     ),
     "chat": Verb(
         "Chat with an instruction-tuned checkpoint (checkpoint=PATH): stdin lines are user turns, replies go "
@@ -83,9 +88,9 @@ VERBS: dict[str, Verb] = {
         "trainer.precision trainer.compile trainer.device",
     ),
     "tokenizer train": Verb(
-        "Train a SentencePiece tokenizer (BPE or unigram) on the text data.path names.",
-        "data.path tokenizer.vocab_size tokenizer.model_type tokenizer.character_coverage "
-        "tokenizer.byte_fallback tokenizer.input_sentence_size",
+        "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
+        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
+        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
     ),
     "data prepare": Verb(
         "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "
@@ -102,7 +107,9 @@ KEYS: dict[str, str] = {
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
     "data.seq_len": "tokens per training window",
     "data.batch_size": "windows per step (per device)",
-    "data.val_fraction": "last fraction of the documents (or task records) used for validation",
+    "data.val_fraction": "last fraction of the text by characters, cut at a document boundary when one is near "
+    "(or of the task records), used for validation",
+    "data.val_path": "a separate validation source (file, directory, glob); set: all of data.path trains",
     "data.text_field": "field holding the text in .jsonl/.json/.csv/.tsv/.parquet files",
     "data.doc_pattern": "regex of a line that starts a new document inside a text file",
     "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
@@ -131,8 +138,8 @@ KEYS: dict[str, str] = {
     "task.text_pair_field": "classification: the second text of a pair (e.g. NLI hypothesis)",
     "task.label_field": "classification: the label field",
     "task.labels": "classification: the label set (unset = inferred from the training file)",
-    "task.source_field": "summarization: the source field",
-    "task.target_field": "summarization: the target field",
+    "task.source_field": "summarization, seq2seq: the source field",
+    "task.target_field": "summarization, seq2seq: the target field",
     "task.chat_template": "instruction: default | chatml",
     "task.packing": "instruction: pack several examples into one window",
     "task.doc_stride": "extractive_qa: overlap (tokens) between windows of a long context",
@@ -140,14 +147,18 @@ KEYS: dict[str, str] = {
     "task.max_examples": "use at most this many records (0 = all)",
     "task.max_new_tokens": "generative tasks: tokens generated per validation answer",
     "task.temperature": "generative tasks: sampling temperature of validation answers (0 = greedy)",
-    "task.prompt_suffix": "summarization: text between the source and the target",
+    "task.prompt_suffix": "summarization, seq2seq on decoders: text between the source and the target",
+    "task.num_beams": "generative tasks: beams of validation answers (1 = greedy/sampled)",
+    "task.length_penalty": "beam search: score = log-prob / length ** length_penalty",
     "task.all_targets": "summarization: one training example per target (else the first)",
     "task.null_threshold": 'extractive_qa: answer "no answer" when [CLS] beats the best span by more',
+    "task.loss": "preference: dpo | ipo | simpo",
+    "task.beta": "preference: strength of the pull to the reference (SimPO: reward scale)",
+    "task.gamma": "preference, loss simpo: target reward margin",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
-    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | sts ([] = the checkpoint's own)",
     "eval.sts_path": "sts: sentence pairs with gold scores (e.g. STS-B dev.tsv)",
     "eval.sts_columns": "sts: columns of sentence A, B, score (digits: 1-based, headerless file; else field names)",
     "eval.pooling": "sts: mean | cls (null = the checkpoint's objective.pooling)",
@@ -161,9 +172,23 @@ KEYS: dict[str, str] = {
     "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised sentences)",
     "objective.positive_threshold": "contrastive: a pair with score >= this is a positive",
     "objective.hard_negative_threshold": "contrastive: a pair with score <= this gives a hard negative (null = none)",
+    "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | span_corruption | denoising "
+    "| sts ([] = the checkpoint's own)",
+    "eval.sts_positive": "sts: alignment is over the pairs scoring >= this",
+    "eval.num_beams": "generation task: beams (1 = greedy)",
+    "eval.length_penalty": "beam search: score = log-prob / length ** length_penalty",
+    "generate.num_beams": "beam search with this many beams (1 = sample / greedy)",
+    "generate.length_penalty": "beam search: score = log-prob / length ** length_penalty",
+    "objective.noise_density": "span_corruption / denoising: fraction of tokens corrupted",
+    "objective.mean_span_length": "span_corruption: mean span length; denoising: Poisson lambda",
+    "objective.permute_sentences": "denoising: also shuffle the sentences of the input",
+    "model.extra_ids": "t5: sentinel ids above the tokenizer's vocabulary (<extra_id_N>)",
+    "eval.split": "all | val: score all of the data (eval/*) or its validation split (val/*); "
+    "unset = all of data.path given here, else the checkpoint's validation split",
     "eval.max_examples": "examples scored by generative and task evaluations (0 = all)",
     "eval.batch_size": "examples per batch",
     "eval.max_new_tokens": "generation task: tokens generated per example",
+    "eval.length_normalize": "preference task: compare a policy's per-token log-probs, not their sums",
     "generate.prompt": "the text to continue",
     "generate.max_new_tokens": "tokens to generate",
     "generate.temperature": "sampling temperature (0 = greedy)",

@@ -44,6 +44,7 @@ RUN_OUTPUTS = (
     "config.yaml",
     "overrides.yaml",
     "run_info.json",
+    "reference_logps.safetensors",  # task=preference's cache of the reference log-probs
     "curves.png",
     "wandb",
     "tensorboard",

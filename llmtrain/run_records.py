@@ -1,5 +1,6 @@
 """What a run directory records about the run: the resolved config (config.yaml), the
-command-line overrides (overrides.yaml) and what produced it (run_info.json)."""
+command-line overrides (overrides.yaml), and what produced it and what it read (run_info.json:
+commit, versions, devices, and each data file with its size and sha256)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.files import atomic_write
+from llmtrain.errors import UserError
+from llmtrain.files import atomic_write, sha256_file
 from llmtrain.runtime import hydra_overrides
 
 
@@ -23,11 +25,42 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def write_run_files(run_dir: Path, cfg: RunConfig) -> None:
-    """The resolved config and what produced the run (git commit, versions, devices)."""
+def write_run_files(run_dir: Path, cfg: RunConfig, data_paths: list[str | None] | None = None) -> None:
+    """The resolved config and what produced the run (git commit, versions, devices) and read:
+    the files of `data_paths` (default: the data sources cfg names for its stage)."""
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
     atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(hydra_overrides())))
-    atomic_write(run_dir / "run_info.json", json.dumps(run_info(), indent=2))
+    info = run_info()
+    info["data_files"] = data_files(data_paths if data_paths is not None else data_sources(cfg))
+    atomic_write(run_dir / "run_info.json", json.dumps(info, indent=2))
+
+
+def data_sources(cfg: RunConfig) -> list[str | None]:
+    """The data sources a training stage reads: text (data.path, data.val_path) or a task's files."""
+    if cfg.stage == "finetune" and cfg.task.name != "lm":
+        return [cfg.task.train_path, cfg.task.val_path]
+    return [cfg.data.path, cfg.data.val_path]
+
+
+def data_files(paths: list[str | None]) -> list[dict[str, Any]]:
+    """Each local file of the given sources with its size and sha256 (a hub dataset: its name),
+    so two runs on different files never look alike."""
+    from llmtrain.data.prepare import source_files
+
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        if not path:
+            continue
+        try:
+            files = source_files(path)
+        except UserError:
+            files = []
+        if not files:
+            out.append({"path": path})
+        for f in files:
+            digest, size = sha256_file(f)
+            out.append({"path": str(f.resolve()), "size": size, "sha256": digest})
+    return out
 
 
 def run_info() -> dict[str, Any]:

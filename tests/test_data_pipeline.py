@@ -19,7 +19,7 @@ import torch
 from conftest import SHARED, TINY, assert_user_error, run_cli
 from llmtrain.config.schema import DataConfig, RunConfig, TokenizerConfig
 from llmtrain.data import prepare as prep
-from llmtrain.data.corpus import split_tokens
+from llmtrain.data.corpus import split_documents, split_tokens
 from llmtrain.data.loader import PackedWindows, sequential_windows
 from llmtrain.data.pipeline import load_corpus, run_tokenizer
 from llmtrain.data.sources import read_documents
@@ -84,17 +84,24 @@ def test_single_document_char_split_unchanged(tmp_path):
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monkeypatch, num_proc):
     """Documents cut at newlines and tokenized in worker processes give the same ids as encoding
-    each document whole (the reference), split by document."""
+    each document whole (the reference), split where split_documents puts the cut."""
     monkeypatch.setattr(prep, "CHUNK_CHARS", 2000)  # many pieces per document
     data = _data(tmp_path, _wiki_small(tmp_path), doc_pattern=WIKI_DOCS, num_proc=num_proc)
     docs = read_documents(data.path, doc_pattern=WIKI_DOCS)
     assert len(docs) > 3 and max(map(len, docs)) > 3 * 2000
     splits = prep.prepare(data, sp, verbose=False).splits()
-    ref = [np.array(sp.sp.encode(d) + [sp.eos_id]) for d in docs]
-    n_val = round(len(docs) * 0.1)
-    assert np.array_equal(splits.train, np.concatenate(ref[: len(docs) - n_val]))
-    assert np.array_equal(splits.val, np.concatenate(ref[len(docs) - n_val :]))
-    assert splits.val_bytes == sum(len(d.encode()) for d in docs[len(docs) - n_val :])
+    ds = split_documents(docs, 0.1)
+    assert "".join(ds.train + ds.val) == "".join(docs)
+
+    def ref(parts, open_end):  # each part encoded whole; eos unless it continues past the cut
+        last = len(parts) - 1
+        return np.concatenate(
+            [sp.sp.encode(d) + ([] if open_end and i == last else [sp.eos_id]) for i, d in enumerate(parts)]
+        )
+
+    assert np.array_equal(splits.train, ref(ds.train, ds.cut_inside))
+    assert np.array_equal(splits.val, ref(ds.val, False))
+    assert splits.val_bytes == sum(len(d.encode()) for d in ds.val)
 
 
 def test_word_cache_encoding_is_exact(sp, tmp_path):
@@ -155,7 +162,7 @@ def test_reuse_and_invalidation(tmp_path, sp):
     first = prep.prepare(data, tok, verbose=False)
     assert not first.reused
     calls = []
-    again = prep.prepare(data, tok, docs=lambda: calls.append(1) or [], verbose=False)
+    again = prep.prepare(data, tok, split=lambda: calls.append(1) or [], verbose=False)
     assert again.reused and again.dir == first.dir and not calls  # nothing read again
     # Another tokenizer: another entry, its own tokens (never mixed with the first).
     other = prep.prepare(data, sp, verbose=False)
@@ -338,7 +345,9 @@ def test_tokenizer_train_and_data_prepare_cli(tmp_path):
     train = np.fromfile(entry / "train.bin", dtype=np.uint16)
     val = np.fromfile(entry / "val.bin", dtype=np.uint16)
     assert np.array_equal(np.concatenate([train, val]), whole)
-    assert len(train) == int(len(whole) * 0.9)
+    # The split is by characters (one document: 90% of characters + eos), decided before tokenizing.
+    text = src.read_text()
+    assert tok.decode(train.tolist()) == text[: int((len(text) + 1) * 0.9)]
     cfg = _cfg(tmp_path, src, name="sentencepiece", path=str(out / "tokenizer.model"))
     again = prep.prepare(cfg.data, tok, verbose=False)
     assert again.reused and again.dir == entry  # the CLI's entry is found and reused

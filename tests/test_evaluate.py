@@ -3,6 +3,7 @@ numbers from 2 processes as from 1, the reports, and `llmtrain plot`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -83,29 +84,60 @@ def one_process(pretrained, inputs, tmp_path_factory) -> tuple[Path, list]:
 
 
 # ----------------------------------------------------------------------------- lm
-def test_lm_matches_token_nll_computed_independently(inputs, one_process):
-    out, _, proc = one_process
-    got = _eval(out)
-    # Reference: the last 10% of the tokens (plus the end-of-document token), cut into
-    # consecutive 16-token windows (the last one shorter), per-token NLL summed with torch.
-    tok, model = inputs["loaded"].tokenizer, inputs["loaded"].model.eval()
-    ids = tok.encode(TEXT) + [tok.eos_id]
-    val = ids[int(len(ids) * 0.9) :]
+def _reference_nll(model, ids: list[int], window: int = 16) -> tuple[float, int]:
+    """Per-token NLL summed with torch over consecutive windows (the last one shorter)."""
     nll, n = 0.0, 0
     with torch.no_grad():
-        for s in range(0, len(val) - 1, 16):
-            y = torch.tensor(val[s + 1 : s + 17])
-            logits = model(torch.tensor([val[s : s + len(y)]]))[0]
+        for s in range(0, len(ids) - 1, window):
+            y = torch.tensor(ids[s + 1 : s + window + 1])
+            logits = model(torch.tensor([ids[s : s + len(y)]]))[0]
             nll += F.cross_entropy(logits.double(), y, reduction="sum").item()
             n += len(y)
-    n_bytes = len(tok.decode(val[1:]).encode("utf-8"))
-    assert got["val/tokens"] == n
-    assert got["val/loss"] == pytest.approx(nll / n, rel=1e-5)
-    assert got["val/ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
-    assert got["val/bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
-    assert "val/ppl" in proc.stdout and "generation/bleu" in proc.stdout
+    return nll, n
+
+
+def test_lm_scores_the_whole_file_given(inputs, one_process):
+    """data.path given: every token of the file is scored (not its last 10%), as eval/*, and
+    eval.json, run_info.json and config.yaml name the file with its size and sha256."""
+    out, _, proc = one_process
+    got = _eval(out)
+    tok, model = inputs["loaded"].tokenizer, inputs["loaded"].model.eval()
+    ids = tok.encode(TEXT) + [tok.eos_id]
+    nll, n = _reference_nll(model, ids)
+    n_bytes = len(tok.decode(ids[1:]).encode("utf-8"))
+    assert n == len(ids) - 1 and not [k for k in got if k.startswith("val/")]
+    assert got["eval/tokens"] == n
+    assert got["eval/loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["eval/ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert got["eval/bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
+    assert "eval/ppl" in proc.stdout and "generation/bleu" in proc.stdout
     md = (out / "eval.md").read_text()
-    assert "| val/loss |" in md and "## generation: samples" in md
+    assert "| eval/loss |" in md and "## generation: samples" in md
+    digest = hashlib.sha256(inputs["text"].read_bytes()).hexdigest()
+    assert got["data"]["path"] == str(inputs["text"]) and got["data"]["split"] == "all"
+    assert got["data"]["files"] == [{"path": str(inputs["text"].resolve()), "size": len(TEXT), "sha256": digest}]
+    recorded = json.loads((out / "run_info.json").read_text())["data_files"]
+    assert {"path": str(inputs["text"].resolve()), "size": len(TEXT), "sha256": digest} in recorded
+    assert f"data.path={inputs['text']}" in (out / "overrides.yaml").read_text()
+    assert str(inputs["text"]) in (out / "config.yaml").read_text()
+
+
+def test_lm_val_split_and_val_path(pretrained, inputs, tmp_path):
+    """eval.split=val scores the validation split, as val/*: data.val_path whole when it is set
+    (eval.json names that file, not data.path)."""
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT[: len(TEXT) // 3])
+    proc = run_cli(
+        "evaluate", f"checkpoint={pretrained}", "eval.tasks=[lm]", "eval.split=val", "data=text",
+        f"data.path={inputs['text']}", f"data.val_path={other}", "data.seq_len=16", f"hydra.run.dir={tmp_path / 'ev'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _eval(tmp_path / "ev")
+    tok, model = inputs["loaded"].tokenizer, inputs["loaded"].model.eval()
+    nll, n = _reference_nll(model, tok.encode(other.read_text()) + [tok.eos_id])
+    assert got["val/tokens"] == n and got["val/loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["data"]["path"] == str(other) and got["data"]["split"] == "val"
+    assert [f["path"] for f in got["data"]["files"]] == [str(other.resolve())]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -150,12 +182,12 @@ def test_two_processes_give_the_one_process_numbers(inputs, one_process, tmp_pat
     two = _torchrun(*args, f"hydra.run.dir={tmp_path}")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _eval(out), _eval(tmp_path)
-    assert a["val/tokens"] == b["val/tokens"] and a["generation/examples"] == b["generation/examples"] == 5
+    assert a["eval/tokens"] == b["eval/tokens"] and a["generation/examples"] == b["generation/examples"] == 5
     for k, v in a.items():
         if "/" in k and "tokens_per_s" not in k:
             assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     assert a["details"]["generation"]["samples"] == b["details"]["generation"]["samples"]
-    assert two.stdout.count("val/loss") == 1  # only rank 0 reports
+    assert two.stdout.count("eval/loss") == 1  # only rank 0 reports
 
 
 # ----------------------------------------------------------------------------- encoders

@@ -297,10 +297,13 @@ def test_import_hf_model_and_round_trip(tmp_path, arch):
 
 
 def test_unsupported_and_missing(tmp_path):
-    d = tmp_path / "t5"
+    d = tmp_path / "bart"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))
-    with pytest.raises(UserError, match=r"unsupported architecture 't5'.*gpt2, llama, bert"):
+    (d / "config.json").write_text(json.dumps({"model_type": "bart", "d_model": 32}))
+    with pytest.raises(UserError, match=r"unsupported architecture 'bart'.*gpt2, llama, bert, t5"):
+        load_checkpoint(f"hf:{d}")
+    (d / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))  # T5 v1.0: relu MLP
+    with pytest.raises(UserError, match=r"unsupported t5 variant .*gated-gelu"):
         load_checkpoint(f"hf:{d}")
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(f"hf:{tmp_path / 'nope'}")
@@ -388,7 +391,7 @@ def test_cli_export_then_finetune_and_evaluate_from_hf(tmp_path):
         f"hydra.run.dir={tmp_path / 'ev'}",
     )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["val/loss"] > 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["eval/loss"] > 0  # all of data.path
 
 
 def test_export_stage_and_hub_errors(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def test_new_keys_and_stage_keys_elsewhere_are_not_refused():
     assert moved_key_error("generate", ["generate.prompt=x", "generate.top_k=3", "hydra.run.dir=d"]) is None
     assert moved_key_error("export", ["export.out=x", "bench.out=y"]) is None
     assert new_key("finetune", "task.chat_template") is None  # the instruction task's own key
-    for dead in ("data.name=text", "data.val_path=x", "data.num_workers=2", "trainer.sample_every=5", "+extra.a=1"):
+    for dead in ("data.name=text", "data.num_workers=2", "trainer.sample_every=5", "+extra.a=1"):
         assert "was removed" in moved_key_error("pretrain", [dead]), dead
 
 

@@ -70,7 +70,9 @@ def test_evaluate_on_other_text(pretrained, tmp_path):
         f"hydra.run.dir={tmp_path / 'ev'}",
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["data"] == str(text)
+    got = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert got["data"]["path"] == str(text) and got["data"]["split"] == "all"
+    assert got["eval/tokens"] == len(text.read_text())  # every character (and the eos) scored once
 
 
 def test_generate_samples_text(pretrained, tmp_path):

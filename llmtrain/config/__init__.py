@@ -52,6 +52,17 @@ def validate_config(cfg: RunConfig) -> None:
         objective_cls = objective_class(cfg.objective.name)
         needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
+        enc_dec = getattr(model_cls, "is_encoder_decoder", False)
+        if getattr(objective_cls, "needs_encoder_decoder", False) != enc_dec:
+            if enc_dec:
+                raise UserError(
+                    f"objective={cfg.objective.name} does not fit model {cfg.model.name!r}, an encoder-decoder "
+                    "(use objective=span_corruption or denoising)"
+                )
+            raise UserError(
+                f"objective={cfg.objective.name} needs an encoder-decoder, but model {cfg.model.name!r} is "
+                f"{'a causal decoder' if is_decoder else 'an encoder'} (use model=t5_tiny, t5_small or t5_base)"
+            )
         if needs is True and not is_decoder:
             raise UserError(
                 f"objective={cfg.objective.name} needs a causal decoder, but model "
@@ -69,7 +80,7 @@ def validate_config(cfg: RunConfig) -> None:
     check_optimizer(cfg.optim, sharded=cfg.trainer.strategy == "fsdp")
     if cfg.stage != "pretrain" or cfg.init_from:  # the checkpoint decides the architecture; checked when loaded
         m = ModelConfig(max_seq_len=max(d.seq_len, 1))
-    if m.d_model % m.n_head:
+    if m.d_model % m.n_head and not m.head_dim:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
     if m.n_kv_heads is not None and m.n_head % m.n_kv_heads:
         raise UserError(f"model.n_head={m.n_head} is not divisible by model.n_kv_heads={m.n_kv_heads}")
@@ -85,6 +96,12 @@ def check_required_files(cfg: RunConfig) -> None:
     )
     if reads_data and not cfg.data.path:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
+    if cfg.data.val_path and cfg.stage == "finetune" and cfg.task.name != "lm":
+        raise UserError(
+            f"data.val_path is for text (task=lm); task={cfg.task.name} reads its validation file from task.val_path"
+        )
+    if cfg.eval.split not in (None, "all", "val"):
+        raise UserError(f"eval.split must be all or val, got {cfg.eval.split!r}")
     if cfg.stage == "finetune" and cfg.task.name != "lm" and not cfg.task.train_path:
         raise UserError(
             f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"

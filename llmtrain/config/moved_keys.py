@@ -36,7 +36,7 @@ MOVED_FOR_STAGE: dict[str, dict[str, str]] = {
 }
 
 # Keys nothing ever read: removed from the schema.
-REMOVED = ("data.name", "data.val_path", "data.num_workers", "trainer.sample_every", "extra")
+REMOVED = ("data.name", "data.num_workers", "trainer.sample_every", "extra")
 
 # Untyped option dicts whose entries became typed fields of their group (task.X, eval.X).
 OPTION_DICTS = ("task.options", "eval.options")

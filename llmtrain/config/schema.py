@@ -9,7 +9,7 @@ from typing import Optional
 
 @dataclass
 class ModelConfig:
-    name: str = "gpt2"  # registry key: gpt2 | llama | bert
+    name: str = "gpt2"  # registry key: gpt2 | llama | bert | t5
     n_layer: int = 4
     n_head: int = 4
     n_kv_heads: Optional[int] = None  # grouped-query attention (llama); None = n_head
@@ -25,6 +25,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int = 2  # bert segment embeddings
     init_std: float = 0.02
+    head_dim: Optional[int] = None  # t5's d_kv; None = d_model // n_head
+    # t5: sentinel ids above the tokenizer's vocabulary (<extra_id_0> is the highest), as T5's
+    # 100 extra ids; the vocabulary is padded from tokenizer size + extra_ids
+    extra_ids: int = 0
+    relative_buckets: int = 32  # t5 relative position bias: buckets and the distance they reach
+    relative_max_distance: int = 128
 
 
 @dataclass
@@ -34,7 +40,9 @@ class DataConfig:
     # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
     # " = Title = " headings); None = one document per file (or per record).
     doc_pattern: Optional[str] = None
-    val_fraction: float = 0.1  # last fraction of the corpus used for validation
+    val_fraction: float = 0.1  # last fraction of the corpus (by characters) used for validation
+    # a separate validation source (file, directory, glob, hf:...); set: data.path trains whole
+    val_path: Optional[str] = None
     seq_len: int = 128
     batch_size: int = 16
     encoding_errors: str = "strict"  # strict | replace
@@ -55,7 +63,7 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | contrastive
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | span_corruption | denoising | contrastive
     mask_prob: float = 0.15
     nsp_prob: float = 0.5
     # contrastive (SimCSE): InfoNCE temperature, and how token states become one sentence vector
@@ -67,6 +75,11 @@ class ObjectiveConfig:
     pair_columns: list[str] = field(default_factory=list)
     positive_threshold: float = 4.0  # a pair with score >= this is a positive
     hard_negative_threshold: Optional[float] = None  # a pair with score <= this: B is a hard negative; None = none
+    # span_corruption (T5) / denoising (BART): fraction of tokens corrupted and the mean span
+    # length (denoising: the Poisson lambda of its span lengths)
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    permute_sentences: bool = False  # denoising: shuffle the sentences of the input too
 
 
 @dataclass
@@ -144,7 +157,9 @@ class LoraConfig:
 class TaskConfig:
     """Fine-tuning / evaluation task (registry kind "task"). Fields unused by a task are ignored."""
 
-    name: str = "lm"  # lm | classification | instruction | extractive_qa | summarization
+    name: str = (
+        "lm"  # lm | classification | instruction | extractive_qa | summarization | seq2seq | reward | preference
+    )
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     text_field: str = "text"
@@ -161,9 +176,16 @@ class TaskConfig:
     # generative tasks (instruction, summarization): validation answers generated while fine-tuning
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
+    num_beams: int = 1  # > 1: beam search for the validation answers
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
     prompt_suffix: str = "\nTL;DR: "  # summarization: between the source and the target
     all_targets: bool = False  # summarization: one training example per target (else the first)
     null_threshold: float = 0.0  # extractive_qa: "no answer" when [CLS] beats the best span by more
+    # preference: the DPO-family loss, its beta (strength of the pull to the reference) and
+    # SimPO's target margin gamma
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float = 0.1
+    gamma: float = 0.5
 
 
 @dataclass
@@ -180,6 +202,8 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: Optional[int] = 200  # None = no top-k cut
     top_p: Optional[float] = None  # nucleus sampling; None = off
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature/top_k/top_p unused)
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** length_penalty
 
 
 @dataclass
@@ -218,6 +242,10 @@ class EvalConfig(SamplingConfig):
     sts_columns: list[str] = field(default_factory=lambda: ["8", "9", "10"])  # A, B, score; as objective.pair_columns
     sts_positive: float = 4.0  # alignment is over the pairs scoring >= this (SimCSE: STS-B pairs above 4)
     pooling: Optional[str] = None  # mean | cls; None = the checkpoint's objective.pooling
+    length_normalize: bool = False  # preference task: compare per-token (not summed) log-probs of a policy
+    # lm/mlm/nsp: what of the data to score: all | val; None = all of data given on the command
+    # line (metrics eval/*), else the checkpoint's own validation split (val/*)
+    split: Optional[str] = None
 
 
 @dataclass

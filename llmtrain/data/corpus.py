@@ -1,8 +1,12 @@
 """Documents -> token arrays split into train / validation.
 
-A single document (one text file, as in nanoGPT's Shakespeare) is split by position: the first
-(1 - val_fraction) of its tokens train, the rest validate. Several documents are split by
-document, so no document straddles the split. Each document ends with the eos token.
+The split is decided on the text, before tokenizing, so a tokenizer can be trained on the
+training part alone (`split_documents`): the last val_fraction of the corpus (counted in
+characters, each document's end counting as one) validates. The cut moves to the nearest
+document boundary when one lies within SNAP of the requested size, so no document straddles it;
+otherwise (one document, or a few large ones) it falls inside a document at that character.
+With `data.val_path` the validation part is that source, whole. Each document ends with the eos
+token (a document cut in two: its validation part).
 
 Documents are encoded line by line (all lines of a batch in one `encode_batch` call) when the
 tokenizer makes "\n" a token of its own, as ours all do: sentencepiece is much faster on many
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,6 +33,14 @@ class TokenSplits:
     val: np.ndarray
     n_docs: int
     val_bytes: int  # UTF-8 bytes of the validation text, for bits per byte
+    by: str = "document"  # how the split was made (DocSplit.by)
+    unk: int = 0  # tokens that are <unk> (characters the tokenizer lacks), both splits
+
+    def describe(self) -> str:
+        """The split as the start-up lines show it."""
+        n = len(self.train) + len(self.val)
+        frac = len(self.val) / n if n else 0.0
+        return f"{len(self.train):,} train / {len(self.val):,} val tokens (val {100 * frac:.1f}%, split {self.by})"
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -178,22 +191,129 @@ def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> list[np.ndarray
     return [np.concatenate([x, eos]) for x in encode_texts(tokenizer, docs, encode_mode(tokenizer), dtype)]
 
 
-def split_tokens(docs: list[str], tokenizer: Tokenizer, val_fraction: float) -> TokenSplits:
+# A document boundary within this fraction of the requested validation size takes the cut
+# (documents stay whole); further away, the cut falls inside a document.
+SNAP = 0.05
+
+
+@dataclass
+class DocSplit:
+    """The documents of each side; `cut_inside` means the last training document continues as
+    the first validation document (no eos between them)."""
+
+    train: list[str]
+    val: list[str]
+    cut_inside: bool
+    by: str  # "document" | "within a document" | "val_path" | "none"
+
+
+def split_documents(docs: list[str], val_fraction: float, val_docs: list[str] | None = None) -> DocSplit:
+    """Train / validation documents: `val_docs` (data.val_path) when given, else the last
+    val_fraction of `docs` by characters (see the module docstring)."""
+    if val_docs is not None:
+        return DocSplit(list(docs), list(val_docs), False, "val_path")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-    encoded = tokenize_documents(docs, tokenizer)
-    if len(encoded) == 1:
-        toks = encoded[0]
-        cut = int(len(toks) * (1 - val_fraction))
-        train, val = toks[:cut], toks[cut:]
-        # Bytes of the validation text: decode is exact for the tokenizers we ship.
-        val_bytes = len(tokenizer.decode(val.tolist()).encode("utf-8"))
-    else:
-        n_val = int(round(len(encoded) * val_fraction))
-        if val_fraction > 0:
-            n_val = max(1, n_val)
-        cut = len(encoded) - n_val
-        train = np.concatenate(encoded[:cut]) if cut > 0 else np.zeros(0, dtype=encoded[0].dtype)
-        val = np.concatenate(encoded[cut:]) if n_val else np.zeros(0, dtype=encoded[0].dtype)
-        val_bytes = sum(len(d.encode("utf-8")) for d in docs[cut:])
-    return TokenSplits(train=train, val=val, n_docs=len(docs), val_bytes=val_bytes)
+    if val_fraction == 0 or not docs:
+        return DocSplit(list(docs), [], False, "none")
+    units = np.cumsum([len(d) + 1 for d in docs])  # each document's end counts as one
+    total = int(units[-1])
+    cut = int(total * (1 - val_fraction))  # units before the cut train
+    inner = units[:-1]  # boundaries strictly inside the corpus
+    if len(inner):
+        j = int(np.argmin(np.abs(inner - cut)))
+        if abs(int(inner[j]) - cut) <= SNAP * (total - cut):
+            return DocSplit(list(docs[: j + 1]), list(docs[j + 1 :]), False, "document")
+    k = int(np.searchsorted(units, cut, side="right"))  # the document holding unit `cut`
+    start = int(units[k - 1]) if k else 0
+    offset = cut - start
+    if offset >= len(docs[k]):  # the cut is at document k's end
+        if k + 1 < len(docs):
+            return DocSplit(list(docs[: k + 1]), list(docs[k + 1 :]), False, "document")
+        offset = max(len(docs[k]) - 1, 0)  # keep at least the last character for validation
+    if offset == 0:
+        return DocSplit(list(docs[:k]), list(docs[k:]), False, "document")
+    head, tail = docs[k][:offset], docs[k][offset:]
+    return DocSplit(list(docs[:k]) + [head], [tail] + list(docs[k + 1 :]), True, "within a document")
+
+
+def read_split(data: Any) -> DocSplit:
+    """The train / validation documents of a DataConfig (data.path, data.val_path, val_fraction)."""
+    from llmtrain.data.sources import read_documents
+
+    docs = read_documents(data.path, data.text_field, data.encoding_errors, data.doc_pattern)
+    val = None
+    if getattr(data, "val_path", None):
+        val = read_documents(data.val_path, data.text_field, data.encoding_errors, data.doc_pattern, "data.val_path")
+    return split_documents(docs, data.val_fraction, val)
+
+
+def split_reader(data: Any) -> Callable[[], DocSplit]:
+    """A zero-argument function returning read_split(data), read on the first call only (so
+    loading a cached tokenizer or prepared shards never reads the corpus)."""
+    done: list[DocSplit] = []
+
+    def read() -> DocSplit:
+        if not done:
+            done.append(read_split(data))
+        return done[0]
+
+    return read
+
+
+def unk_count(tokens: np.ndarray, tokenizer: Tokenizer) -> int:
+    """How many tokens are <unk>: 0 for tokenizers that never produce it (byte, byte-fallback BPE)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or len(tokens) == 0 or unk in (tokenizer.eos_id, tokenizer.pad_id):
+        return 0  # an HF tokenizer whose unk borrows eos/pad: every eos would count
+    return int(np.count_nonzero(np.asarray(tokens) == unk))
+
+
+# Above this fraction of <unk> tokens a run warns: the model is trained or scored on placeholders.
+UNK_WARN = 0.001
+
+
+def unk_report(n_unk: int, n_tokens: int, what: str) -> str | None:
+    """The line that reports <unk> tokens (a warning above UNK_WARN), or None when there are none."""
+    if n_unk == 0 or n_tokens == 0:
+        return None
+    rate = n_unk / n_tokens
+    head = "warning: " if rate > UNK_WARN else ""
+    return (
+        f"{head}{what}: {n_unk:,} of {n_tokens:,} tokens ({100 * rate:.2f}%) are <unk>: characters the "
+        "tokenizer's vocabulary lacks"
+    )
+
+
+def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text` that encode to <unk> (a char vocabulary lacks them)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or unk in (tokenizer.eos_id, tokenizer.pad_id):
+        return []
+    return [c for c in dict.fromkeys(text) if unk in tokenizer.encode(c)]
+
+
+def split_tokens(
+    docs: list[str], tokenizer: Tokenizer, val_fraction: float, val_docs: list[str] | None = None
+) -> TokenSplits:
+    """The token splits of `split_documents`, identical to what llmtrain.data.prepare writes."""
+    return tokenize_split(split_documents(docs, val_fraction, val_docs), tokenizer)
+
+
+def tokenize_split(ds: DocSplit, tokenizer: Tokenizer) -> TokenSplits:
+    dtype = token_dtype(tokenizer.vocab_size)
+    mode = encode_mode(tokenizer)
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+
+    def join(texts: list[str], open_end: bool) -> np.ndarray:
+        if not texts:
+            return np.zeros(0, dtype=dtype)
+        seqs = encode_texts(tokenizer, texts, mode, dtype)
+        parts = [p for i, x in enumerate(seqs) for p in ((x,) if open_end and i == len(seqs) - 1 else (x, eos))]
+        return np.concatenate(parts)
+
+    train, val = join(ds.train, ds.cut_inside), join(ds.val, False)
+    val_bytes = sum(len(d.encode("utf-8")) for d in ds.val)
+    n_docs = len(ds.train) + len(ds.val) - int(ds.cut_inside)
+    unk = unk_count(train, tokenizer) + unk_count(val, tokenizer)
+    return TokenSplits(train=train, val=val, n_docs=n_docs, val_bytes=val_bytes, by=ds.by, unk=unk)

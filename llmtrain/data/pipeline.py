@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.corpus import TokenSplits
+from llmtrain.data.corpus import TokenSplits, split_reader, unk_report
 from llmtrain.data.loader import min_train_tokens
-from llmtrain.data.sources import document_reader
 from llmtrain.distributed import barrier, is_main
 from llmtrain.errors import UserError
 from llmtrain.tokenizers import Tokenizer
@@ -25,16 +24,20 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     """
     from llmtrain.data.prepare import prepare
 
-    read = document_reader(cfg.data)
+    read = split_reader(cfg.data)
 
     for main_turn in (True, False):
         if is_main() == main_turn:
-            tok = tokenizer or run_tokenizer(cfg, read)
-            prepared = prepare(cfg.data, tok, docs=read, verbose=main_turn)
+            tok = tokenizer or run_tokenizer(cfg, lambda: read().train)
+            prepared = prepare(cfg.data, tok, split=read, verbose=main_turn)
         barrier()
     splits = prepared.splits()
-    if prepared.reused and is_main():
-        print(f"using prepared data {prepared.dir}", flush=True)
+    if is_main():
+        if prepared.reused:
+            print(f"using prepared data {prepared.dir}", flush=True)
+        report = unk_report(splits.unk, len(splits.train) + len(splits.val), f"data {cfg.data.path}")
+        if report:
+            print(report, flush=True)
     need = min_train_tokens(cfg.data.seq_len)
     if len(splits.train) < need:
         raise UserError(
@@ -45,11 +48,12 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
 
 
 def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> Tokenizer:
-    """The tokenizer cfg.tokenizer asks for; `docs` (or a function returning them) is only read
-    when one has to be trained. A sentencepiece model without tokenizer.path is trained once per
-    corpus and settings into <cache root>/tokenizers/ and reused from there while its settings
-    JSON matches."""
-    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint
+    """The tokenizer cfg.tokenizer asks for; `docs` (or a function returning them) are the
+    training split's documents, only read when one has to be trained (validation text never
+    shapes the vocabulary). A sentencepiece model without tokenizer.path is trained once per
+    corpus, split and settings into <cache root>/tokenizers/ and reused from there while its
+    settings JSON matches."""
+    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint, split_key
     from llmtrain.tokenizers import build_tokenizer as build
     from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
     from llmtrain.tokenizers.train import recorded_settings, train_sentencepiece
@@ -63,7 +67,8 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
     else:
         # The settings as train_sentencepiece records them in the model's JSON sidecar.
         settings = recorded_settings(tc)
-        key = sha_of([source_fingerprint(cfg.data), settings])[:16]
+        # The split is part of the key: the tokenizer is trained on the training side only.
+        key = sha_of([source_fingerprint(cfg.data), split_key(cfg.data), settings])[:16]
         target = cache_root(cfg.data.cache_dir) / "tokenizers" / f"sp-{tc.model_type}{tc.vocab_size}-{key}.model"
         try:
             recorded = json.loads(target.with_suffix(".json").read_text()).get("settings")
@@ -72,8 +77,10 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
         if target.exists() and recorded == settings:
             print(f"using sentencepiece tokenizer {target}", flush=True)
             return SentencePieceTokenizer.load(target)
+    train_docs = docs_fn()
     print(
-        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path} -> {target}",
+        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on the training split of "
+        f"{cfg.data.path} ({sum(map(len, train_docs)):,} characters) -> {target}",
         flush=True,
     )
-    return train_sentencepiece(docs_fn(), tc, target)
+    return train_sentencepiece(train_docs, tc, target)

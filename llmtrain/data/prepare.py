@@ -10,9 +10,9 @@ metadata is checked again on load. An entry is built in a temporary directory th
 into place when complete, so an interrupted prepare is never mistaken for a finished one.
 
 The cache root is `data.cache_dir`, else $LLMTRAIN_CACHE_DIR, else ~/.cache/llmtrain. The split
-is that of `corpus.split_tokens` (one document: by position; several: by document), and the
-tokens are identical to it: documents are only cut at newlines, and encoded the same way
-(`corpus.encode_texts`).
+is `corpus.split_documents` (by characters, at a document boundary when one is near, or
+data.val_path whole), and the tokens are identical to `corpus.split_tokens`: documents are
+only cut at newlines, and encoded the same way (`corpus.encode_texts`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from llmtrain.data.corpus import TokenSplits, encode_mode, encode_texts, token_dtype
-from llmtrain.data.sources import HF_PREFIX, parse_hf_spec, read_documents, resolve_files
+from llmtrain.data.corpus import DocSplit, TokenSplits, encode_mode, encode_texts, read_split, token_dtype, unk_count
+from llmtrain.data.sources import HF_PREFIX, parse_hf_spec, resolve_files
 from llmtrain.errors import UserError
 from llmtrain.files import fsync_dir, fsync_tree
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
 
-FORMAT = 1
+FORMAT = 2  # 2: split by characters (corpus.split_documents), <unk> counts
 META = "meta.json"
 # Files up to this size are hashed by content too (a same-size, same-mtime edit is still seen).
 SMALL_FILE_BYTES = 8 << 20
@@ -56,33 +56,49 @@ def sha_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def source_fingerprint(data: Any) -> str:
-    """Identifies the documents `data` (a DataConfig) reads, without reading big files."""
-    path = data.path
-    if not path:
-        raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
+def source_files(path: str) -> list[Path]:
+    """The local files a data source reads (none for a hub dataset, which is named by its name)."""
     if path.startswith(HF_PREFIX):
         name, _, _ = parse_hf_spec(path)
         local = Path(name).expanduser()
-        files = resolve_files(str(local)) if local.is_dir() else []  # hub datasets: by name only
-    else:
-        files = resolve_files(path)
+        return resolve_files(str(local)) if local.is_dir() else []
+    return resolve_files(path)
+
+
+def source_fingerprint(data: Any) -> str:
+    """Identifies the documents `data` (a DataConfig) reads, data.val_path's included, without
+    reading big files."""
+    if not data.path:
+        raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
+    sources = [data.path] + ([data.val_path] if getattr(data, "val_path", None) else [])
     entries = []
-    for f in files:
-        st = f.stat()
-        entry = [str(f.resolve()), st.st_size, st.st_mtime_ns]
-        if st.st_size <= SMALL_FILE_BYTES:
-            entry.append(hashlib.sha256(f.read_bytes()).hexdigest())
-        entries.append(entry)
+    for path in sources:
+        for f in source_files(path):
+            st = f.stat()
+            entry = [str(f.resolve()), st.st_size, st.st_mtime_ns]
+            if st.st_size <= SMALL_FILE_BYTES:
+                entry.append(hashlib.sha256(f.read_bytes()).hexdigest())
+            entries.append(entry)
+        entries.append("|")  # where data.path's files end and data.val_path's begin
     # Settings that change which documents are read (files are named by their resolved paths
     # above, so "data/x.txt" and "./data/x.txt" share an entry).
-    settings = [path if path.startswith(HF_PREFIX) else None, data.text_field, data.doc_pattern, data.encoding_errors]
+    hub = [p if p.startswith(HF_PREFIX) else None for p in sources]
+    settings = [hub[0], data.text_field, data.doc_pattern, data.encoding_errors]
+    if len(sources) > 1:
+        settings.append(hub[1])
     return sha_of([settings, entries])[:16]
 
 
+def split_key(data: Any) -> list[Any]:
+    """What decides the train / validation split of a source (the prepared entry and the
+    automatically trained tokenizer, which sees the training side only, are keyed by it)."""
+    if getattr(data, "val_path", None):
+        return [FORMAT, "val_path"]
+    return [FORMAT, float(data.val_fraction)]
+
+
 def entry_key(data: Any, tokenizer: Tokenizer) -> str:
-    split = [FORMAT, float(data.val_fraction)]
-    return f"{sha_of([source_fingerprint(data), split])[:16]}-{tokenizer.fingerprint()}"
+    return f"{sha_of([source_fingerprint(data), split_key(data)])[:16]}-{tokenizer.fingerprint()}"
 
 
 # ------------------------------------------------------------------------- tokenizing
@@ -99,15 +115,17 @@ def _pieces(doc: str, cut: bool) -> Iterator[str]:
         start = end
 
 
-def _tasks(docs: list[str], mode: str) -> Iterator[tuple[str, list[tuple[str, bool]]]]:
-    """(mode, groups of (piece, ends_document)) of about CHUNK_CHARS characters, in corpus order."""
+def _tasks(docs: list[str], mode: str, open_end: bool = False) -> Iterator[tuple[str, list[tuple[str, bool]]]]:
+    """(mode, groups of (piece, ends_document)) of about CHUNK_CHARS characters, in corpus order;
+    `open_end`: the last document continues on the other side of the split (no eos)."""
     cut = mode != "whole"
     group: list[tuple[str, bool]] = []
     size = 0
-    for doc in docs:
+    for d, doc in enumerate(docs):
         pieces = list(_pieces(doc, cut))
+        ends_doc = not (open_end and d == len(docs) - 1)
         for i, piece in enumerate(pieces):
-            group.append((piece, i == len(pieces) - 1))
+            group.append((piece, ends_doc and i == len(pieces) - 1))
             size += len(piece)
             if size >= CHUNK_CHARS:
                 yield mode, group
@@ -124,8 +142,10 @@ def _init_worker(state: dict[str, Any]) -> None:
     _worker_tok = tokenizer_from_state(state)
 
 
-def _encode_task(task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None = None) -> tuple[np.ndarray, int, int]:
-    """-> (token ids with eos after each finished document, documents finished, characters)."""
+def _encode_task(
+    task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None = None
+) -> tuple[np.ndarray, int, int, int]:
+    """-> (token ids with eos after each finished document, documents finished, characters, <unk> tokens)."""
     tok = tok or _worker_tok
     assert tok is not None
     mode, pieces = task
@@ -134,7 +154,7 @@ def _encode_task(task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None
     seqs = encode_texts(tok, [piece for piece, _ in pieces], mode, dtype)
     parts = chain.from_iterable((ids, eos) if ends else (ids,) for ids, (_, ends) in zip(seqs, pieces))
     arr = np.concatenate(list(parts)) if pieces else np.zeros(0, dtype=dtype)
-    return arr, sum(e for _, e in pieces), sum(len(p) for p, _ in pieces)
+    return arr, sum(e for _, e in pieces), sum(len(p) for p, _ in pieces), unk_count(arr, tok)
 
 
 def _progress(total_chars: int, what: str):
@@ -146,30 +166,33 @@ def _progress(total_chars: int, what: str):
     )
 
 
-def _write_tokens(docs: list[str], tok: Tokenizer, out, num_proc: int, bar) -> tuple[int, int]:
-    """Tokenize `docs` into the open binary file `out`; -> (tokens, documents)."""
+def _write_tokens(
+    docs: list[str], tok: Tokenizer, out, num_proc: int, bar, open_end: bool = False
+) -> tuple[int, int, int]:
+    """Tokenize `docs` into the open binary file `out`; -> (tokens, documents, <unk> tokens)."""
     mode = encode_mode(tok)
-    n_tok = n_docs = 0
+    n_tok = n_docs = n_unk = 0
     t0 = time.perf_counter()
 
     def consume(results):
-        nonlocal n_tok, n_docs
-        for arr, done, chars in results:
+        nonlocal n_tok, n_docs, n_unk
+        for arr, done, chars, unk in results:
             out.write(arr.tobytes())
             n_tok += len(arr)
             n_docs += done
+            n_unk += unk
             bar.update(chars)
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{n_docs / dt:,.0f} docs/s, {n_tok / dt:,.0f} tokens/s", refresh=False)
 
     # Worker processes cost a start-up and a word cache each: only worth it for larger corpora.
     if num_proc <= 1 or sum(map(len, docs)) < 4 * CHUNK_CHARS:
-        consume(_encode_task(t, tok) for t in _tasks(docs, mode))
+        consume(_encode_task(t, tok) for t in _tasks(docs, mode, open_end))
     else:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(),)) as pool:
-            consume(pool.imap(_encode_task, _tasks(docs, mode)))  # imap keeps corpus order
-    return n_tok, n_docs
+            consume(pool.imap(_encode_task, _tasks(docs, mode, open_end)))  # imap keeps corpus order
+    return n_tok, n_docs, n_unk
 
 
 # ---------------------------------------------------------------------------- entries
@@ -193,6 +216,8 @@ class Prepared:
             val=open_split("val"),
             n_docs=self.meta["documents"],
             val_bytes=self.meta["val"]["bytes"],
+            by=self.meta["split"]["by"],
+            unk=self.meta["train"]["unk"] + self.meta["val"]["unk"],
         )
 
 
@@ -220,10 +245,10 @@ def _check_entry(entry: Path, tok: Tokenizer, source_fp: str) -> str | None:
 
 
 def prepare(
-    data: Any, tok: Tokenizer, *, docs: Callable[[], list[str]] | None = None, force: bool = False, verbose: bool = True
+    data: Any, tok: Tokenizer, *, split: Callable[[], DocSplit] | None = None, force: bool = False, verbose: bool = True
 ) -> Prepared:
     """The prepared entry for `data` (a DataConfig) and `tok`, built if missing or stale.
-    `docs()` returns the documents if the caller has (or can cache) them; else they are read.
+    `split()` returns the split documents if the caller has (or can cache) them; else they are read.
 
     If `data.cache_dir` is itself an entry (holds meta.json), it is used as is and must match:
     a mismatch is an error rather than a silent re-prepare into a directory the user named.
@@ -248,7 +273,7 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp-"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        meta = _build(data, tok, tmp, source_fp, docs)
+        meta = _build(data, tok, tmp, source_fp, split)
         if entry.exists():  # stale (or forced): replace it
             shutil.rmtree(entry, ignore_errors=True)
         try:
@@ -264,67 +289,62 @@ def prepare(
     if verbose:
         mb = meta["source"]["chars"] / 1e6
         print(
-            f"prepared {data.path}: {meta['documents']:,} documents, {meta['train']['tokens']:,} train / "
-            f"{meta['val']['tokens']:,} val tokens ({meta['dtype']}) in {meta['seconds']:.1f}s "
-            f"({mb / max(meta['seconds'], 1e-9):.1f}M chars/s) -> {entry}",
+            f"prepared {data.path}: {meta['documents']:,} documents, {describe(meta)} ({meta['dtype']}) in "
+            f"{meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f}M chars/s) -> {entry}",
             flush=True,
         )
     return Prepared(entry, meta, reused=False)
 
 
+def describe(meta: dict[str, Any]) -> str:
+    """The split of a prepared entry, as the start-up lines show it."""
+    n_train, n_val = meta["train"]["tokens"], meta["val"]["tokens"]
+    frac = n_val / max(n_train + n_val, 1)
+    return f"{n_train:,} train / {n_val:,} val tokens (val {100 * frac:.1f}%, split {meta['split']['by']})"
+
+
 def _build(
-    data: Any, tok: Tokenizer, tmp: Path, source_fp: str, docs_fn: Callable[[], list[str]] | None
+    data: Any, tok: Tokenizer, tmp: Path, source_fp: str, split_fn: Callable[[], DocSplit] | None
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if docs_fn is not None:
-        docs = docs_fn()
-    else:
-        docs = read_documents(data.path, data.text_field, data.encoding_errors, data.doc_pattern)
+    ds = split_fn() if split_fn is not None else read_split(data)
     dtype = np.dtype(token_dtype(tok.vocab_size))
-    total_chars = sum(len(d) for d in docs)
-    # Several documents split by document (the last val_fraction of them validate), as in
-    # corpus.split_tokens; one document is written whole and split by position afterwards.
-    if len(docs) > 1:
-        n_val = int(round(len(docs) * data.val_fraction))
-        n_val = max(1, n_val) if data.val_fraction > 0 else 0
-        parts = {"train": docs[: len(docs) - n_val], "val": docs[len(docs) - n_val :]}
-    else:
-        parts = {"train": docs, "val": []}
+    total_chars = sum(len(d) for d in ds.train) + sum(len(d) for d in ds.val)
     counts = {}
     with _progress(total_chars, f"tokenizing {data.path}") as bar:
-        for name, part in parts.items():
+        for name, part, open_end in (("train", ds.train, ds.cut_inside), ("val", ds.val, False)):
             with open(tmp / f"{name}.bin", "wb") as out:
-                counts[name] = _write_tokens(part, tok, out, data.num_proc, bar)
-    if len(docs) == 1:
-        n = counts["train"][0]
-        cut = int(n * (1 - data.val_fraction))
-        with open(tmp / "train.bin", "r+b") as f:
-            f.seek(cut * dtype.itemsize)
-            tail = f.read()
-            f.truncate(cut * dtype.itemsize)
-        (tmp / "val.bin").write_bytes(tail)
-        val = np.frombuffer(tail, dtype=dtype)
-        # Bytes of the validation text: decode is exact for the tokenizers we ship.
-        val_bytes = len(tok.decode(val.tolist()).encode("utf-8"))
-        counts = {"train": (cut, 1), "val": (n - cut, 0)}
-    else:
-        val_bytes = sum(len(d.encode("utf-8")) for d in parts["val"])
+                counts[name] = _write_tokens(part, tok, out, data.num_proc, bar, open_end)
+    val_bytes = sum(len(d.encode("utf-8")) for d in ds.val)
+    n_docs = len(ds.train) + len(ds.val) - int(ds.cut_inside)
     meta = {
         "format": FORMAT,
         "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
         "dtype": dtype.name,
         "source": {
             "path": data.path,
+            "val_path": getattr(data, "val_path", None),
             "fingerprint": source_fp,
             "chars": total_chars,
             "text_field": data.text_field,
             "doc_pattern": data.doc_pattern,
             "encoding_errors": data.encoding_errors,
         },
-        "split": {"val_fraction": data.val_fraction, "by": "position" if len(docs) == 1 else "document"},
-        "documents": len(docs),
-        "train": {"file": "train.bin", "tokens": counts["train"][0], "documents": counts["train"][1]},
-        "val": {"file": "val.bin", "tokens": counts["val"][0], "documents": counts["val"][1], "bytes": val_bytes},
+        "split": {"val_fraction": data.val_fraction, "by": ds.by},
+        "documents": n_docs,
+        "train": {
+            "file": "train.bin",
+            "tokens": counts["train"][0],
+            "documents": counts["train"][1],
+            "unk": counts["train"][2],
+        },
+        "val": {
+            "file": "val.bin",
+            "tokens": counts["val"][0],
+            "documents": counts["val"][1],
+            "bytes": val_bytes,
+            "unk": counts["val"][2],
+        },
         "seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -14,7 +14,7 @@ import gzip
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from llmtrain.errors import UserError
 
@@ -52,8 +52,32 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
+# Bytes sampled to tell binary from text, and the share of invalid UTF-8 bytes that marks binary
+# (a text file with a few bad bytes is still text: data.encoding_errors=replace reads it).
+_SNIFF_BYTES = 1 << 16
+_BINARY_INVALID = 0.1
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def binary_reason(raw: bytes) -> str | None:
+    """Why `raw` is not text (NUL bytes, or mostly invalid UTF-8), or None. Text never holds NUL;
+    images, executables and weights do."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}"
+    sample = raw[:_SNIFF_BYTES]
+    # A sample cut inside a multi-byte character costs at most 3 bad bytes.
+    bad = len(_ESCAPED.findall(sample.decode("utf-8", errors="surrogateescape")))
+    if sample and bad > 3 and bad / len(sample) > _BINARY_INVALID:
+        return f"{100 * bad / len(sample):.0f}% of its first {len(sample):,} bytes are not UTF-8"
+    return None
+
+
 def read_text(path: Path, errors: str = "strict") -> str:
     raw = _read_bytes(path)
+    why = binary_reason(raw)
+    if why:
+        raise UserError(f"data file {path} is a binary file, not text ({why}); point at a text file")
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
@@ -205,11 +229,15 @@ def iter_hf_documents(path: str, text_field: str = "text") -> Iterator[str]:
 
 
 def read_documents(
-    path: str | None, text_field: str = "text", errors: str = "strict", doc_pattern: str | None = None
+    path: str | None,
+    text_field: str = "text",
+    errors: str = "strict",
+    doc_pattern: str | None = None,
+    key: str = "data.path",
 ) -> list[str]:
-    """All non-empty documents under `path`; an empty corpus is an error."""
+    """All non-empty documents under `path` (the value of config key `key`); an empty corpus is an error."""
     if not path:
-        raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
+        raise UserError(f"{key} is not set (e.g. data=text {key}=FILE)")
     if path.startswith(HF_PREFIX):
         docs = list(iter_hf_documents(path, text_field))
     else:
@@ -220,16 +248,3 @@ def read_documents(
     if not docs:
         raise UserError(f"data {path} is empty (no non-whitespace text)")
     return docs
-
-
-def document_reader(cfg) -> Callable[[], list[str]]:
-    """A zero-argument function returning data.path's documents, read on the first call only
-    (so loading a cached tokenizer or prepared shards never reads the corpus)."""
-    docs: list[str] = []
-
-    def read() -> list[str]:
-        if not docs:
-            docs.extend(read_documents(cfg.path, cfg.text_field, cfg.encoding_errors, cfg.doc_pattern))
-        return docs
-
-    return read

@@ -5,12 +5,16 @@ table, eval.json and sweeps read) plus optional nested details (per-class scores
 matrix, sample generations). Under torchrun every rank runs the task on its own shard; sums are
 all-reduced and per-example outputs gathered, so every example counts exactly once.
 
-    lm              loss, perplexity, bits per byte on a text source (data=... or the checkpoint's)
+    lm              loss, perplexity, bits per byte on a text source: data=... scored whole
+                    (eval/*), or the checkpoint's own validation split (val/*); eval.split
     mlm, nsp        masked-LM / next-sentence accuracy of encoder checkpoints (their objective)
-    generation      BLEU, ROUGE-1/2/L, exact match of greedy generations against references
+    span_corruption, denoising   an encoder-decoder's (t5) pretraining loss on its validation split
+    generation      BLEU, ROUGE-1/2/L, exact match of greedy (or eval.num_beams) generations against references
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
     sts             Spearman of embedding cosines vs gold scores, alignment, uniformity (llmtrain/eval/sts.py)
+    preference      held-out preference pairs: chosen beats rejected (a reward model's score, or
+                    a policy's log-prob)
 """
 
 from __future__ import annotations
@@ -95,43 +99,105 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
         "extractive_qa": "qa",
         "instruction": "generation",
         "summarization": "generation",
+        "reward": "preference",
+        "preference": "preference",
     }
     task = task_config_of(meta).get("name")
     if task in by_task:
         return [by_task[task]]
     objective = meta.get("objective", "clm")
-    return {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"], "contrastive": ["sts"]}.get(objective, ["lm"])
+    by_objective = {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"], "contrastive": ["sts"]}
+    by_objective.update({name: [name] for name in ("span_corruption", "denoising")})
+    return by_objective.get(objective, ["lm"])
 
 
 # ----------------------------------------------------------------------------- lm / mlm / nsp
-def _data_config(ctx: EvalContext) -> DataConfig:
-    """data=... from the command line, else the data the checkpoint was trained on."""
+def _data_config(ctx: EvalContext) -> tuple[DataConfig, str]:
+    """(the data to score, eval.split): data=... from the command line, scored whole by default
+    (eval.split=all), else the data the checkpoint was trained on, its validation split."""
     data = ctx.cfg.data
-    if not data.path:
+    given = bool(data.path or data.val_path)
+    if not given:
         saved = ctx.run_config("data")
         if not saved.get("path"):
             raise UserError("evaluate: no data to score; pass data=text data.path=FILE")
         data = DataConfig(**known_fields(DataConfig, saved))
+    split = ctx.cfg.eval.split or ("all" if given else "val")
     max_len = int(getattr(getattr(ctx.model, "config", None), "max_seq_len", data.seq_len))
-    return DataConfig(**{**data.__dict__, "seq_len": min(data.seq_len, max_len)})
+    return DataConfig(**{**data.__dict__, "seq_len": min(data.seq_len, max_len)}), split
 
 
-def _val_splits(ctx: EvalContext, data: DataConfig):
-    from llmtrain.data.corpus import split_tokens
+@dataclass
+class Scored:
+    """The tokens a task scores (as the validation side of `splits`) and where they come from."""
+
+    splits: Any
+    path: str  # the source scored: data.path, or data.val_path
+    split: str  # all | val
+    prefix: str  # metric prefix: eval (a whole source) | val (a validation split)
+    documents: int  # documents (or parts of one) scored
+    key: str  # the config key that names `path`
+
+
+def _scored_tokens(ctx: EvalContext, data: DataConfig, split: str) -> Scored:
+    """eval.split=all: every document of data.path (data.val_path when only it is set);
+    eval.split=val: data.val_path whole, else the last data.val_fraction of data.path (the split
+    training used)."""
+    from llmtrain.data.corpus import DocSplit, read_split, tokenize_split
     from llmtrain.data.sources import read_documents
 
-    docs = read_documents(data.path, data.text_field, data.encoding_errors, data.doc_pattern)
-    splits = split_tokens(docs, ctx.tokenizer, data.val_fraction)
+    if split == "all" or data.val_path:  # one source, every document of it
+        if split == "all":
+            path, key = (data.path, "data.path") if data.path else (data.val_path, "data.val_path")
+        else:
+            path, key = data.val_path, "data.val_path"
+        docs = read_documents(path, data.text_field, data.encoding_errors, data.doc_pattern, key)
+        # Everything on the validation side: the objective scores only that side.
+        splits = tokenize_split(DocSplit([], docs, False, "none"), ctx.tokenizer)
+        splits.train = splits.val
+        what, n_docs = f"{key} {path}", len(docs)
+    else:  # the last data.val_fraction of data.path, as training split it
+        path, key = data.path, "data.path"
+        ds = read_split(data)
+        splits = tokenize_split(ds, ctx.tokenizer)
+        n_docs = len(ds.val)
+        what = f"data {path}: the validation split (data.val_fraction={data.val_fraction})"
+    prefix = "eval" if split == "all" else "val"
     if len(splits.val) < 2:
-        raise UserError(f"data {data.path}: the validation split is empty (data.val_fraction={data.val_fraction})")
-    return splits
+        raise UserError(f"{what} is empty" + ("; use eval.split=all to score the whole file" if split == "val" else ""))
+    return Scored(splits, path, split, prefix, n_docs, key)
+
+
+def _data_details(scored: Scored, tokenizer) -> dict[str, Any]:
+    """What eval.json records of the scored data: the source, the split, each file's size and sha256."""
+    from llmtrain.data.corpus import unk_count
+    from llmtrain.run_records import data_files
+
+    s = scored.splits
+    return {
+        "path": scored.path,
+        "key": scored.key,
+        "split": scored.split,
+        "documents": scored.documents,
+        "tokens": len(s.val),
+        "unk_tokens": unk_count(s.val, tokenizer),
+        "files": data_files([scored.path]),
+    }
+
+
+def _report_unk(scored: Scored, tokenizer) -> None:
+    from llmtrain.data.corpus import unk_count, unk_report
+
+    line = unk_report(unk_count(scored.splits.val, tokenizer), len(scored.splits.val), f"data {scored.path}")
+    if line and world()[0] == 0:
+        print(line, flush=True)
 
 
 def _objective(ctx: EvalContext, name: str, splits, data: DataConfig):
     from llmtrain.objectives import build_objective
 
     ocfg = ObjectiveConfig(**{**known_fields(ObjectiveConfig, ctx.run_config("objective")), "name": name})
-    return build_objective(ocfg, ctx.tokenizer, splits, data, ctx.cfg.trainer.seed)
+    return build_objective(ocfg, ctx.tokenizer, splits, data, ctx.cfg.trainer.seed, ctx.load().model_cfg)
 
 
 def _check_backbone_task(ctx: EvalContext, eval_name: str) -> None:
@@ -161,27 +227,35 @@ def score_objective(ctx: EvalContext, objective) -> tuple[float, float, dict[str
 
 @eval_task("lm")
 def lm_task(ctx: EvalContext) -> TaskResult:
-    """Causal-LM loss on the validation split of a text source. Bits per byte divide the summed
+    """Causal-LM loss on a text source: all of it (eval/*) or its validation split (val/*, see
+    _data_config). Bits per byte divide the summed
     NLL by the UTF-8 bytes of the scored text, so models with different tokenizers compare."""
     _check_backbone_task(ctx, "lm")
+    if getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError(
+            "eval task lm needs a decoder checkpoint; use eval.tasks=[span_corruption] or [denoising] for t5"
+        )
     if not getattr(ctx.model, "is_decoder", True):
         raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
-    data = _data_config(ctx)
-    splits = _val_splits(ctx, data)
+    data, split = _data_config(ctx)
+    scored = _scored_tokens(ctx, data, split)
+    _report_unk(scored, ctx.tokenizer)
+    splits = scored.splits
     total, count, _ = score_objective(ctx, _objective(ctx, "clm", splits, data))
     if count == 0:
-        raise UserError(f"data {data.path}: no validation tokens to score")
-    # The validation windows are scored in order, so the scored targets are val[1 : 1 + count].
+        raise UserError(f"data {scored.path}: no tokens to score")
+    # The windows are scored in order, so the scored targets are val[1 : 1 + count].
     n_bytes = metrics.utf8_num_bytes(ctx.tokenizer.decode(splits.val[1 : 1 + int(count)].tolist()))
     loss = total / count
+    p = scored.prefix
     return TaskResult(
         {
-            "val/loss": loss,
-            "val/ppl": metrics.perplexity(total, int(count)),
-            "val/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
-            "val/tokens": int(count),
+            f"{p}/loss": loss,
+            f"{p}/ppl": metrics.perplexity(total, int(count)),
+            f"{p}/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
+            f"{p}/tokens": int(count),
         },
-        {"data": data.path},
+        {"data": _data_details(scored, ctx.tokenizer)},
     )
 
 
@@ -191,13 +265,46 @@ def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:
         raise UserError(f"eval task {want} needs an encoder (bert) checkpoint")
     trained = ctx.meta.get("objective", "")
     name = trained if want in trained.split("_") else want  # mlm_nsp scores both heads at once
-    data = _data_config(ctx)
-    splits = _val_splits(ctx, data)
-    total, count, extras = score_objective(ctx, _objective(ctx, name, splits, data))
+    data, split = _data_config(ctx)
+    scored = _scored_tokens(ctx, data, split)
+    _report_unk(scored, ctx.tokenizer)
+    total, count, extras = score_objective(ctx, _objective(ctx, name, scored.splits, data))
     out: dict[str, float | int] = {f"{want}/accuracy": extras.get(f"{want}_accuracy", math.nan)}
     if name == want:  # the loss is this head's own
         out[f"{want}/loss"] = total / max(count, 1.0)
-    return TaskResult(out, {"data": data.path, "objective": name})
+    return TaskResult(out, {"data": _data_details(scored, ctx.tokenizer), "objective": name})
+
+
+def _encoder_decoder_task(ctx: EvalContext, name: str) -> TaskResult:
+    """The loss of an encoder-decoder's pretraining objective on a text source (as lm: all of it
+    or its validation split)."""
+    _check_backbone_task(ctx, name)
+    if not getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError(f"eval task {name} needs an encoder-decoder (t5) checkpoint")
+    data, split = _data_config(ctx)
+    scored = _scored_tokens(ctx, data, split)
+    _report_unk(scored, ctx.tokenizer)
+    total, count, _ = score_objective(ctx, _objective(ctx, name, scored.splits, data))
+    if count == 0:
+        raise UserError(f"data {scored.path}: no tokens to score")
+    return TaskResult(
+        {
+            f"{name}/loss": total / count,
+            f"{name}/ppl": metrics.perplexity(total, int(count)),
+            f"{name}/tokens": int(count),
+        },
+        {"data": _data_details(scored, ctx.tokenizer)},
+    )
+
+
+@eval_task("span_corruption")
+def span_corruption_task(ctx: EvalContext) -> TaskResult:
+    return _encoder_decoder_task(ctx, "span_corruption")
+
+
+@eval_task("denoising")
+def denoising_task(ctx: EvalContext) -> TaskResult:
+    return _encoder_decoder_task(ctx, "denoising")
 
 
 @eval_task("mlm")
@@ -270,9 +377,9 @@ def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[
 
 
 def chat_template_name(meta: dict[str, Any]) -> str | None:
-    """The chat template of an instruction-tuned checkpoint (None: a plain LM)."""
+    """The chat template of an instruction- or preference-tuned checkpoint (None: a plain LM)."""
     task = task_config_of(meta)
-    if task.get("name") != "instruction":
+    if task.get("name") not in ("instruction", "preference"):
         return None
     return task.get("chat_template") or "default"
 
@@ -304,6 +411,8 @@ def generate_texts(
     top_p: float | None = None,
     stop_strings: list[str] | None = None,
     generator: torch.Generator | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ):
     """Batched, left-padded generation from token-id prompts; texts cut at eos and at stop strings."""
     from llmtrain.generation import generate, trim_at_stop
@@ -321,6 +430,8 @@ def generate_texts(
         pad_id=tokenizer.pad_id or 0,
         generator=generator,
         stop_fn=stop_fn,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
     )
     texts = [trim_at_stop(tokenizer.decode(t), stops)[0] for t in res.tokens]
     return texts, res
@@ -352,19 +463,18 @@ def _generation_examples(ctx: EvalContext) -> tuple[list[list[int]], list[list[s
         from llmtrain.tasks.chat_template import stop_strings
 
         stops += stop_strings(template)
-    return (
-        [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples],
-        [ex["references"] for ex in examples],
-        stops,
-    )
+    prompts = [prompt_ids(ex, ctx.tokenizer, template, fmt) for ex in examples]
+    if getattr(ctx.model, "is_encoder_decoder", False):  # the encoder input ends with </s>, as in training
+        prompts = [p + [ctx.tokenizer.eos_id] for p in prompts]
+    return prompts, [ex["references"] for ex in examples], stops
 
 
 @eval_task("generation")
 def generation_task(ctx: EvalContext) -> TaskResult:
     cfg = ctx.cfg
     _check_backbone_task(ctx, "generation")
-    if not getattr(ctx.model, "is_decoder", True):
-        raise UserError("eval task generation needs a decoder checkpoint")
+    if not getattr(ctx.model, "is_decoder", True) and not getattr(ctx.model, "is_encoder_decoder", False):
+        raise UserError("eval task generation needs a decoder or encoder-decoder (t5) checkpoint")
     prompts, refs, stops = _generation_examples(ctx)
     rank, world_size = world()
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed + rank)
@@ -380,6 +490,8 @@ def generation_task(ctx: EvalContext) -> TaskResult:
             top_p=cfg.eval.top_p,
             stop_strings=stops,
             generator=gen,
+            num_beams=cfg.eval.num_beams,
+            length_penalty=cfg.eval.length_penalty,
         )
         pairs += [(i, t.strip()) for (i, _), t in zip(batch, texts)]
         n_tokens, seconds = n_tokens + res.num_generated, seconds + res.seconds
@@ -510,3 +622,72 @@ def sts_task(ctx: EvalContext) -> TaskResult:
     from llmtrain.eval.sts import sts_eval
 
     return TaskResult(*sts_eval(ctx))
+
+
+# ----------------------------------------------------------------------------- preference pairs
+def _pair_task(ctx: EvalContext):
+    """The held-out pairs: a reward/preference checkpoint's own validation split (or task.* given
+    here), else task.train_path / task.val_path read as preference pairs with data.val_fraction,
+    rendered with the checkpoint's chat template unless task.chat_template is given."""
+    task = ctx.load().task
+    if task is not None and getattr(task, "name", None) in ("reward", "preference"):
+        return task
+    from llmtrain.tasks import build_task
+
+    given = task_overrides(ctx.cfg.task)
+    if not (given.get("train_path") or given.get("val_path")):
+        raise UserError("eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE)")
+    given.setdefault("train_path", given.get("val_path"))
+    own = task_config_of(ctx.meta).get("chat_template")
+    if own and "chat_template" not in given:
+        given["chat_template"] = own
+    task_cfg = TaskConfig(**{**known_fields(TaskConfig, {}), **given, "name": "preference"})
+    model_cfg = ctx.load().model_cfg
+    data = DataConfig(**{**ctx.cfg.data.__dict__, "seq_len": min(ctx.cfg.data.seq_len, model_cfg.max_seq_len)})
+    return build_task(task_cfg, ctx.tokenizer, model_cfg, data)
+
+
+@eval_task("preference")
+def preference_task(ctx: EvalContext) -> TaskResult:
+    """Held-out preference pairs: a reward model (task=reward) is right when it scores the chosen
+    reply higher; any other decoder (a policy) when it gives the chosen reply the higher log-prob,
+    summed over the reply's tokens (per token with eval.length_normalize=true)."""
+    from llmtrain.tasks.preference import pair_logps
+
+    task = _pair_task(ctx)
+    model = ctx.model
+    is_reward = getattr(task, "name", None) == "reward" and ctx.load().task is task
+    if not is_reward and hasattr(model, "head"):
+        raise UserError(f"eval task preference needs a decoder LM or a reward model; this checkpoint is a {task.name}")
+    examples = task.val_examples()
+    if ctx.cfg.eval.max_examples:
+        examples = examples[: ctx.cfg.eval.max_examples]
+    rank, world_size = world()
+    pairs = []
+    for _, batch in shard(list(enumerate(examples)), ctx.cfg.eval.batch_size, rank=rank, world=world_size):
+        chunk = [e for _, e in batch]
+        if is_reward:
+            scores = task.rewards(model, chunk, ctx.device, ctx.cfg.eval.batch_size)
+        else:
+            scores, lens = pair_logps(model, task, chunk, ctx.device, ctx.cfg.eval.batch_size)
+            if ctx.cfg.eval.length_normalize:
+                scores = scores / lens.clamp(min=1)
+        pairs += [(i, s) for (i, _), s in zip(batch, scores.tolist())]
+    scores = torch.tensor(gather_indexed(pairs), dtype=torch.float64).reshape(-1, 2)
+    right = (scores[:, 0] > scores[:, 1]).double()
+    n = len(right)
+    acc = float(right.mean()) if n else 0.0
+    by = (
+        "reward model"
+        if is_reward
+        else f"policy log-prob ({'per token' if ctx.cfg.eval.length_normalize else 'summed'})"
+    )
+    return TaskResult(
+        {
+            "preference/accuracy": acc,
+            "preference/accuracy_se": math.sqrt(acc * (1 - acc) / n) if n else 0.0,
+            "preference/margin": float((scores[:, 0] - scores[:, 1]).mean()) if n else 0.0,
+            "preference/n": n,
+        },
+        {"scored_by": by},
+    )

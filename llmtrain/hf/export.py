@@ -36,6 +36,9 @@ TASK_CLASSES = {
     ("SpanModel", "bert"): ("BertForQuestionAnswering", "qa_outputs"),
     ("SpanModel", "gpt2"): ("GPT2ForQuestionAnswering", "qa_outputs"),
     ("SpanModel", "llama"): ("LlamaForQuestionAnswering", "qa_outputs"),
+    # reward models: one bias-free score on the last non-pad token, as HF pools it
+    ("RewardModel", "gpt2"): ("GPT2ForSequenceClassification", "score"),
+    ("RewardModel", "llama"): ("LlamaForSequenceClassification", "score"),
 }
 # where the backbone lives in our HF mapping (the pretraining classes)
 _BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
@@ -63,6 +66,8 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
     config = mod.hf_config(model_cfg)
     # our tokenizer's special ids (generation stops at eos; pad for batching)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
+    if getattr(config, "is_encoder_decoder", False):
+        config.decoder_start_token_id = tokenizer.pad_id  # ours starts the decoder with pad, as T5
     head = getattr(model, "head", None) if hasattr(model, "backbone") else None
     head_name = None
     if head is not None:
@@ -73,7 +78,7 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
                 "class (exportable task models: " + ", ".join(f"{a}/{b}" for a, b in TASK_CLASSES) + ")"
             )
         cls_name, head_name = TASK_CLASSES[key]
-        if head_name == "classifier":
+        if head_name in ("classifier", "score"):
             config.num_labels = head.out_features
             if labels and len(labels) == config.num_labels:
                 config.id2label = dict(enumerate(labels))
@@ -82,6 +87,8 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
     config.architectures = [cls_name]
     sd = mod.to_hf_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     hf = getattr(transformers, cls_name)(config)
+    if hasattr(mod, "prepare_hf_model"):
+        mod.prepare_hf_model(hf, model_cfg)
     if head is not None:
         # the backbone under the task class's prefix; pretraining heads (lm_head, cls.*) and a
         # pooler the task class lacks are not part of the task model's function
@@ -90,7 +97,8 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
         sd = {prefix + k[len(base) :]: v for k, v in sd.items() if k.startswith(base)}
         sd = {k: v for k, v in sd.items() if k in target}
         sd[f"{head_name}.weight"] = head.weight.detach().float().cpu()
-        sd[f"{head_name}.bias"] = head.bias.detach().float().cpu()
+        if head.bias is not None:
+            sd[f"{head_name}.bias"] = head.bias.detach().float().cpu()
     result = hf.load_state_dict(sd, strict=False)
     # tied output weights may be absent from (or extra in) our mapping; anything else is a bug
     tied = {"lm_head.weight", "cls.predictions.decoder.weight"} if model_cfg.tie_embeddings else set()
@@ -133,10 +141,12 @@ def export_hf(loaded, out: str | Path, model: torch.nn.Module | None = None, lab
     tmp.mkdir()
     try:
         # the tokenizer first: a tokenizer with no HF equivalent fails (UserError) before any work
-        save_tokenizer(tok, tmp, max_len=cfg.max_seq_len)
+        save_tokenizer(tok, tmp, max_len=cfg.max_seq_len, extra_ids=cfg.extra_ids)
         hf = hf_model(model, cfg, tok, labels)
         hf.save_pretrained(str(tmp), safe_serialization=True)
         gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        if cfg.name == "t5":
+            gen.decoder_start_token_id = tok.pad_id
         gen.save_pretrained(str(tmp))
         info = {
             "source_checkpoint": str(loaded.path),

@@ -116,6 +116,32 @@ def _canonical(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def with_sentinels(path: Path, model_cfg: ModelConfig) -> ModelConfig:
+    """An encoder-decoder's extra_ids: the <extra_id_N> tokens its tokenizer.json adds (T5's
+    sentinels; an llmtrain export puts them right above our tokenizer's vocabulary)."""
+    f = path / "tokenizer.json"
+    if model_cfg.name != "t5" or not f.is_file():
+        return model_cfg
+    try:
+        added = json.loads(f.read_text()).get("added_tokens") or []
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{f}: unreadable tokenizer ({e})") from None
+    n = sum(1 for t in added if str(t.get("content", "")).startswith("<extra_id_"))
+    return dataclasses.replace(model_cfg, extra_ids=n)
+
+
+# Files from which transformers builds a real tokenizer (fast or slow).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "merges.txt",
+)
+
+
 def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
     side = path / SIDE_FILE
     if side.is_file():
@@ -126,7 +152,18 @@ def load_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
     else:
         from llmtrain.tokenizers.hf import HFTokenizer
 
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            # AutoTokenizer would build an empty tokenizer from config.json alone, and training
+            # would fail much later with "0 training tokens" (after caching its empty shards).
+            raise UserError(
+                f"hf:{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                "save the tokenizer into the directory too (tokenizer.save_pretrained(DIR))"
+            )
         tok = HFTokenizer.from_pretrained(str(path))
+        if tok.vocab_size < 2:
+            raise UserError(
+                f"hf:{path}: its tokenizer has {tok.vocab_size} token(s); the tokenizer files are incomplete"
+            )
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(
             f"hf:{path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size} embeddings"
@@ -148,6 +185,7 @@ def load_hf(spec: str) -> Loaded:
         model_cfg = mod.config_from_hf(hf_cfg)
     except (ValueError, AttributeError, TypeError) as e:
         raise UserError(f"{path / 'config.json'}: unsupported {name} variant ({e})") from None
+    model_cfg = with_sentinels(path, model_cfg)
     sd = _canonical(name, read_weights(path))
     try:
         sd = mod.from_hf_state_dict(sd)
@@ -181,7 +219,7 @@ def synthesized_meta(path: Path, model_cfg: ModelConfig, tokenizer: Tokenizer) -
 
     from llmtrain.config import asset_path
 
-    objective = "clm" if model_cfg.name != "bert" else "mlm"
+    objective = {"bert": "mlm", "t5": "span_corruption"}.get(model_cfg.name, "clm")
     data = DataConfig(path=asset_path("tinyshakespeare.txt.gz"), seq_len=min(128, model_cfg.max_seq_len))
     cfg = RunConfig(model=model_cfg, data=data, stage="import", init_from=f"{HF_PREFIX}{path}")
     cfg.objective.name = objective
@@ -207,5 +245,6 @@ def hf_info(spec: str) -> Info:
         model_cfg = mod.config_from_hf(hf_cfg)
     except (ValueError, AttributeError, TypeError) as e:
         raise UserError(f"{path / 'config.json'}: unsupported variant ({e})") from None
+    model_cfg = with_sentinels(path, model_cfg)
     tokenizer = load_tokenizer(path, model_cfg)
     return Info(path=path, meta=synthesized_meta(path, model_cfg, tokenizer), model_cfg=model_cfg, tokenizer=tokenizer)

@@ -160,8 +160,18 @@ def to_hf_tokenizer(tok: Tokenizer):
     return hf
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int | None = None) -> None:
+def sentinel_tokens(extra_ids: int) -> list[str]:
+    """T5's sentinel names in id order: the ids above the tokenizer's vocabulary, <extra_id_0> last."""
+    return [f"<extra_id_{j}>" for j in reversed(range(extra_ids))]
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int | None = None, extra_ids: int = 0) -> None:
     hf = to_hf_tokenizer(tok)
+    if extra_ids:
+        # appended in order, so <extra_id_j> gets id vocab_size + extra_ids - 1 - j (T5's layout)
+        if len(hf) != tok.vocab_size:
+            raise UserError(f"tokenizer {tok.name!r}: cannot place {extra_ids} sentinel tokens after its vocabulary")
+        hf.add_special_tokens({"additional_special_tokens": sentinel_tokens(extra_ids)})
     if max_len:
         hf.model_max_length = max_len
     hf.save_pretrained(str(out_dir))

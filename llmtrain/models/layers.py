@@ -50,17 +50,21 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), as in Llama."""
+    """down(act(gate(x)) * up(x)): Llama's SwiGLU (act silu) or T5 v1.1's gated GELU
+    (act "gelu_tanh", HF's gelu_new)."""
 
-    def __init__(self, d: int, d_ff: int, bias: bool = False, dropout: float = 0.0):
+    def __init__(self, d: int, d_ff: int, bias: bool = False, dropout: float = 0.0, act: str = "silu"):
         super().__init__()
         self.gate = nn.Linear(d, d_ff, bias=bias)
         self.up = nn.Linear(d, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d, bias=bias)  # residual projection (scaled init)
+        self.act = act
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+        g = self.gate(x)
+        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        return self.dropout(self.proj(g * self.up(x)))
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -166,20 +170,32 @@ class Attention(nn.Module):
     """Multi-head attention with one fused qkv projection, grouped-query heads (n_kv_heads
     <= n_head) and torch's scaled_dot_product_attention."""
 
-    def __init__(self, d: int, n_head: int, n_kv_heads: Optional[int] = None, bias: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        d: int,
+        n_head: int,
+        n_kv_heads: Optional[int] = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        head_dim: Optional[int] = None,
+        scale: Optional[float] = None,
+    ):
+        """head_dim: None = d // n_head (T5's d_kv may differ); scale: None = 1/sqrt(head_dim)
+        (T5 uses 1: the scaling is folded into its init)."""
         super().__init__()
-        assert d % n_head == 0, "d_model must be divisible by n_head"
+        assert head_dim or d % n_head == 0, "d_model must be divisible by n_head"
         self.n_head = n_head
         self.n_kv_heads = n_kv_heads or n_head
         assert n_head % self.n_kv_heads == 0, "n_head must be a multiple of n_kv_heads"
-        self.head_dim = d // n_head
+        self.head_dim = head_dim or d // n_head
+        self.scale = scale
         self.qkv = nn.Linear(d, (n_head + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(d, d, bias=bias)  # residual projection (scaled init)
+        self.proj = nn.Linear(n_head * self.head_dim, d, bias=bias)  # residual projection (scaled init)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask=None, causal=False, rope=None, kv_cache=None, layer=0):
-        B, T, D = x.shape
+        B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_heads
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
@@ -190,6 +206,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+        if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)  # an additive bias (t5) under autocast
         if nkv != nh:  # GQA: kv head i serves query heads [i*rep, (i+1)*rep), as in HF repeat_kv
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
@@ -201,9 +219,73 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             # plain causal only when there is no explicit mask and no cached prefix
             is_causal=causal and attn_mask is None and k.shape[2] == T,
+            scale=self.scale,
         )
-        y = y.transpose(1, 2).reshape(B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.resid_dropout(self.proj(y))
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention: queries from x, keys/values from the encoder output
+    (`memory`). The keys/values depend on the memory only, so generation computes them once
+    (`kv`) and passes them to every step instead of the memory."""
+
+    def __init__(self, d: int, n_head: int, bias: bool = True, dropout: float = 0.0, head_dim=None, scale=None):
+        super().__init__()
+        self.n_head, self.head_dim, self.scale = n_head, head_dim or d // n_head, scale
+        inner = n_head * self.head_dim
+        self.q = nn.Linear(d, inner, bias=bias)
+        self.kv = nn.Linear(d, 2 * inner, bias=bias)
+        self.proj = nn.Linear(inner, d, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def kv_of(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v), each [B, n_head, S, head_dim], of the encoder output [B, S, D]."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, memory=None, attn_mask=None, kv=None):
+        B, T, _ = x.shape
+        k, v = kv if kv is not None else self.kv_of(memory)
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale
+        )
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned attention bias per head for bucketed relative positions (key - query):
+    exact buckets for small distances, log-spaced ones up to max_distance, half of the
+    buckets per direction when bidirectional (the encoder), past positions only otherwise."""
+
+    def __init__(self, n_head: int, num_buckets: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.bias = nn.Embedding(num_buckets, n_head)
+
+    def bucket(self, rel: torch.Tensor) -> torch.Tensor:
+        n_buckets, out = self.num_buckets, torch.zeros_like(rel)
+        if self.bidirectional:
+            n_buckets //= 2
+            out = out + (rel > 0).long() * n_buckets
+            n = rel.abs()
+        else:
+            n = (-rel).clamp(min=0)
+        exact = n_buckets // 2
+        large = exact + (torch.log(n.float() / exact) / math.log(self.max_distance / exact) * (n_buckets - exact)).to(
+            torch.long
+        )
+        large = large.clamp(max=n_buckets - 1)
+        return out + torch.where(n < exact, n, large)
+
+    def forward(self, q_len: int, k_len: int, past: int = 0) -> torch.Tensor:
+        """Bias [1, n_head, q_len, k_len] for queries at positions past..past+q_len."""
+        dev = self.bias.weight.device
+        rel = torch.arange(k_len, device=dev)[None, :] - torch.arange(past, past + q_len, device=dev)[:, None]
+        return self.bias(self.bucket(rel)).permute(2, 0, 1)[None]
 
 
 # ----------------------------------------------------------------------------- init / counting

@@ -11,7 +11,9 @@ B [out, r] trained. B starts at zero, so an adapted model starts as exactly the 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -31,8 +33,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=p.device, dtype=p.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adapters_disabled(): the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
@@ -74,6 +79,20 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout))
     return hits
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block: every adapter is bypassed (e.g. a preference-tuning
+    reference is the base with its adapters off). A model without adapters is unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

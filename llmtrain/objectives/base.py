@@ -16,7 +16,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
-from llmtrain.config.schema import DataConfig, ObjectiveConfig
+from llmtrain.config.schema import DataConfig, ModelConfig, ObjectiveConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.tokenizers import Tokenizer
 
@@ -54,12 +54,20 @@ class Trainee(Protocol):
 class Objective(Trainee):
     name = "base"
     needs_decoder: bool | None = None
+    needs_encoder_decoder = False  # True: span_corruption, denoising (t5); an encoder-decoder takes only these
 
     def __init__(
-        self, cfg: ObjectiveConfig, tokenizer: Tokenizer, splits: TokenSplits, data_cfg: DataConfig, seed: int
+        self,
+        cfg: ObjectiveConfig,
+        tokenizer: Tokenizer,
+        splits: TokenSplits,
+        data_cfg: DataConfig,
+        seed: int,
+        model_cfg: ModelConfig | None = None,
     ):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.splits, self.data_cfg, self.seed = splits, data_cfg, seed  # the data it trains and validates on
+        self.model_cfg = model_cfg  # the resolved model config (t5's sentinel ids), when known
 
     def train_source(self, rank: int = 0, world: int = 1) -> BatchSource:
         raise NotImplementedError
@@ -77,3 +85,49 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100
     )
     return loss, (labels != -100).sum()
+
+
+# ----------------------------------------------------------------------------- encoder-decoder
+
+
+def seq2seq_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(encoder input, target) id pairs -> input_ids (+ attention_mask when padded),
+    decoder_input_ids (the target shifted right after the start id, pad as in T5) and labels
+    (-100 on padding)."""
+    B = len(pairs)
+    S = max(len(x) for x, _ in pairs)
+    T = max(len(y) for _, y in pairs)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, S), dtype=torch.long)
+    dec = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for r, (x, y) in enumerate(pairs):
+        ids[r, : len(x)], mask[r, : len(x)] = x, 1
+        labels[r, : len(y)] = y
+        dec[r, 1 : len(y)] = y[:-1]
+    batch = {"input_ids": ids, "decoder_input_ids": dec, "labels": labels}
+    if not bool(mask.all()):  # full rows (packed pretraining) need no mask: faster attention
+        batch["attention_mask"] = mask
+    return batch
+
+
+def encoder_decoder_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    logits = model(batch["input_ids"], batch.get("attention_mask"), decoder_input_ids=batch["decoder_input_ids"])
+    loss, n = token_cross_entropy(logits, batch["labels"])
+    return LossOutput(loss=loss, n_targets=n)
+
+
+class CorruptedWindows:
+    """Training batches of a denoising objective: raw windows (PackedWindows) turned into
+    (input, target) rows by `rows(windows, generator)`, the generator keyed by (seed, key,
+    step, rank), so a batch is a function of the step."""
+
+    def __init__(self, windows, rows, seed: int, key: int, rank: int):
+        self.windows, self.rows, self.seed, self.key, self.rank = windows, rows, seed, key, rank
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        from llmtrain.data.loader import step_generator
+
+        w = self.windows.batch(step)
+        raw = torch.cat([w["input_ids"], w["labels"][:, -1:]], dim=1)
+        return self.rows(list(raw), step_generator(self.seed, self.key, step, self.rank))

@@ -24,7 +24,7 @@ from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits
 from llmtrain.errors import UserError
 from llmtrain.files import atomic_write
-from llmtrain.models import build_model, resolve_model_config
+from llmtrain.models import build_model, model_class, resolve_model_config
 from llmtrain.objectives import build_objective
 from llmtrain.runtime import setup_runtime
 from llmtrain.tokenizers.byte import ByteTokenizer
@@ -74,6 +74,8 @@ def run(cfg: RunConfig) -> float:
     rt = setup_runtime(cfg)
     tokenizer = ByteTokenizer()  # only its vocabulary size matters for synthetic tokens
     model_cfg = resolve_model_config(cfg.model, tokenizer)
+    if getattr(model_class(model_cfg.name), "is_encoder_decoder", False):
+        raise UserError(f"bench times the causal-LM step; model {model_cfg.name!r} is an encoder-decoder")
     total = (b.steps + b.warmup + 1) * cfg.data.batch_size * cfg.trainer.grad_accum * (cfg.data.seq_len + 1)
     rng = np.random.default_rng(cfg.trainer.seed)
     tokens = rng.integers(0, min(model_cfg.vocab_size, 2**16), size=max(total, 4 * cfg.data.seq_len), dtype=np.uint16)

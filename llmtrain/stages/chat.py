@@ -36,7 +36,8 @@ def run(cfg: RunConfig) -> None:
     loaded = checkpoints.load(cfg.checkpoint, rt.device)
     model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     if not getattr(model, "is_decoder", True):
-        raise UserError(f"checkpoint {cfg.checkpoint} is an encoder; chat needs a decoder")
+        kind = "an encoder-decoder" if getattr(model, "is_encoder_decoder", False) else "an encoder"
+        raise UserError(f"checkpoint {cfg.checkpoint} is {kind}; chat needs a decoder")
     template = template_of(meta, cfg.chat.template)
     get_template(template, "chat.template")  # unknown name -> UserError before reading input
     stops = stop_strings(template)

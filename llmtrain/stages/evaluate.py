@@ -1,7 +1,8 @@
 """evaluate: score a checkpoint on eval.tasks and write eval.json, eval.md and a table.
 
     llmtrain evaluate checkpoint=RUN_DIR                                # its own task / objective
-    llmtrain evaluate checkpoint=RUN_DIR eval.tasks=[lm] data=text data.path=FILE
+    llmtrain evaluate checkpoint=RUN_DIR eval.tasks=[lm] data=text data.path=FILE   # all of FILE: eval/*
+    llmtrain evaluate checkpoint=RUN_DIR eval.split=val data=text data.path=FILE    # its last 10%: val/*
     llmtrain evaluate checkpoint=RUN_DIR eval.tasks=[generation] task.val_path=dev.jsonl
 
 The tasks live in llmtrain/eval/suite.py; under torchrun each rank scores a shard and the
@@ -15,6 +16,7 @@ from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.eval.report import print_table, write_reports
 from llmtrain.eval.suite import EVAL_TASKS, EvalContext, default_tasks, task_overrides
+from llmtrain.run_records import write_run_files
 from llmtrain.runtime import setup_runtime
 
 
@@ -30,6 +32,12 @@ def _loader(path: str, device, task_cfg):
         return loaded
 
     return load
+
+
+def _files_read(cfg: RunConfig, details: dict) -> list[str | None]:
+    """The data sources the evaluation read: the text it scored, the task files it was given."""
+    paths = [d["data"]["path"] for d in details.values() if isinstance(d.get("data"), dict)]
+    return list(dict.fromkeys([*paths, cfg.task.val_path, cfg.task.train_path]))
 
 
 def run(cfg: RunConfig) -> float | None:
@@ -52,12 +60,22 @@ def run(cfg: RunConfig) -> float | None:
         res = EVAL_TASKS[name](ctx)
         results.update(res.metrics)
         details[name] = res.details
-    if "lm" in details:
-        results["data"] = details["lm"].get("data")
+    scored = [d["data"] for d in details.values() if isinstance(d.get("data"), dict)]
+    if scored:  # the data the lm / mlm / nsp tasks scored: source, split, files with sha256
+        results["data"] = scored[0]
     results["details"] = details
     if rt.is_main:
+        rt.run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(rt.run_dir, cfg, _files_read(cfg, details))
         write_reports(rt.run_dir, results)
         print(f"evaluate: {path} ({', '.join(tasks)})")
+        if scored:
+            d = scored[0]
+            whole = d["split"] == "all" or d["key"] == "data.val_path"
+            prefix = "eval" if d["split"] == "all" else "val"
+            part = f"{'all of it' if whole else 'its last data.val_fraction'} ({d['key']}, metrics {prefix}/*)"
+            docs = f"{d['documents']:,} document{'s' if d['documents'] != 1 else ''}"
+            print(f"scored {d['path']}: {part}, {docs}, {d['tokens']:,} tokens")
         print_table({k: v for k, v in results.items() if "/" in k})
         print(f"wrote {rt.run_dir / 'eval.json'} and eval.md", flush=True)
     value = results.get(cfg.optimize_metric)

@@ -1,7 +1,8 @@
 """export: write a checkpoint (checkpoint=PATH, or hf:DIR) to export.out=DIR in Hugging Face format.
 
-Fine-tuned checkpoints are rebuilt through their task (LoRA adapters merged); a classification
-or span (QA) head becomes the matching transformers class where one computes the same thing.
+Fine-tuned checkpoints are rebuilt through their task (LoRA adapters merged); a classification,
+span (QA) or reward head becomes the matching transformers class where one computes the same
+thing (a GPT-2/LLaMA reward model: *ForSequenceClassification with num_labels=1).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """finetune: a checkpoint (init_from=PATH) + a task (task=lm|classification|instruction|
-extractive_qa|summarization) -> the shared trainer -> a fine-tuned checkpoint.
+extractive_qa|summarization|reward|preference) -> the shared trainer -> a fine-tuned checkpoint.
 
 Full fine-tuning by default; finetune.lora.r > 0 trains LoRA adapters (and new heads) on a
 frozen backbone; finetune.freeze_backbone=true trains the new head only. The final checkpoint
@@ -18,6 +18,7 @@ import torch
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import unk_report
 from llmtrain.data.pipeline import load_corpus
 from llmtrain.errors import UserError
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
@@ -64,7 +65,10 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     splits = load_corpus(cfg, tokenizer=tokenizer)[1] if cfg.task.name == "lm" else None
     task = build_task(cfg.task, tokenizer, model_cfg, cfg.data, seed=cfg.trainer.seed, splits=splits)
     summary = task.summary()  # reads and tokenizes the data: bad input fails here, before training
+    counts = getattr(task, "report", {})  # a task's own files: <unk> counted as they are encoded
+    unk_line = unk_report(counts.get("unk_tokens", 0), counts.get("tokens", 0), f"task {cfg.task.name}")
     model = task.build_model(backbone)
+    prepared = task.prepare(model, rt.device, rt.run_dir, rt.dist.rank, rt.dist.world_size)  # before LoRA: the base
     heads, reused = _init_heads(model, backbone, init_state)
     adapted = _setup_method(cfg, model, backbone, heads)
     unused = _freeze_unused(model, task)
@@ -73,6 +77,10 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
 
     if rt.is_main:
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
+        if unk_line and unk_line.startswith("warning"):  # the summary has the count; above 0.1% say so
+            print(unk_line, flush=True)
+        if prepared:
+            print(f"finetune: {prepared}", flush=True)
         new = [f"{n} {list(p.shape)}" for n, p in heads.items() if n not in reused]
         print(
             f"finetune: new heads (randomly initialised): {', '.join(new) or 'none'}"
@@ -103,6 +111,7 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
+        task.write_files(rt.run_dir)
     try:
         logger.open()
         if before is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from llmtrain import checkpoints
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import unk_count, unk_report, unknown_characters
 from llmtrain.errors import UserError
 from llmtrain.generation import generate
 from llmtrain.runtime import setup_runtime
@@ -25,10 +27,19 @@ def run(cfg: RunConfig) -> None:
         raise UserError(f"generate.temperature must be >= 0, got {g.temperature}")
     rt = setup_runtime(cfg)
     loaded = checkpoints.load(cfg.checkpoint, rt.device)
-    if not getattr(loaded.model, "is_decoder", True):
+    enc_dec = getattr(loaded.model, "is_encoder_decoder", False)
+    if not getattr(loaded.model, "is_decoder", True) and not enc_dec:
         raise UserError(f"checkpoint {loaded.path} is an encoder ({loaded.model_cfg.name}); generate needs a decoder")
     tok = loaded.tokenizer
     ids = tok.encode(g.prompt) or [tok.bos_id]  # an empty prompt starts from <s>
+    report = unk_report(unk_count(np.asarray(ids), tok), len(ids), "generate.prompt")
+    if report:  # the model sees <unk> where these characters stand; the echo below hides that
+        missing = "".join(unknown_characters(tok, g.prompt))
+        print(f"{report} ({missing!r})", file=sys.stderr, flush=True)
+    # The prompt as the model read it (U+FFFD where a character became <unk>).
+    shown = tok.decode(ids) if report else g.prompt
+    if enc_dec:  # the prompt is the encoder's input (with its </s>, as in training); output only
+        ids = ids + [tok.eos_id]
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     # The samples are rows of one batch: same prompt, independent draws.
     res = generate(
@@ -41,11 +52,13 @@ def run(cfg: RunConfig) -> None:
         eos_id=tok.eos_id,
         pad_id=tok.pad_id or 0,
         generator=gen,
+        num_beams=g.num_beams,
+        length_penalty=g.length_penalty,
     )
     for i, new in enumerate(res.tokens):
         if g.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(g.prompt + tok.decode(new), flush=True)
+        print(("" if enc_dec else shown) + tok.decode(new), flush=True)
     print(
         f"generate: {res.num_generated} tokens in {res.seconds:.2f}s ({res.tokens_per_second:.1f} tokens/s, "
         f"{g.num_samples} sample{'s' if g.num_samples > 1 else ''}, device {rt.device})",

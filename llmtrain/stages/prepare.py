@@ -7,19 +7,18 @@ moves the work out of the training job (and lets several jobs share one entry).
 from __future__ import annotations
 
 from llmtrain.config.schema import RunConfig
+from llmtrain.data.corpus import split_reader, unk_report
 from llmtrain.data.pipeline import run_tokenizer
-from llmtrain.data.prepare import prepare
-from llmtrain.data.sources import document_reader
+from llmtrain.data.prepare import describe, prepare
 
 
 def run(cfg: RunConfig) -> None:
-    read = document_reader(cfg.data)
-    tok = run_tokenizer(cfg, read)
-    prepared = prepare(cfg.data, tok, docs=read)
+    read = split_reader(cfg.data)
+    tok = run_tokenizer(cfg, lambda: read().train)  # the tokenizer never sees validation text
+    prepared = prepare(cfg.data, tok, split=read)
     m = prepared.meta
     if prepared.reused:
-        print(
-            f"up to date: {prepared.dir} ({m['train']['tokens']:,} train / {m['val']['tokens']:,} val "
-            f"tokens, {m['dtype']})",
-            flush=True,
-        )
+        print(f"up to date: {prepared.dir} ({describe(m)}, {m['dtype']})", flush=True)
+    n_unk = m["train"]["unk"] + m["val"]["unk"]
+    report = unk_report(n_unk, m["train"]["tokens"] + m["val"]["tokens"], f"data {cfg.data.path}")
+    print(report or f"data {cfg.data.path}: no <unk> tokens", flush=True)

@@ -39,7 +39,7 @@ def run(cfg: RunConfig) -> float | None:
         if model is None:
             model_cfg = resolve_model_config(cfg.model, tokenizer)
             model = build_model(model_cfg)
-        objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed)
+        objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed, model_cfg)
         if hasattr(objective, "prepare_model"):  # e.g. contrastive freezes the heads it does not train
             frozen = objective.prepare_model(model, model_cfg)
             if frozen and rt.is_main:
@@ -54,8 +54,15 @@ def start_from(cfg: RunConfig):
     """(model, model config, tokenizer, path) of init_from, checked against the objective."""
     loaded = checkpoints.load(cfg.init_from)
     model = loaded.backbone.train()
-    needs = getattr(objective_class(cfg.objective.name), "needs_decoder", None)
+    objective_cls = objective_class(cfg.objective.name)
+    needs = getattr(objective_cls, "needs_decoder", None)
     is_decoder = bool(getattr(model, "is_decoder", True))
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    if getattr(objective_cls, "needs_encoder_decoder", False) != enc_dec:
+        raise UserError(
+            f"objective={cfg.objective.name} does not fit init_from={cfg.init_from}, "
+            f"{'an' if enc_dec else 'not an'} encoder-decoder ({loaded.model_cfg.name})"
+        )
     if needs is not None and needs != is_decoder:
         want = "a causal decoder" if needs else "an encoder (bert)"
         raise UserError(
@@ -83,8 +90,7 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
     run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
-        data = f"{len(splits.train):,} train / {len(splits.val):,} val tokens" if splits is not None else ""
-        data = data or objective.summary()
+        data = splits.describe() if splits is not None else objective.summary()
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{data}, device {rt.device} "

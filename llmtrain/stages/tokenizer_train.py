@@ -1,4 +1,6 @@
-"""tokenizer train: fit a SentencePiece model (BPE or unigram) on any data source data.path names.
+"""tokenizer train: fit a SentencePiece model (BPE or unigram) on the training split of any data
+source data.path names (the split pretrain uses: data.val_fraction, or data.val_path), so the
+validation text never shapes the vocabulary.
 
 Writes <run dir>/tokenizer.model (or tokenizer.path when set) and its settings JSON next to it;
 use it with `tokenizer=sentencepiece tokenizer.path=<that file>`.
@@ -9,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.sources import read_documents
+from llmtrain.data.corpus import read_split
 from llmtrain.errors import UserError
 from llmtrain.run_records import write_run_files
 from llmtrain.runtime import hydra_run_dir
@@ -23,12 +25,14 @@ def run(cfg: RunConfig) -> None:
             f"tokenizer train trains sentencepiece models (tokenizer=sentencepiece); "
             f"tokenizer.name={tc.name} needs no training step"
         )
-    docs = read_documents(cfg.data.path, cfg.data.text_field, cfg.data.encoding_errors, cfg.data.doc_pattern)
+    split = read_split(cfg.data)
+    docs = split.train
     run_dir = hydra_run_dir()
     out = Path(tc.path) if tc.path else run_dir / "tokenizer.model"
     print(
-        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on {cfg.data.path}: "
-        f"{len(docs):,} documents, {sum(len(d) for d in docs):,} characters",
+        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on the training split of "
+        f"{cfg.data.path}: {len(docs):,} documents, {sum(len(d) for d in docs):,} characters "
+        f"({sum(len(d) for d in split.val):,} validation characters left out, split {split.by})",
         flush=True,
     )
     tok = train_sentencepiece(docs, tc, out)  # validates before writing anything

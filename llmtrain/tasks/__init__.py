@@ -1,5 +1,5 @@
 """Fine-tuning tasks (registry kind "task"): lm, classification, instruction, extractive_qa,
-summarization. See base.py for the contract.
+summarization, reward, preference. See base.py for the contract.
 
     task = build_task(cfg.task, tokenizer, model_cfg, cfg.data)
     llmtrain.checkpoints.load(path).task      # a fine-tuned checkpoint's task, rebuilt
@@ -12,7 +12,7 @@ from typing import Any
 
 from llmtrain.config.schema import DataConfig, ModelConfig, TaskConfig
 from llmtrain.data.corpus import TokenSplits
-from llmtrain.tasks import classification, instruction, lm, qa, summarization  # noqa: F401  (registers)
+from llmtrain.tasks import classification, instruction, lm, preference, qa, reward, summarization  # noqa: F401  (registers)
 from llmtrain.tasks.base import Task
 from llmtrain.tasks.chat_template import encode_chat, format_chat, render_prompt, stop_strings
 

@@ -7,6 +7,7 @@
     for batch in task.val_batches(max_batches): out = task.loss(model, batch)
     task.evaluate(model, device) -> {"accuracy": ..., "f1": ...}     # llmtrain/eval/metrics.py
     task.state()                              # JSON (e.g. label names), stored in meta["task"]
+    task.prepare(model, device, run_dir)      # before training, on the initial model (e.g. DPO's reference)
 
 Tasks read their own files (task.train_path / task.val_path); the `lm` task reads data.path
 (or takes the token splits it is built with). Examples are tokenized once; batches are a pure
@@ -59,6 +60,7 @@ class HeadModel(nn.Module):
 class Task(Trainee):
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
+    supports_encoder_decoder = False  # True: also trains an encoder-decoder (t5), source -> target
 
     def __init__(
         self,
@@ -76,7 +78,13 @@ class Task(Trainee):
 
         model_cls = model_class(model_cfg.name)
         self.is_decoder = bool(getattr(model_cls, "is_decoder", True))
-        if self.needs_decoder is True and not self.is_decoder:
+        self.is_encoder_decoder = bool(getattr(model_cls, "is_encoder_decoder", False))
+        if self.is_encoder_decoder and not self.supports_encoder_decoder:
+            raise UserError(
+                f"task={self.name} does not fit the {model_cfg.name!r} encoder-decoder checkpoint "
+                "(its tasks: seq2seq, summarization)"
+            )
+        if self.needs_decoder is True and not self.is_decoder and not self.is_encoder_decoder:
             raise UserError(
                 f"task={self.name} needs a decoder checkpoint (gpt2, llama), "
                 f"but the checkpoint is a {model_cfg.name!r} encoder"
@@ -111,6 +119,14 @@ class Task(Trainee):
 
     def state(self) -> dict:
         return dict(self._state)
+
+    def prepare(self, model: nn.Module, device, run_dir: Path, rank: int = 0, world: int = 1) -> str | None:
+        """Work on the initial model before training starts (e.g. preference tuning's reference
+        log-probs); nothing for most tasks. Returns a line to print, or None."""
+        return None
+
+    def write_files(self, run_dir: Path) -> None:
+        """Files the task keeps in the run directory (written once every check has passed)."""
 
     def val_loss(self, model, device=None, max_batches: int = 0) -> float:
         """Mean loss over the validation set (response tokens only for generative tasks); used for

@@ -105,6 +105,13 @@ def encode_chat(
     return ids, target
 
 
+def encode_response(content: str, template: str, tokenizer) -> list[int]:
+    """The ids of one assistant reply as encode_chat trains on them: content, the template's end
+    marker and eos (the header is the prompt's, from add_generation_prompt)."""
+    marker = get_template(template).end.rstrip("\n")
+    return tokenizer.encode(content + marker) + [tokenizer.eos_id]
+
+
 def render_prompt(messages: list[dict], template: str = "default", add_generation_prompt: bool = True) -> str:
     """The conversation as text, ending with the assistant header so a model continues with the
     assistant's reply (generate until eos or one of stop_strings(template))."""

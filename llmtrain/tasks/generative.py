@@ -1,13 +1,17 @@
-"""Shared by the generative tasks (instruction tuning, summarization): prompt -> response
+"""Shared by the generative tasks (instruction tuning, summarization, seq2seq): prompt -> response
 examples for decoders, loss only on response tokens, optional packing, and evaluation by
-generating responses (llmtrain/generation.py) scored with ROUGE/BLEU."""
+generating responses (llmtrain/generation.py, greedy/sampled or task.num_beams) scored with
+ROUGE/BLEU. Tasks with supports_encoder_decoder also train a t5: the source is the encoder
+input, the target what the decoder predicts."""
 
 from __future__ import annotations
+
+import torch
 
 from llmtrain.errors import UserError
 from llmtrain.eval.metrics import bleu, rouge
 from llmtrain.generation import generate
-from llmtrain.objectives.base import LossOutput, token_cross_entropy
+from llmtrain.objectives.base import LossOutput, encoder_decoder_loss, seq2seq_batch, token_cross_entropy
 from llmtrain.tasks.base import Task, model_device, pad_rows
 
 
@@ -32,6 +36,15 @@ class GenerativeTask(Task):
             self.count("dropped_no_response_left")
             return None
         return {"ids": ids[:-1], "labels": labels, "prompt": prompt, "refs": refs, "where": where}
+
+    def encoder_decoder_example(self, source: list[int], target: list[int], refs: list[str], where: str) -> dict:
+        """The source (cut to data.seq_len with its </s>) for the encoder, the target + </s> (cut
+        to data.seq_len) for the decoder; the prompt that evaluation generates from is the source."""
+        eos = self.tokenizer.eos_id
+        src, tgt = source[: self.seq_len - 1] + [eos], (target + [eos])[: self.seq_len]
+        if len(source) > self.seq_len - 1 or len(target) >= self.seq_len:
+            self.count("truncated")
+        return {"src": src, "tgt": tgt, "prompt": src, "refs": refs, "where": where}
 
     def check_kept(self, examples: list, n_records: int, path: str) -> list:
         if n_records and not examples:
@@ -58,10 +71,15 @@ class GenerativeTask(Task):
         return rows
 
     def collate(self, examples):
+        if self.is_encoder_decoder:
+            pairs = [(torch.tensor(e["src"]), torch.tensor(e["tgt"])) for e in examples]
+            return seq2seq_batch(pairs, self.tokenizer.pad_id)
         ids = pad_rows([e["ids"] for e in examples], self.tokenizer.pad_id)
         return {"input_ids": ids, "labels": pad_rows([e["labels"] for e in examples], -100, ids.shape[1])}
 
     def loss(self, model, batch):
+        if "decoder_input_ids" in batch:
+            return encoder_decoder_loss(model, batch)
         # right padding under causal attention: real tokens never see the pads, no mask needed
         loss, n = token_cross_entropy(model(batch["input_ids"]), batch["labels"])
         return LossOutput(loss=loss, n_targets=n)
@@ -92,6 +110,8 @@ class GenerativeTask(Task):
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,
                 stop_fn=stop_fn if stops else None,
+                num_beams=self.cfg.num_beams,
+                length_penalty=self.cfg.length_penalty,
             )
             for new in res.tokens:
                 text = tok.decode(new)

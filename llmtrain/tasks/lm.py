@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 from llmtrain.config.schema import ObjectiveConfig
-from llmtrain.data.corpus import TokenSplits, split_tokens
-from llmtrain.data.sources import read_documents
+from llmtrain.data.corpus import TokenSplits, read_split, tokenize_split
 from llmtrain.objectives.clm import CausalLM
 from llmtrain.registry import register
 from llmtrain.tasks.base import Task
@@ -28,9 +27,7 @@ class LanguageModeling(Task):
     @property
     def splits(self) -> TokenSplits:
         if self._splits is None:
-            d = self.data_cfg
-            docs = read_documents(d.path, d.text_field, d.encoding_errors, d.doc_pattern)
-            self._splits = split_tokens(docs, self.tokenizer, d.val_fraction)
+            self._splits = tokenize_split(read_split(self.data_cfg), self.tokenizer)
         return self._splits
 
     @property
@@ -58,7 +55,7 @@ class LanguageModeling(Task):
 
     def summary(self) -> str:
         s = self.splits
-        return f"task lm: {len(s.train):,} train / {len(s.val):,} val tokens of {self.data_cfg.path}"
+        return f"task lm: {s.describe()} of {self.data_cfg.path}"
 
     def evaluate(self, model, device=None, max_examples=0):
         loss = self.val_loss(model, device, max_batches=max_examples)

@@ -1,4 +1,6 @@
-"""Summarization for decoders: `{source}\nTL;DR: {target}</s>`, loss on the target only.
+"""Summarization: for decoders `{source}\nTL;DR: {target}</s>`, loss on the target only; for an
+encoder-decoder (t5) the source goes to the encoder and the decoder predicts `{target}</s>`.
+`task=seq2seq` is the same for any source/target pairs (translation, ...), with no stop string.
 
 Records are JSON/JSONL/CSV/TSV with task.source_field and task.target_field; a field may be a
 list (SciTLDR: `source` = the abstract's sentences, joined with spaces; `target` = several
@@ -25,19 +27,21 @@ def _texts(value, where: str, what: str) -> list[str]:
 @register("task", "summarization")
 class Summarization(GenerativeTask):
     name = "summarization"
+    supports_encoder_decoder = True
 
     @property
     def suffix(self) -> str:
         return self.cfg.prompt_suffix
 
     def stop_strings(self):
-        return ["\n"]
+        return [] if self.is_encoder_decoder else ["\n"]
 
     def load(self):
         train, val, train_file, val_file = train_val_records(self.cfg, self.data_cfg)
         tr = self.check_kept(self._examples(train, train_file, train=True), len(train), train_file)
         va = self.check_kept(self._examples(val, val_file, train=False), len(val), val_file)
-        return (self.pack(tr) if self.cfg.packing else tr), va
+        packing = self.cfg.packing and not self.is_encoder_decoder  # encoder-decoder rows are pairs
+        return (self.pack(tr) if packing else tr), va
 
     def _examples(self, records, path, train: bool) -> list[dict]:
         c, tok = self.cfg, self.tokenizer
@@ -55,6 +59,9 @@ class Summarization(GenerativeTask):
             src = self.encode(source)
             for target in targets if train and all_targets else targets[:1]:
                 full = self.encode(target)
+                if self.is_encoder_decoder:
+                    out.append(self.encoder_decoder_example(src, full, targets, where))
+                    continue
                 tgt = full[: self.seq_len // 2]
                 room = self.seq_len + 1 - len(suffix) - len(tgt) - 1
                 cut = src[: max(room, 1)]
@@ -66,3 +73,14 @@ class Summarization(GenerativeTask):
                 if ex is not None:
                     out.append(ex)
         return out
+
+
+@register("task", "seq2seq")
+class Seq2Seq(Summarization):
+    """Any source -> target pairs (task.source_field / task.target_field of a .json, .jsonl,
+    .csv or .tsv file); generation ends at </s> only."""
+
+    name = "seq2seq"
+
+    def stop_strings(self):
+        return []

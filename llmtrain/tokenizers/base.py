@@ -43,6 +43,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of the single token spelled `piece` (e.g. T5's "<extra_id_0>"), None if none."""
+        return None
+
     @property
     def special_ids(self) -> list[int]:
         return sorted({getattr(self, f"{k}_id") for k in SPECIAL_TOKENS})

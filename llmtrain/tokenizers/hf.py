@@ -81,6 +81,9 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
 
+    def piece_id(self, piece: str) -> int | None:
+        return self.tk.token_to_id(piece)
+
     def decode(self, ids: list[int]) -> str:
         # as our other tokenizers: special tokens and ids past the vocabulary are dropped
         keep = [i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self._special]
