@@ -7,6 +7,7 @@ llmtrain pretrain --cfg job                     # print the composed config
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -99,8 +100,12 @@ def _one_line(exc: BaseException) -> str:
     e: BaseException | None = exc
     while e is not None:
         msg = str(e).strip()
-        if msg:
+        # OmegaConf chains an unformatted copy of its message ('$VALUE' of type '$VALUE_TYPE')
+        # under the formatted one; the formatted one already says it all.
+        if msg and "$VALUE" not in msg:
             lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            # Hydra appends its config search path to a missing-option error: not the user's concern
+            lines = lines[: next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), len(lines))]
             head = lines[0]
             key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
             options = [ln for ln in lines[1:] if not ln.startswith(("full_key", "object_type", "reference_type"))]
@@ -110,7 +115,12 @@ def _one_line(exc: BaseException) -> str:
             elif key and key not in head:
                 head += f" (key: {key})"
             if "Available options" in msg:
-                head += " [available: " + ", ".join(o for o in options if not o.startswith("Available")) + "]"
+                available = [o.lstrip("- ").strip() for o in options if not o.startswith("Available")]
+                missing = re.search(r"Could not find '([^']+)/([^'/]+)'", head)
+                close = difflib.get_close_matches(missing.group(2), available, n=1) if missing else []
+                if missing:
+                    head = f"unknown {missing.group(1)} {missing.group(2)!r}"
+                head += (f" (did you mean {close[0]}?)" if close else "") + " [available: " + ", ".join(available) + "]"
             if head not in parts:
                 parts.append(head)
         e = e.__cause__ or e.__context__
@@ -146,6 +156,12 @@ def _task(stage: str, checked: bool = False) -> Callable:
     """
 
     def task(cfg) -> float:
+        from llmtrain.run_records import console_log
+
+        with console_log():  # the console output also goes to RUN_DIR/<stage>.log
+            return run(cfg)
+
+    def run(cfg) -> float:
         import time
 
         from llmtrain.config import compose, to_run_config

@@ -137,6 +137,7 @@ KEYS: dict[str, str] = {
     "task.text_field": "classification: the text field",
     "task.text_pair_field": "classification: the second text of a pair (e.g. NLI hypothesis)",
     "task.label_field": "classification: the label field",
+    "task.columns": "names of the columns of a .tsv/.csv without a header row, e.g. [label,text]",
     "task.labels": "classification: the label set (unset = inferred from the training file)",
     "task.source_field": "summarization, seq2seq: the source field",
     "task.target_field": "summarization, seq2seq: the target field",

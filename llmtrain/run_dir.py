@@ -44,6 +44,7 @@ RUN_OUTPUTS = (
     "config.yaml",
     "overrides.yaml",
     "run_info.json",
+    ".hydra",
     "reference_logps.safetensors",  # task=preference's cache of the reference log-probs
     "curves.png",
     "wandb",
@@ -124,6 +125,9 @@ class RunDir:
                     shutil.rmtree(p)
                 elif p.exists() or p.is_symlink():
                     p.unlink()
+            log = self.path / f"{self.cfg.stage}.log"  # open (appending) in this run: emptied, not removed
+            if log.is_file():
+                os.truncate(log, 0)
         reconcile_metrics(self.path / METRICS_FILE, resumed_step)
 
     def release(self) -> None:

@@ -1,16 +1,18 @@
 """What a run directory records about the run: the resolved config (config.yaml), the
-command-line overrides (overrides.yaml), and what produced it and what it read (run_info.json:
-commit, versions, devices, and each data file with its size and sha256)."""
+command-line overrides (overrides.yaml), what produced it and what it read (run_info.json:
+commit, versions, devices, and each data file with its size and sha256), Hydra's own record
+(.hydra/config.yaml, hydra.yaml, overrides.yaml) and the console output (<stage>.log)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -33,6 +35,70 @@ def write_run_files(run_dir: Path, cfg: RunConfig, data_paths: list[str | None] 
     info = run_info()
     info["data_files"] = data_files(data_paths if data_paths is not None else data_sources(cfg))
     atomic_write(run_dir / "run_info.json", json.dumps(info, indent=2))
+    write_hydra_record(run_dir, cfg)
+
+
+def write_hydra_record(run_dir: Path, cfg: RunConfig) -> None:
+    """.hydra/ as Hydra writes it (config.yaml, hydra.yaml, overrides.yaml), written here, once the
+    inputs are known to be good: Hydra's own (hydra.output_subdir) would be written before the job
+    validates them, over an earlier run's record (conf/common.yaml turns it off)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # outside a Hydra job (tests, scripts): nothing of Hydra's to record
+        return
+    record = run_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    atomic_write(record / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    atomic_write(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+
+
+@contextlib.contextmanager
+def console_log() -> Iterator[None]:
+    """Within a Hydra job on rank 0: stdout and stderr also go to RUN_DIR/<job name>.log."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except ValueError:
+        hc = None
+    if hc is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    with open(Path(hc.runtime.output_dir) / f"{hc.job.name}.log", "a", encoding="utf-8") as log:
+        sys.stdout, sys.stderr = ConsoleLog(out, log), ConsoleLog(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+class ConsoleLog:
+    """The job's console output, also appended to RUN_DIR/<stage>.log (Hydra's job log file): a
+    file-like that writes through to the console stream and, line by line, to the log. A progress
+    bar's redraws (carriage returns) leave only their last state in the log."""
+
+    def __init__(self, stream, log) -> None:
+        self.stream, self.log, self._line = stream, log, ""
+
+    def write(self, text: str) -> int:
+        n = self.stream.write(text)
+        self._line += text
+        if "\n" in self._line:
+            *lines, self._line = self._line.split("\n")
+            self.log.write("".join(ln.rsplit("\r", 1)[-1] + "\n" for ln in lines))
+            self.log.flush()
+        self._line = self._line.rsplit("\r", 1)[-1]  # a bar redrawn for hours keeps one frame
+        return n
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ... of the console stream
+        return getattr(self.stream, name)
 
 
 def data_sources(cfg: RunConfig) -> list[str | None]:

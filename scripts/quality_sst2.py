@@ -1,10 +1,11 @@
-"""SST-2 quality check: pretrain a small character-level BERT with llmtrain, fine-tune it on
-SST-2 train, report dev accuracy / macro-F1 against the majority-class baseline.
+"""SST-2 quality check: pretrain a small BERT with llmtrain, fine-tune it on SST-2 train,
+report dev accuracy / macro-F1 against the majority-class baseline.
 
-    .venv/bin/python scripts/quality_sst2.py --pretrain-steps 400 --finetune-steps 600 --out /tmp/q
+    .venv/bin/python scripts/quality_sst2.py --pretrain-steps 1500 --finetune-steps 2000 --out /tmp/q
 
-Both stages run through the CLI (`llmtrain pretrain +experiment=bert_small`: masked LM + NSP on
-WikiText-2; `llmtrain finetune +experiment=finetune_sst2`); extra Hydra overrides for the
+Both stages run through the CLI (`llmtrain pretrain +experiment=bert_small_subword`: masked LM +
+NSP on WikiText-2 with an 8,000-piece sentencepiece vocabulary, `--preset bert_small` for the
+character-level one; `llmtrain finetune +experiment=finetune_sst2`); extra Hydra overrides for the
 fine-tune go after `--`. Results are printed and written to OUT/quality_sst2.json.
 """
 
@@ -40,10 +41,11 @@ def last(run: Path, key: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrain-steps", type=int, default=400)
-    ap.add_argument("--finetune-steps", type=int, default=600)
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--finetune-steps", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality_sst2")
     ap.add_argument("--init-from", help="skip pretraining: fine-tune this checkpoint")
+    ap.add_argument("--preset", default="bert_small_subword", help="the pretraining experiment")
     ap.add_argument(
         "--pretrain-args",
         default="",
@@ -80,7 +82,7 @@ def main() -> None:
             corpus = [f"data.path={d}", "data.text_field=sentence"]
         pre_s = cli(
             "pretrain",
-            "+experiment=bert_small",
+            f"+experiment={args.preset}",
             f"trainer.max_steps={args.pretrain_steps}",
             f"trainer.eval_every={args.pretrain_steps}",
             "trainer.progress=false",
@@ -104,7 +106,7 @@ def main() -> None:
     )
     result = {
         "dev_accuracy": last(ft, "val/accuracy"),
-        "dev_macro_f1": last(ft, "val/f1"),
+        "dev_macro_f1": last(ft, "val/macro_f1"),
         "dev_loss_before": json.loads((ft / "metrics.jsonl").read_text().splitlines()[0]).get("val/loss"),
         "dev_loss_after": last(ft, "val/loss"),
         "majority_baseline": majority,

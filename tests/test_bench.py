@@ -32,6 +32,7 @@ def test_bench_writes_consistent_results(tmp_path):
     assert abs(r["speedup_vs_baseline"] - r["tokens_per_s"] / r["baseline_tokens_per_s"]) < 1e-9
     assert "mfu" not in r  # no peak FLOPS for a CPU: MFU is not reported
     assert "tokens_per_s" in proc.stdout
+    assert "bench: round 3/3 (1 steps each): best so far llmtrain" in proc.stdout  # progress while it runs
 
 
 def test_bench_rejects_bad_steps(tmp_path):

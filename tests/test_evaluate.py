@@ -272,7 +272,7 @@ def test_classification_checkpoint_on_two_processes(pretrained, tmp_path):
             int(model(**{k: v for k, v in task.collate([e]).items() if k != "labels"}).argmax(-1)) for e in examples
         ]
     gold = [e["label"] for e in examples]
-    assert got["classification/n"] == len(gold) == 40
+    assert got["classification/examples"] == len(gold) == 40
     assert got["classification/accuracy"] == pytest.approx(sum(p == g for p, g in zip(preds, gold)) / 40)
     cm = [[sum(1 for p, g in zip(preds, gold) if g == i and p == j) for j in range(2)] for i in range(2)]
     assert got["details"]["classification"]["confusion_matrix"] == cm
@@ -306,6 +306,16 @@ def test_classification_report_matches_hand_computed():
         {"checkpoint": "c", "tasks": ["classification"], **m, "details": {"classification": res.details}}
     )
     assert "| neg | 1 | 1 | 1 |" in md and "| pos | 0.7500 | 0.6000 |" in md
+
+
+def test_console_table_prints_bracketed_class_names(capsys):
+    from llmtrain.eval.report import print_table
+
+    res = classification_result([0, 1, 1], [0, 1, 0], ["ham", "spam"])
+    print_table(res.metrics)
+    out = capsys.readouterr().out
+    # rich would read "[ham]" as a markup tag and print two identical "classification/precision" rows
+    assert "classification/precision[ham]" in out and "classification/recall[spam]" in out
 
 
 def test_qa_report_of_official_squad_scores():

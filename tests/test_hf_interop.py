@@ -30,6 +30,8 @@ SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 # newlines, tabs, runs of spaces, text outside the training characters (byte fallback / unk),
 # and special-token look-alikes
 TRICKY = "ROMEO:\n\tBut soft!  what   light?\n\n  héllo — 日本語 🤖 naïve 1234 <x> [CLS] a[SEP]b <s>\n"
+# every special token's spelling typed in text (WikiText writes "<unk>"), and a byte piece's
+SPECIALS = "= Valkyria <unk> = \n<s>a</s> <pad>[MASK]x <unk><unk> [CLS]b[SEP] <<s>> <0x41>\n"
 
 OURS = {  # our architecture -> (extra ModelConfig fields, Auto class that must load the export)
     "gpt2": (dict(), "AutoModelForCausalLM"),
@@ -102,8 +104,7 @@ def test_export_loads_with_auto_classes(tmp_path, arch, tok_kind):
     hf.eval()
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    # "<s>" typed in text: sentencepiece spells it out, HF matches the special token (documented)
-    text = shakespeare(20000)[-300:] + (TRICKY.replace(" <s>", "") if tok_kind == "sentencepiece" else TRICKY)
+    text = shakespeare(20000)[-300:] + TRICKY + SPECIALS
     ids = tok.encode(text)
     assert hf_tok(text)["input_ids"] == ids  # no bos/eos added, same ids (unk included)
     assert hf_tok.pad_token_id == tok.pad_id and hf_tok.eos_token_id == tok.eos_id
@@ -131,13 +132,14 @@ def test_export_tokenizer_byte_and_sentencepiece(tmp_path):
     from llmtrain.tokenizers.train import train_sentencepiece
 
     text = shakespeare(60000)
-    # "<s>" typed in text: sentencepiece spells it out, HF matches the special token (documented)
-    sample = shakespeare(200000)[-4000:] + TRICKY.replace(" <s>", "")
+    text_end = shakespeare(200000)[-4000:]
     toks = {"byte": ByteTokenizer()}
     for model_type in ("bpe", "unigram"):
         cfg = TokenizerConfig(name="sentencepiece", vocab_size=400, model_type=model_type)
         toks[model_type] = train_sentencepiece([text], cfg, tmp_path / f"sp_{model_type}.model")
     for name, tok in toks.items():
+        # unigram: HF's lattice can take the "<s>" and "<0x41>" pieces (documented in llmtrain/hf/tokenizer.py)
+        sample = text_end + (TRICKY.replace(" <s>", "") if name == "unigram" else TRICKY + SPECIALS)
         d = tmp_path / name
         to_hf_tokenizer(tok).save_pretrained(str(d))
         hf_tok = transformers.AutoTokenizer.from_pretrained(str(d))
@@ -146,8 +148,6 @@ def test_export_tokenizer_byte_and_sentencepiece(tmp_path):
             assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)
             assert tok.sp.piece_to_id("\n") in ids
         assert hf_tok(sample)["input_ids"] == ids, name
-        if name == "byte":  # char and byte spell special-token look-alikes out, as ours do
-            assert hf_tok(TRICKY)["input_ids"] == tok.encode(TRICKY)
         assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids), name
 
 

@@ -322,7 +322,7 @@ def test_reward_and_dpo_presets_end_to_end(pretrained, tmp_path):
     proc = run_cli("evaluate", f"checkpoint={runs['dpo_demo']}", "eval.tasks=[preference]", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
-    assert res["preference/n"] == 16 and 0 <= res["preference/accuracy"] <= 1
+    assert res["preference/examples"] == 16 and 0 <= res["preference/accuracy"] <= 1
     assert res["details"]["preference"]["scored_by"].startswith("policy")
     # a reward checkpoint loads through the one loader and scores text
     from llmtrain import checkpoints
@@ -358,7 +358,7 @@ def test_eval_scores_a_policy_by_its_log_probs(tmp_path, normalize):
         if normalize:
             c, r = c / len(e["chosen"]), r / len(e["rejected"])
         right.append(c > r)
-    assert res.metrics["preference/n"] == len(right) == 4
+    assert res.metrics["preference/examples"] == len(right) == 4
     assert res.metrics["preference/accuracy"] == pytest.approx(sum(right) / len(right))
 
 

@@ -58,3 +58,32 @@ def test_readme_example_composes(command):
     register_configs()
     with compose.hydra_session(verb.replace(" ", "_")):
         compose.validate(compose.compose_run(verb.replace(" ", "_"), single))
+
+
+PATH_KEYS = ("data.path", "task.train_path", "task.val_path", "tokenizer.path", "checkpoint", "init_from")
+
+
+def test_readme_examples_name_files_that_exist_or_capital_placeholders():
+    """Copy-pasteable: each file or run a command names is bundled, in ../shared/data, made by an
+    earlier README command (hydra.run.dir, export.out), or a placeholder in CAPITALS."""
+    made: set[str] = set()
+    for command in readme_commands():
+        words = shlex.split(command)
+        for w in words:
+            key, eq, value = w.partition("=")
+            key = key.lstrip("+~")
+            value = value.removeprefix("hf:")
+            if not eq or key not in PATH_KEYS or re.fullmatch(r"[A-Z_]+(/.*)?", value):
+                continue
+            if value.startswith("../shared/data/"):
+                assert (SHARED / value.removeprefix("../shared/data/")).exists(), command
+            elif key in ("tokenizer.path",) and value.rsplit("/", 1)[0] in made:
+                continue  # a file inside a run directory an earlier command makes
+            else:
+                assert value in made, f"{value!r} is neither a shared file nor made above: {command}"
+        for w in words:
+            key, _, value = w.partition("=")
+            if key in ("hydra.run.dir", "export.out"):
+                made.add(value)
+        if words[0] == "plot":
+            assert all(w in made for w in words[1:] if not w.startswith("-")), command

@@ -58,6 +58,10 @@ def test_refused_runs_change_nothing_and_overwrite_clears(finished, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
     assert sorted(train_losses(run)) == [1, 2]
     assert "max_steps: 2" in (run / "config.yaml").read_text()
+    assert "max_steps: 2" in (run / ".hydra" / "config.yaml").read_text()
+    # the job log is the new run's alone: the earlier run's output and the refused runs' errors are gone
+    log = (run / "pretrain.log").read_text()
+    assert "done at step 2" in log and "done at step 3" not in log and "error:" not in log
 
 
 def test_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path):

@@ -23,6 +23,16 @@ def test_pretrain_lowers_loss_and_writes_run_dir(pretrained):
     for key in ("train/lr", "train/tokens_per_s", "train/grad_norm"):
         assert key in train[-1]
     assert (pretrained / "config.yaml").is_file() and (pretrained / "run_info.json").is_file()
+    # Hydra's record, as Hydra writes it, and the console output in the job log
+    hydra_dir = pretrained / ".hydra"
+    assert {p.name for p in hydra_dir.iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert "trainer.max_steps=60" in (hydra_dir / "overrides.yaml").read_text()
+    assert (
+        "job:" in (hydra_dir / "hydra.yaml").read_text() and "max_steps: 60" in (hydra_dir / "config.yaml").read_text()
+    )
+    log = (pretrained / "pretrain.log").read_text()
+    assert "pretrain: gpt2" in log and "step 30: val/loss" in log and "done at step 60" in log
+    assert "\r" not in log  # progress-bar redraws are not logged
     ckpts = sorted((pretrained / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step_0000060"]
     assert {p.name for p in ckpts[0].iterdir()} == {"model.safetensors", "meta.json", "train_state.pt"}

@@ -234,3 +234,20 @@ def test_build_tokenizer(bpe: SentencePieceTokenizer, docs, tmp_path, capsys):
 
     with pytest.raises(UserError, match=r"tokenizer\.path"):
         build_tokenizer(_cfg(), lambda: docs[:1])
+
+
+def test_trained_tokenizer_files_have_the_default_mode(tmp_path):
+    import os
+
+    from llmtrain import files
+
+    old = os.umask(0o027)  # not the usual 022: the mode follows the umask, it is not hard-coded
+    files.file_mode.cache_clear()
+    try:
+        text = "the quick brown fox jumps over the lazy dog. " * 200
+        train_sentencepiece([text], TokenizerConfig(name="sentencepiece", vocab_size=320), tmp_path / "sp.model")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old)
+        files.file_mode.cache_clear()
+    assert modes == {"sp.model": 0o640, "sp.json": 0o640}

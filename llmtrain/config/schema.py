@@ -165,6 +165,7 @@ class TaskConfig:
     text_field: str = "text"
     text_pair_field: Optional[str] = None
     label_field: str = "label"
+    columns: Optional[list[str]] = None  # names of a headerless .tsv/.csv's columns; None = a header row
     labels: Optional[list[str]] = None  # declared label set; None = inferred from the training data
     source_field: str = "source"
     target_field: str = "target"

@@ -81,6 +81,7 @@ def print_table(metrics: dict[str, Any], title: str | None = None) -> None:
     """A two-column table on stdout (rich when installed, plain text otherwise)."""
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         width = max((len(k) for k in metrics), default=0)
@@ -93,7 +94,7 @@ def print_table(metrics: dict[str, Any], title: str | None = None) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
-        table.add_row(k, format_value(v))
+        table.add_row(escape(k), escape(format_value(v)))  # class names like "[ham]" are not markup
     Console(width=max(80, max((len(k) for k in metrics), default=0) + 30)).print(table)
 
 

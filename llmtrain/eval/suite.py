@@ -562,7 +562,7 @@ def classification_result(preds: list[int], labels: list[int], names: list[str])
     out: dict[str, float | int] = {
         "classification/accuracy": m["accuracy"],
         "classification/macro_f1": m["macro_f1"],
-        "classification/n": m["n"],
+        "classification/examples": m["n"],
     }
     for name, s in m["per_class"].items():
         out[f"classification/precision[{name}]"] = s["precision"]
@@ -687,7 +687,7 @@ def preference_task(ctx: EvalContext) -> TaskResult:
             "preference/accuracy": acc,
             "preference/accuracy_se": math.sqrt(acc * (1 - acc) / n) if n else 0.0,
             "preference/margin": float((scores[:, 0] - scores[:, 1]).mean()) if n else 0.0,
-            "preference/n": n,
+            "preference/examples": n,
         },
         {"scored_by": by},
     )

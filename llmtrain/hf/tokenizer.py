@@ -8,11 +8,13 @@ ids), and the side file that lets an exported directory round-trip our tokenizer
   score, as sentencepiece merges) or Unigram model with byte fallback; " " -> "▁" and words
   split as sentencepiece's SplitIntoWords does with allow_whitespace_only_pieces.
 
-Special tokens (<pad> <unk> <s> </s> [CLS] [SEP] [MASK]) are registered as HF special tokens.
-char/byte exports set split_special_tokens=True so that, as in ours, "[CLS]" typed in text is
-ordinary characters. sentencepiece matches its user-defined [CLS]/[SEP]/[MASK] in text and so
-does the export; the one known difference: "<pad>", "<unk>", "<s>", "</s>" typed literally in
-text become the special id in HF but characters in sentencepiece.
+Special tokens (<pad> <unk> <s> </s> [CLS] [SEP] [MASK]) are registered as HF special tokens,
+and every export sets split_special_tokens=True: as in ours, "<unk>" or "<s>" typed in text (as
+WikiText writes it) is ordinary characters. sentencepiece matches its user-defined
+[CLS]/[SEP]/[MASK] in text, so its export adds them as ordinary tokens, which HF matches too (and
+does not name them cls/sep/mask tokens: transformers would make them special again on load).
+Known difference, unigram models only: HF's Unigram lattice can use the control and byte pieces,
+so "<s>" or "<0x41>" typed in text may get one id where sentencepiece spells it out.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def _sentencepiece_pipeline(tok) -> Any:
             merges.extend((pieces[a][0], pieces[b][0]) for a, b in sorted(splits))
         model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=ts.byte_fallback)
     elif ts.model_type == pb.TrainerSpec.UNIGRAM:
+        # (HF's lattice can take control and byte pieces that sentencepiece's cannot: text with
+        # "<s>" or "<0x41>" typed in it differs; see the module docstring)
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=tok.unk_id, byte_fallback=ts.byte_fallback)
     else:
         raise UserError(f"{where}: sentencepiece model type {ts.model_type} has no HF export (bpe and unigram do)")
@@ -116,15 +120,15 @@ def _sentencepiece_pipeline(tok) -> Any:
     # the non-space text after it
     split = r"▁*[^▁]+|▁+" if ts.allow_whitespace_only_pieces else r"▁[^▁]*|[^▁]+"
     t.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="isolated")
-    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # ours drop [CLS]/[SEP]/[MASK] when decoding; here they are ordinary tokens (see to_hf_tokenizer)
+    dropped = [decoders.Replace(SPECIAL_TOKENS[k], "") for k in ("cls", "sep", "mask")]
+    t.decoder = decoders.Sequence([*dropped, decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     # user-defined pieces ([CLS] ... "\n" "\t") are matched in raw text by both, before splitting
     from tokenizers import AddedToken
 
-    user = [
-        AddedToken(p, special=False, normalized=False, single_word=False)
-        for p, _, ty in pieces
-        if ty == USER and p not in SPECIAL_TOKENS.values()
-    ]
+    # ([CLS]/[SEP]/[MASK] too: added here as non-special, they stay matched in text when the
+    # tokenizer is told not to match its special tokens, see to_hf_tokenizer)
+    user = [AddedToken(p, special=False, normalized=False, single_word=False) for p, _, ty in pieces if ty == USER]
     if user:
         t.add_tokens(user)
     return t
@@ -148,10 +152,16 @@ def to_hf_tokenizer(tok: Tokenizer):
             )
     else:
         pipeline = build(tok)
-    kwargs = _special_kwargs() if tok.name != "hf" else tok.hf_special_kwargs()
-    # char/byte encode "[CLS]" typed in text as characters: tell HF not to match special tokens in
-    # text. sentencepiece does match its user-defined [CLS]/[SEP]/[MASK], so HF must too.
-    split = tok.name in ("char", "byte")
+    kwargs: dict[str, Any] = _special_kwargs() if tok.name != "hf" else tok.hf_special_kwargs()
+    if tok.name == "sentencepiece":
+        # sentencepiece matches its user-defined [CLS]/[SEP]/[MASK] in text: its pipeline added
+        # them as ordinary tokens, which HF matches too. Named as HF special tokens they would be
+        # made special again on load (transformers 5), and so spelled out like "<s>" below.
+        for key in ("cls_token", "sep_token", "mask_token"):
+            kwargs.pop(key)
+    # Ours read "<s>", "<unk>", "<pad>", "</s>" (and char/byte "[CLS]") typed in text as
+    # characters: tell HF not to match special tokens in text.
+    split = tok.name in ("char", "byte", "sentencepiece")
     hf = PreTrainedTokenizerFast(
         tokenizer_object=pipeline, clean_up_tokenization_spaces=False, split_special_tokens=split, **kwargs
     )

@@ -38,6 +38,9 @@ class Trainee(Protocol):
     """What the trainer trains: an Objective (pretrain) or a Task (finetune, llmtrain/tasks)."""
 
     needs_decoder: bool | None  # True: needs a causal decoder; False: needs an encoder; None: either
+    # The loss is a mean cross-entropy over tokens, so exp(loss) is a perplexity (val/ppl); not for
+    # a classification head, span QA or a sum of two heads' losses (mlm_nsp).
+    token_loss: bool
 
     def train_source(self, rank: int = 0, world: int = 1) -> BatchSource:
         """This rank's training batches (of `world` ranks)."""
@@ -55,6 +58,7 @@ class Objective(Trainee):
     name = "base"
     needs_decoder: bool | None = None
     needs_encoder_decoder = False  # True: span_corruption, denoising (t5); an encoder-decoder takes only these
+    token_loss = True
 
     def __init__(
         self,

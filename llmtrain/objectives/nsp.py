@@ -155,6 +155,7 @@ def nsp_terms(logits: torch.Tensor, labels: torch.Tensor):
 class NextSentence(Objective):
     name = "nsp"
     needs_decoder = False
+    token_loss = False  # a loss per sentence pair (and, for mlm_nsp, plus the MLM loss)
     masked = False  # mlm_nsp also masks the pairs
 
     def __init__(self, cfg, tokenizer, splits, data_cfg, seed):

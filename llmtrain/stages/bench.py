@@ -44,17 +44,32 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux), process peak RSS
 
 
-def _time(fns: dict, steps: int, warmup: int, rounds: int, device: torch.device) -> dict:
+def cpu_warning(device_type: str, first_step_s: float, calls: int) -> str | None:
+    """A warning when the steps still to run will take minutes on a CPU (a GPU-sized preset);
+    on a GPU the first step includes compilation and says little about the others."""
+    left = first_step_s * calls
+    if device_type != "cpu" or left < 60:
+        return None
+    return (
+        f"bench: warning: one step took {first_step_s:.1f} s on the CPU; the {calls} steps to go will "
+        f"take about {left / 60:.0f} minutes (a preset sized for a GPU? lower bench.steps, "
+        "bench.warmup or data.batch_size)"
+    )
+
+
+def _time(fns: dict, steps: int, warmup: int, rounds: int, device: torch.device, show: bool = True) -> dict:
     """Seconds per call of each fn: `warmup` untimed calls each, then `rounds` rounds in which the
     fns take turns at their share of `steps` timed calls; each fn's best round counts. Taking
     turns means a burst of other work on a shared machine slows one round of every contender
-    instead of one contender's whole measurement."""
+    instead of one contender's whole measurement. `show`: a line after the warm-up and each round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if show and warmup:
+        print(f"bench: warm-up done ({warmup} steps each of {', '.join(fns)})", flush=True)
     sizes = [steps // rounds + (i < steps % rounds) for i in range(rounds)]
     best = {k: float("inf") for k in fns}
-    for n in sizes:
+    for r, n in enumerate(sizes, 1):
         for k, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
@@ -62,6 +77,9 @@ def _time(fns: dict, steps: int, warmup: int, rounds: int, device: torch.device)
                 fn()
             _sync(device)
             best[k] = min(best[k], (time.perf_counter() - t0) / n)
+        if show:
+            shown = ", ".join(f"{k} {1000 * t:.1f} ms/step" for k, t in best.items())
+            print(f"bench: round {r}/{rounds} ({n} steps each): best so far {shown}", flush=True)
     return best
 
 
@@ -90,13 +108,22 @@ def run(cfg: RunConfig) -> float:
     trainer = Trainer(cfg, rt, model, objective, logger, meta={})
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
+    if rt.is_main:
+        print(f"bench: {model_cfg.name}, batch {cfg.data.batch_size}x{cfg.data.seq_len} on {rt.device}", flush=True)
+    _sync(rt.device)
+    t0 = time.perf_counter()
     trainer.train_step()  # the first step allocates everything: peak memory is the trainer's alone
+    _sync(rt.device)
+    first_step_s = time.perf_counter() - t0
     peak_mem = _peak_mem_gb(rt.device)
     fns = {"llmtrain": trainer.train_step}
     if b.baseline:
         fns["baseline"], baseline_tokens = _baseline(cfg, model_cfg, tokens, rt)
+    warning = cpu_warning(rt.device.type, first_step_s, (b.steps + b.warmup) * len(fns))
+    if warning and rt.is_main:
+        print(warning, flush=True)
     rounds = min(b.rounds, b.steps)
-    times = _time(fns, b.steps, b.warmup, rounds, rt.device)
+    times = _time(fns, b.steps, b.warmup, rounds, rt.device, show=rt.is_main)
     step_s = times["llmtrain"]
     tokens_per_step = trainer.tokens_per_step
     results = {

@@ -125,7 +125,12 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
         if not rt.is_main:
             return result.metrics.get(cfg.optimize_metric)
-        metrics = {f"val/{k}": v for k, v in task.evaluate(model, rt.device, cfg.eval.max_examples).items()}
+        if rt.is_main:
+            print(f"finetune: evaluating the {cfg.task.name} task on the validation set", flush=True)
+        task_metrics = task.evaluate(model, rt.device, cfg.eval.max_examples)
+        # One value per name at a step: what the trainer's validation pass logged at this step
+        # (e.g. val/accuracy) is not logged again.
+        metrics = {f"val/{k}": v for k, v in task_metrics.items() if f"val/{k}" not in result.metrics}
         logger.log(metrics, result.step)
     finally:
         logger.close()

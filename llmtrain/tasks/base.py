@@ -61,6 +61,7 @@ class Task(Trainee):
     name = "base"
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
     supports_encoder_decoder = False  # True: also trains an encoder-decoder (t5), source -> target
+    token_loss = False  # see Trainee; generative and LM tasks set it
 
     def __init__(
         self,
@@ -236,24 +237,48 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 # ------------------------------------------------------------------------ files
-def read_records(path: str | None, what: str = "task.train_path") -> list[dict[str, Any]]:
-    """Records of a .json (list, or {"data": [...]}), .jsonl, .csv or .tsv (header row) file."""
+TABULAR = (".tsv", ".csv")
+
+
+def read_records(
+    path: str | None, what: str = "task.train_path", columns: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Records of a .json (list, or {"data": [...]}), .jsonl, .csv or .tsv file. A .csv/.tsv has a
+    header row, unless `columns` (task.columns) names its columns."""
     if not path:
         raise UserError(f"{what} is not set (the task's data file)")
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{what}: file not found: {path}")
-    text = read_text(p)
     suffix = p.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        reader = csv.DictReader(
-            io.StringIO(text),
+    if columns is not None and suffix not in TABULAR:
+        raise UserError(f"task.columns names the columns of .tsv/.csv files; {path} is {suffix or 'not one'}")
+    text = read_text(p)
+    if suffix in TABULAR:
+        dialect = dict(
             delimiter="\t" if suffix == ".tsv" else ",",
             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
         )
-        rows = [dict(r) for r in reader]
-        if reader.fieldnames is None:
-            raise UserError(f"{p}: empty file (a header row is needed)")
+        if columns is None:
+            reader = csv.DictReader(io.StringIO(text), **dialect)
+            rows = [dict(r) for r in reader]
+            if reader.fieldnames is None:
+                raise UserError(f"{p}: empty file (a header row is needed, or task.columns=[...])")
+            return rows
+        names = [str(c) for c in columns]
+        if not names or len(set(names)) != len(names):
+            raise UserError(f"task.columns={names} must be distinct and non-empty")
+        rows = []
+        for n, row in enumerate(csv.reader(io.StringIO(text), **dialect), 1):
+            if not row:
+                continue
+            if len(row) != len(names):
+                raise UserError(
+                    f"{p}: row {n} has {len(row)} columns but task.columns names {len(names)} ({', '.join(names)})"
+                )
+            rows.append(dict(zip(names, row)))
+        if not rows:
+            raise UserError(f"{p}: empty file")
         return rows
     if suffix == ".jsonl":
         out = []
@@ -295,10 +320,32 @@ def valid_strings(obj: Any, path: Path, where: str, key: str = "") -> Any:
     return obj
 
 
+def _looks_like_data(names: list) -> bool:
+    """Header values that no one would name a column: numbers, blanks, sentences."""
+
+    def datum(s) -> bool:
+        s = str(s).strip()
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return not s or len(s.split()) > 3
+
+    return any(datum(s) for s in names)
+
+
 def field_of(rec: dict, key: str, path: str | None, n: int, required: bool = True) -> Any:
     if key not in rec or rec[key] is None:
         if not required:
             return None
+        names = [k for k in rec if k is not None]
+        if path and Path(path).suffix.lower() in TABULAR and _looks_like_data(names):
+            # csv read the first record as the header: no *_field option can name these columns
+            shown = ", ".join(repr(s if len(s) <= 30 else s[:27] + "...") for s in map(str, names))
+            raise UserError(
+                f"{path}: no column {key!r}; the header row ({shown}) looks like data: name the "
+                f"columns of a file without a header with task.columns=[...] (e.g. task.columns=[label,text])"
+            )
         raise UserError(
             f"{path}: record {n} has no field {key!r} (fields: {', '.join(map(str, rec))}); "
             f"set the task's *_field option"
@@ -324,9 +371,10 @@ def cap(records: list, n: int) -> list:
 def train_val_records(cfg: TaskConfig, data_cfg: DataConfig) -> tuple[list, list, str, str]:
     """Train and validation records as (record number in its file, record), with the file each
     came from (for error messages)."""
-    train = list(enumerate(read_records(cfg.train_path, "task.train_path"), 1))
+    columns = list(cfg.columns) if cfg.columns is not None else None
+    train = list(enumerate(read_records(cfg.train_path, "task.train_path", columns), 1))
     if cfg.val_path:
-        val = list(enumerate(read_records(cfg.val_path, "task.val_path"), 1))
+        val = list(enumerate(read_records(cfg.val_path, "task.val_path", columns), 1))
         return cap(train, cfg.max_examples), cap(val, cfg.max_examples), cfg.train_path, cfg.val_path
     train, val = split_off(train, data_cfg.val_fraction, str(cfg.train_path))
     return cap(train, cfg.max_examples), cap(val, cfg.max_examples), cfg.train_path, cfg.train_path

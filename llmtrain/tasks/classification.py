@@ -153,4 +153,4 @@ class Classification(Task):
             examples = examples[:max_examples]
         preds = self.predict(model, examples, device)
         m = classification_metrics(preds, [e["label"] for e in examples], self.labels)
-        return {"accuracy": m["accuracy"], "f1": m["macro_f1"], "n": float(m["n"])}
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "examples": m["n"]}

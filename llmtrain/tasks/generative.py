@@ -17,6 +17,7 @@ from llmtrain.tasks.base import Task, model_device, pad_rows
 
 class GenerativeTask(Task):
     needs_decoder = True
+    token_loss = True  # response tokens only
 
     def make_example(
         self, ids: list[int], target: list[bool], prompt: list[int], refs: list[str], where: str
@@ -130,5 +131,5 @@ class GenerativeTask(Task):
         self.samples = list(zip([e["where"] for e in examples], hyps, refs))
         out = {f"{k}": v for k, v in rouge(hyps, refs).items()}
         out["bleu"] = bleu(hyps, refs)
-        out["n"] = float(len(hyps))
+        out["examples"] = len(hyps)
         return out

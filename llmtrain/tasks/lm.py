@@ -16,6 +16,7 @@ from llmtrain.tasks.base import Task
 class LanguageModeling(Task):
     name = "lm"
     needs_decoder = True
+    token_loss = True
 
     def __init__(self, cfg, tokenizer, model_cfg, data_cfg, state=None, seed=0, splits: TokenSplits | None = None):
         """`splits`: the token splits of data.path (finetune passes its cached corpus); without

@@ -178,7 +178,7 @@ class Preference(PairTask):
 
 def policy_metrics(logps: torch.Tensor, lens: torch.Tensor) -> dict[str, float]:
     """Accuracy of chosen over rejected by summed and by per-token log-prob, with standard errors."""
-    out: dict[str, float] = {"n": float(len(logps))}
+    out: dict[str, float] = {"examples": len(logps)}
     per_token = logps / lens.clamp(min=1)
     for name, v in (("policy_accuracy", logps), ("policy_accuracy_norm", per_token)):
         acc = (v[:, 0] > v[:, 1]).float()

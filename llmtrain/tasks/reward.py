@@ -89,7 +89,7 @@ class Reward(PairTask):
         return {
             "pref_accuracy": float((margin > 0).float().mean()),
             "reward_margin": float(margin.mean()),
-            "n": float(len(r)),
+            "examples": len(r),
         }
 
     @torch.no_grad()

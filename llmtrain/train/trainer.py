@@ -237,7 +237,9 @@ class Trainer:
         if sums.count.item() == 0:
             return {}
         val_loss = (sums.total / sums.count).item()
-        out = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}
+        out = {"val/loss": val_loss}
+        if getattr(self.trainee, "token_loss", True):
+            out["val/ppl"] = math.exp(min(val_loss, 700.0))
         out.update({f"val/{k}": v for k, v in sums.extra_means().items()})
         return out
 
@@ -295,6 +297,11 @@ class Trainer:
                 bar.update(1)
 
                 is_last = self.step == tc.max_steps
+                first = self.step == start_step + 1 and not (self.step % tc.log_every == 0 or is_last)
+                if first and not bar.disable:
+                    # The bar shows loss and lr from the first step on, not only from the first
+                    # log step; one host sync, once per run.
+                    bar.set_postfix(loss=f"{loss_step.item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 if self.step % tc.log_every == 0 or is_last:
                     all_reduce_sum(loss_acc)
                     mean_loss = loss_acc.item() / (steps_since * self.dist.world_size)
@@ -325,7 +332,7 @@ class Trainer:
                     self._check_bad_steps()  # after logging, so the log shows the bad steps
 
                 if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or is_last:
-                    val = self.evaluate()
+                    val = self._evaluate_showing(bar)
                     if val:
                         self._record_val(val, bar)
                         last_val = val
@@ -357,7 +364,7 @@ class Trainer:
                 path = self.save(last_val)  # a signal now waits for this (no half-written state)
             if interrupted and tc.eval_on_stop and self._last_val_step != self.step:
                 # After the save: the checkpoint is safe even if the validation pass is cut short.
-                val = self.evaluate()
+                val = self._evaluate_showing(bar)
                 if val:
                     self._record_val(val, bar)
                     last_val = val
@@ -377,6 +384,14 @@ class Trainer:
             interrupted=interrupted,
             signal=self._stop_signal,
         )
+
+    def _evaluate_showing(self, bar) -> dict[str, float]:
+        """The validation pass, with the bar saying so (it would sit frozen otherwise)."""
+        bar.set_description(f"{self.cfg.stage} (evaluating)", refresh=True)
+        try:
+            return self.evaluate()
+        finally:
+            bar.set_description(self.cfg.stage, refresh=False)
 
     def _record_val(self, val: dict[str, float], bar) -> None:
         self._last_val_step = self.step
