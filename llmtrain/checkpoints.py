@@ -10,6 +10,8 @@
 - `hf:DIR` (or a cached Hub id): a transformers GPT-2 / LLaMA / BERT directory;
 - a fine-tuned checkpoint: the model comes back as its task model (backbone + head) and
   `task` is the task rebuilt from meta["task"];
+- a quantized or pruned checkpoint (llmtrain/compress/): quantized layers and pruning masks are
+  put back before the weights load;
 - a LoRA run: the final checkpoint holds merged weights; an intermediate one holds the base
   weights plus unmerged adapters, which are applied and merged (merge=False keeps them as
   LoRALinear modules).
@@ -101,6 +103,7 @@ def load(path: str | Path, device: torch.device | str | None = None, *, merge: b
 
 def _build(info: Info, merge: bool):
     """The model (task model for fine-tuned checkpoints) with the checkpoint's weights, and the task."""
+    from llmtrain.compress.layout import restore_layout
     from llmtrain.models import build_model
     from llmtrain.models.lora import apply_lora, merge_lora
 
@@ -108,6 +111,7 @@ def _build(info: Info, merge: bool):
     weights = ckpt.load_weights(info.path)
     if not info.is_task:
         model = build_model(info.model_cfg)
+        restore_layout(model, info.meta, weights)  # quantized layers, pruning masks
         ckpt.load_model_state(model, weights, info.path)
         return model, None
     task = task_of(info)
@@ -115,6 +119,7 @@ def _build(info: Info, merge: bool):
     lora = info.meta.get("lora")
     if lora and not lora.get("merged", False):  # an intermediate checkpoint of a LoRA run
         apply_lora(model, LoraConfig(**known_fields(LoraConfig, lora)))
+    restore_layout(model, info.meta, weights)
     ckpt.load_model_state(model, weights, info.path)
     if merge:
         merge_lora(model)

@@ -29,6 +29,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),
     "export": ("llmtrain.stages.export", "Export a checkpoint as Hugging Face files (checkpoint=PATH export.out=DIR)."),
     "embed": ("llmtrain.stages.embed", "Sentence embeddings to .npy (checkpoint=PATH embed.input=FILE embed.out=OUT)."),
+    "quantize": (
+        "llmtrain.stages.quantize",
+        "Quantize a checkpoint (checkpoint=PATH quant.method=...).",
+    ),
+    "prune": ("llmtrain.stages.prune", "Prune a checkpoint (checkpoint=PATH prune.method=...)."),
     "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),
     "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a SentencePiece tokenizer on data.path."),
     "data prepare": ("llmtrain.stages.prepare", "Tokenize a dataset into packed token shards (cached)."),

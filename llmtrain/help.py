@@ -50,6 +50,7 @@ VERBS: dict[str, Verb] = {
         "tuning (task=preference: DPO, IPO, SimPO); architecture and tokenizer come from the "
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
+        "finetune.qat finetune.qat_group_size "
         "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
     ),
@@ -91,6 +92,19 @@ VERBS: dict[str, Verb] = {
         "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
         "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
         "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
+    ),
+    "quantize": Verb(
+        "Quantize a checkpoint's linear layers (checkpoint=PATH): int8 per channel or int4 group-wise "
+        "weights, or int8 weights with dynamic int8 activations; writes a checkpoint that evaluate, generate "
+        "and chat load, and a before/after report (compression.json, compression.md).",
+        "checkpoint quant.method quant.group_size quant.calibration quant.report data.path trainer.eval_batches",
+    ),
+    "prune": Verb(
+        "Prune a checkpoint (checkpoint=PATH): magnitude (unstructured), 2:4 semi-structured, or structured "
+        "(whole heads and FFN channels removed: a smaller model); masks stay in the checkpoint and hold through "
+        "a recovery `llmtrain finetune init_from=RUN`; writes a before/after report.",
+        "checkpoint prune.method prune.sparsity prune.scope prune.heads prune.calibration prune.report data.path "
+        "trainer.eval_batches",
     ),
     "data prepare": Verb(
         "Tokenize data.path once into cached, memory-mapped token shards (pretrain does this itself when the "
@@ -173,6 +187,18 @@ KEYS: dict[str, str] = {
     "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised sentences)",
     "objective.positive_threshold": "contrastive: a pair with score >= this is a positive",
     "objective.hard_negative_threshold": "contrastive: a pair with score <= this gives a hard negative (null = none)",
+    "finetune.qat": "int8 | int4: quantization-aware training (fake-quantized weights), quantized at the end",
+    "finetune.qat_group_size": "finetune.qat=int4: inputs per scale",
+    "quant.method": "int8 (weights, per channel) | int4 (weights, group-wise) | int8_dynamic (+ int8 activations)",
+    "quant.group_size": "int4: inputs sharing one scale and zero point",
+    "quant.calibration": "int4: training batches for the per-row clipping search (0 = plain min/max)",
+    "quant.report": "measure source vs quantized model (compression.json, compression.md)",
+    "prune.method": "magnitude | 2:4 | structured",
+    "prune.sparsity": "magnitude: fraction of weights zeroed; structured: fraction of heads and FFN channels removed",
+    "prune.scope": "magnitude: global (one threshold) | layer (same fraction per layer)",
+    "prune.heads": "structured: also remove attention heads (false: FFN channels only)",
+    "prune.calibration": "structured: training batches for the importance scores",
+    "prune.report": "measure source vs pruned model (compression.json, compression.md)",
     "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | span_corruption | denoising "
     "| sts ([] = the checkpoint's own)",
     "eval.sts_positive": "sts: alignment is over the pairs scoring >= this",

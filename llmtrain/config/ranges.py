@@ -39,6 +39,11 @@ UNIT = Range(0, 1)
 # dotted key -> allowed range. Optional keys set to None (e.g. top_k) are not checked.
 RANGES: dict[str, Range] = {
     "model.n_layer": AT_LEAST_1,
+    "quant.group_size": Range(2),
+    "quant.calibration": AT_LEAST_0,
+    "prune.sparsity": UNIT_OPEN,
+    "prune.calibration": AT_LEAST_1,
+    "finetune.qat_group_size": Range(2),
     "model.n_head": AT_LEAST_1,
     "model.n_kv_heads": AT_LEAST_1,
     "model.d_model": AT_LEAST_1,

@@ -25,7 +25,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int = 2  # bert segment embeddings
     init_std: float = 0.02
-    head_dim: Optional[int] = None  # t5's d_kv; None = d_model // n_head
+    head_dim: Optional[int] = None  # t5's d_kv, or fewer heads after structured pruning; None = d_model // n_head
     # t5: sentinel ids above the tokenizer's vocabulary (<extra_id_0> is the highest), as T5's
     # 100 extra ids; the vocabulary is padded from tokenizer size + extra_ids
     extra_ids: int = 0
@@ -193,6 +193,33 @@ class TaskConfig:
 class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_backbone: bool = False
+    # quantization-aware training: int8 | int4 fake-quantizes the linear layers' weights while
+    # training (int4 in groups of qat_group_size), and the final checkpoint is really quantized
+    qat: Optional[str] = None
+    qat_group_size: int = 32
+
+
+@dataclass
+class QuantConfig:
+    """llmtrain quantize: post-training quantization of the linear layers."""
+
+    method: str = "int8"  # int8 (weight-only, per channel) | int4 (weight-only, group-wise) | int8_dynamic
+    group_size: int = 32  # int4: inputs per scale / zero point
+    # batches of training data for the int4 clipping search (0 = plain min/max); int8 needs none
+    calibration: int = 0
+    report: bool = True  # measure source vs quantized (compression.json / .md)
+
+
+@dataclass
+class PruneConfig:
+    """llmtrain prune: zero (magnitude, 2:4) or remove (structured) weights of the blocks' linear layers."""
+
+    method: str = "magnitude"  # magnitude | 2:4 | structured
+    sparsity: float = 0.5  # magnitude: fraction of weights zeroed; structured: of heads and FFN channels removed
+    scope: str = "global"  # magnitude: global (one threshold) | layer (the same fraction per layer)
+    heads: bool = True  # structured: remove attention heads too (false: FFN channels only)
+    calibration: int = 8  # structured: batches of training data for the importance scores
+    report: bool = True
 
 
 @dataclass
@@ -288,6 +315,8 @@ class RunConfig:
     chat: ChatConfig = field(default_factory=ChatConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
     init_from: Optional[str] = None  # checkpoint to start from (finetune; pretrain: its weights and tokenizer)

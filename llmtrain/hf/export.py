@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from llmtrain.compress.prune import is_mask_key
 from llmtrain.errors import UserError
 from llmtrain.files import disk_full, file_mode, free_bytes, fsync_dir, fsync_tree, is_disk_full
 from llmtrain.hf import ARCHS
@@ -85,7 +86,9 @@ def hf_model(model: torch.nn.Module, model_cfg, tokenizer, labels: list[str] | N
                 config.label2id = {v: i for i, v in config.id2label.items()}
         model = model.backbone
     config.architectures = [cls_name]
-    sd = mod.to_hf_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    # pruning masks are not weights: the pruned weights are zeros already
+    state = {k: v for k, v in model.state_dict().items() if not is_mask_key(k)}
+    sd = mod.to_hf_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
     hf = getattr(transformers, cls_name)(config)
     if hasattr(mod, "prepare_hf_model"):
         mod.prepare_hf_model(hf, model_cfg)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmtrain.config.schema import ModelConfig
+from llmtrain.errors import UserError
 from llmtrain.models.layers import (
     MLP,
     Attention,
@@ -27,7 +28,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model
-        self.attn = Attention(d, cfg.n_head, None, cfg.bias, cfg.dropout)
+        self.attn = Attention(d, cfg.n_head, None, cfg.bias, cfg.dropout, cfg.head_dim)
         self.attn_norm = layer_norm(d, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(d, cfg.d_ff or 4 * d, cfg.bias, cfg.dropout, approximate="none")
         self.mlp_norm = layer_norm(d, cfg.norm_eps, cfg.bias)
@@ -148,6 +149,14 @@ _HF_IGNORE = (r"\.position_ids$", r"\.token_type_ids$")  # index buffers of some
 
 def hf_config(cfg: ModelConfig):
     from transformers import BertConfig
+
+    if cfg.head_dim and cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise UserError(
+            f"BertConfig has no head_dim: a {cfg.name} model with {cfg.n_head} heads of {cfg.head_dim} "
+            f"(attention heads removed by structured pruning) is narrower than d_model={cfg.d_model} inside "
+            "attention and cannot be exported to transformers (prune.heads=false prunes FFN channels only; "
+            "llama exports either)"
+        )
 
     return BertConfig(
         vocab_size=cfg.vocab_size,

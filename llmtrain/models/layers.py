@@ -180,8 +180,8 @@ class Attention(nn.Module):
         head_dim: Optional[int] = None,
         scale: Optional[float] = None,
     ):
-        """head_dim: None = d // n_head (T5's d_kv may differ); scale: None = 1/sqrt(head_dim)
-        (T5 uses 1: the scaling is folded into its init)."""
+        """head_dim: None = d // n_head (T5's d_kv may differ; structured pruning leaves fewer heads);
+        scale: None = 1/sqrt(head_dim) (T5 uses 1: the scaling is folded into its init)."""
         super().__init__()
         assert head_dim or d % n_head == 0, "d_model must be divisible by n_head"
         self.n_head = n_head

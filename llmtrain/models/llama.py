@@ -36,7 +36,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        self.attn = Attention(d, cfg.n_head, cfg.n_kv_heads, bias=False, dropout=cfg.dropout)
+        self.attn = Attention(d, cfg.n_head, cfg.n_kv_heads, bias=False, dropout=cfg.dropout, head_dim=cfg.head_dim)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.d_ff or default_d_ff(d), bias=False, dropout=cfg.dropout)
 
@@ -54,7 +54,7 @@ class Llama(nn.Module):
         assert cfg.vocab_size > 0, "vocab_size must be resolved before building the model"
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rotary = Rotary(cfg.d_model // cfg.n_head, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim or cfg.d_model // cfg.n_head, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -142,6 +142,7 @@ def hf_config(cfg: ModelConfig):
         num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_kv_heads or cfg.n_head,
+        head_dim=cfg.head_dim or cfg.d_model // cfg.n_head,
         hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
@@ -166,8 +167,8 @@ def config_from_hf(hf) -> ModelConfig:
     if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
         raise ValueError("Llama checkpoints with biases are not supported")
     head_dim = getattr(hf, "head_dim", None)
-    if head_dim and head_dim * hf.num_attention_heads != hf.hidden_size:
-        raise ValueError("head_dim * num_attention_heads must equal hidden_size")
+    if head_dim == hf.hidden_size // hf.num_attention_heads:
+        head_dim = None
     n_kv = hf.num_key_value_heads
     return ModelConfig(
         name="llama",
@@ -176,6 +177,7 @@ def config_from_hf(hf) -> ModelConfig:
         n_kv_heads=None if n_kv == hf.num_attention_heads else n_kv,
         d_model=hf.hidden_size,
         d_ff=hf.intermediate_size,
+        head_dim=head_dim,
         vocab_size=hf.vocab_size,
         max_seq_len=hf.max_position_embeddings,
         dropout=getattr(hf, "attention_dropout", 0.0),
@@ -196,8 +198,8 @@ def to_hf_state_dict(sd: dict) -> dict:
     out = {}
     for i in _layers(sd, "blocks."):
         qkv = sd.pop(_QKV.format(i))
-        # sizes from the layer's own o_proj / norm: q has d_model rows, k and v share the rest
-        d = sd[f"blocks.{i}.attn.proj.weight"].shape[0]
+        # sizes from the layer's own o_proj: q has its input size in rows, k and v share the rest
+        d = sd[f"blocks.{i}.attn.proj.weight"].shape[1]
         kv = (qkv.shape[0] - d) // 2
         q, k, v = qkv.split([d, kv, kv], dim=0)
         for name, w in zip("qkv", (q, k, v)):

@@ -11,8 +11,15 @@ metrics are combined exactly once (see llmtrain/data/validation.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from llmtrain import checkpoints
+from llmtrain.compress.layout import compression_of
+from llmtrain.compress.report import compression_report
 from llmtrain.config.schema import RunConfig
+from llmtrain.distributed import world
 from llmtrain.errors import UserError
 from llmtrain.eval.report import print_table, write_reports
 from llmtrain.eval.suite import EVAL_TASKS, EvalContext, default_tasks, task_overrides
@@ -32,6 +39,23 @@ def _loader(path: str, device, task_cfg):
         return loaded
 
     return load
+
+
+def _compression_report(cfg: RunConfig, path, meta: dict, run_dir) -> None:
+    """A compressed checkpoint (quantized, pruned, distilled, or a recovery fine-tune of one) is
+    also measured against the model it came from: compression.json / compression.md."""
+    source = compression_of(meta).get("source")
+    if not source:
+        return
+    if world()[1] > 1:  # the report scores both models on one process (rank 0 alone would wait on the others)
+        print("evaluate: run without torchrun for the compression report (compression.json)", flush=True)
+        return
+    if not checkpoints.is_hf(source) and not Path(source).exists():
+        print(f"evaluate: the source model {source} is gone; no compression report", flush=True)
+        return
+    cpu = torch.device("cpu")
+    compression_report(checkpoints.load(source, cpu), checkpoints.load(path, cpu), cfg, run_dir)
+    print(f"wrote {run_dir / 'compression.json'} and compression.md", flush=True)
 
 
 def _files_read(cfg: RunConfig, details: dict) -> list[str | None]:
@@ -78,5 +102,6 @@ def run(cfg: RunConfig) -> float | None:
             print(f"scored {d['path']}: {part}, {docs}, {d['tokens']:,} tokens")
         print_table({k: v for k, v in results.items() if "/" in k})
         print(f"wrote {rt.run_dir / 'eval.json'} and eval.md", flush=True)
+        _compression_report(cfg, path, meta, rt.run_dir)
     value = results.get(cfg.optimize_metric)
     return float(value) if isinstance(value, (int, float)) else None

@@ -11,6 +11,7 @@ import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded
+from llmtrain.compress.layout import compression_of
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.threads import apply_threads
@@ -39,6 +40,13 @@ def run(cfg: RunConfig) -> None:
     from llmtrain.hf.export import export_hf
 
     loaded = checkpoints.load(cfg.checkpoint, torch.device("cpu"))
+    quantized = compression_of(loaded.meta).get("quant")
+    if quantized:
+        raise UserError(
+            f"checkpoint {loaded.path} is quantized ({quantized['method']}): transformers has no loader for "
+            "llmtrain's packed int layers, so there is no matching format; export its source "
+            f"({compression_of(loaded.meta).get('source')}) and quantize on the transformers side"
+        )
     model = loaded.model
     out = export_hf(loaded, cfg.export.out, model=model, labels=labels_of(loaded))
     n = sum(p.numel() for p in model.parameters())

@@ -17,6 +17,7 @@ import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
+from llmtrain.compress import finetune as compressed, prune
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import unk_report
 from llmtrain.data.pipeline import load_corpus
@@ -59,6 +60,7 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         if isinstance(module, torch.nn.Dropout):
             module.p = model_cfg.dropout
     _check_tokenizer(cfg, loaded)
+    compressed.check_init(cfg, loaded)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")
 
@@ -74,6 +76,9 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     unused = _freeze_unused(model, task)
     if unused:
         adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
+    noted = compressed.setup(cfg, model, loaded)  # QAT layers; pruning masks are noted
+    if noted:
+        adapted += f"; {noted}"
 
     if rt.is_main:
         print(f"finetune: initialised from {loaded.path} (step {loaded.meta.get('step')}); {summary}", flush=True)
@@ -97,10 +102,11 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         )
 
     meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-    meta.update(init_from=str(loaded.path), task=task_meta(task))
+    meta.update(init_from=str(loaded.path), task=task_meta(task), **compressed.checkpoint_record(cfg, loaded))
     if cfg.finetune.lora.r > 0:
         meta["lora"] = {**dataclasses.asdict(cfg.finetune.lora), "merged": False}
         _check_resumable(cfg, rt.run_dir)
+    compressed.check_resumable(cfg, rt.run_dir)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
     model.to(rt.device)
     before = None
@@ -118,11 +124,14 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
             logger.log({"val/loss": before}, 0)
             if rt.is_main:
                 print(f"finetune: val/loss before training {before:.4f}", flush=True)
-        result = trainer.fit()
+        with prune.enforce(model):  # pruned weights stay zero after every optimizer step
+            result = trainer.fit()
         if result.interrupted:  # the merged save and the task metrics are left to the resumed run
             raise result.interruption(rt.run_dir)
         if cfg.finetune.lora.r > 0:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
+        if cfg.finetune.qat:
+            result.checkpoint = compressed.finish_qat(cfg, trainer, model, meta, result.metrics) or result.checkpoint
         if not rt.is_main:
             return result.metrics.get(cfg.optimize_metric)
         if rt.is_main:
