@@ -24,6 +24,7 @@ from llmtrain.errors import Interrupted, UserError, fail
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("llmtrain.stages.pretrain", "Pretrain a model (causal LM, masked LM, NSP, contrastive)."),
     "finetune": ("llmtrain.stages.finetune", "Fine-tune a checkpoint (init_from=PATH)."),
+    "distill": ("llmtrain.stages.distill", "Distill a teacher checkpoint into a student (teacher=PATH)."),
     "evaluate": ("llmtrain.stages.evaluate", "Evaluate a checkpoint (checkpoint=PATH)."),
     "generate": ("llmtrain.stages.generate", "Sample text from a checkpoint (checkpoint=PATH generate.prompt=...)."),
     "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),

@@ -9,7 +9,8 @@ experiment fits when the verb's primary config has every group the experiment ov
 refuses the override otherwise), and the experiment overrides `task` exactly when the verb's
 config has a task group. So presets naming a task are fine-tuning presets (finetune) and the
 others train from scratch (pretrain, bench); verbs that take the architecture from a checkpoint
-(evaluate, generate, chat, export) have none.
+(evaluate, generate, chat, export) have none. An experiment that sets a verb's own group (e.g.
+`distill:`) fits that verb only, with or without a task, and such a verb takes only those.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ VERBS: dict[str, Verb] = {
         "finetune.qat finetune.qat_group_size "
         "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
         "trainer.eval_every eval.max_examples",
+    ),
+    "distill": Verb(
+        "Distil a teacher checkpoint (teacher=PATH) into a student: model=PRESET from scratch or "
+        "init_from=PATH, with the teacher's tokenizer. Causal LM or masked LM on data.path (task=lm), or a "
+        "fine-tuned classifier's logits (task=classification).",
+        "teacher init_from distill.* objective.name task.name task.train_path task.val_path data.path "
+        "data.seq_len data.batch_size model.n_layer model.d_model optim.lr trainer.max_steps trainer.eval_every "
+        "trainer.resume",
     ),
     "evaluate": Verb(
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
@@ -117,6 +126,11 @@ VERBS: dict[str, Verb] = {
 KEYS: dict[str, str] = {
     "checkpoint": "what to load: a run dir, step dir, best_checkpoint, task or LoRA run, or hf:DIR",
     "init_from": "the checkpoint to start from (any form `checkpoint` accepts)",
+    "teacher": "distill: the checkpoint to learn from (any form `checkpoint` accepts)",
+    "distill.alpha": "weight of the KD term; 1 - alpha weighs the task loss on the labels",
+    "distill.temperature": "softmax temperature of both distributions (the KD term is scaled by T^2)",
+    "distill.hidden_weight": "weight of a hidden-state MSE through a learned projection (0 = off)",
+    "objective.name": "clm | mlm (choose with objective=NAME)",
     "optimize_metric": "the metric a sweep optimises (returned by the run)",
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
     "data.seq_len": "tokens per training window",
@@ -283,13 +297,24 @@ def overridden_groups(experiment: str) -> set[str]:
 
 def experiments_for(verb: str) -> list[str]:
     """The rule in this module's docstring."""
-    groups = primary_groups(verb)
-    fits = []
-    for name in group_options("experiment"):
-        over = overridden_groups(name)
-        if over <= groups.keys() and ("task" in over) == ("task" in groups):
-            fits.append(name)
-    return fits
+    groups, names = primary_groups(verb), group_options("experiment")
+    owners = {name: verb_group_of(name) for name in names}
+    own = [name for name in names if owners[name] == verb.replace(" ", "_")]
+    if own:
+        return own
+    return [
+        name
+        for name in names
+        if owners[name] is None
+        and overridden_groups(name) <= groups.keys()
+        and ("task" in overridden_groups(name)) == ("task" in groups)
+    ]
+
+
+def verb_group_of(experiment: str) -> str | None:
+    """The verb whose own group the experiment sets (a top-level key named like a verb), if any."""
+    keys = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")).keys()
+    return next((k for k in keys if k in {v.replace(" ", "_") for v in VERBS}), None)
 
 
 def _summary(experiment: str) -> str:

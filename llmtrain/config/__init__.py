@@ -48,7 +48,9 @@ def validate_config(cfg: RunConfig) -> None:
     from llmtrain.train.optim import check_optimizer
 
     model_cls = model_class(cfg.model.name)
-    if cfg.stage == "pretrain" and not cfg.init_from:  # with init_from, checked against the checkpoint
+    # pretrain's model and distill's student are built from model=PRESET unless init_from names a checkpoint
+    from_scratch = cfg.stage in ("pretrain", "distill") and not cfg.init_from
+    if from_scratch and cfg.task.name == "lm":
         objective_cls = objective_class(cfg.objective.name)
         needs = getattr(objective_cls, "needs_decoder", None)
         is_decoder = getattr(model_cls, "is_decoder", True)
@@ -78,7 +80,7 @@ def validate_config(cfg: RunConfig) -> None:
     check_ranges(cfg)  # first: the size checks below divide by these
     m, d = cfg.model, cfg.data
     check_optimizer(cfg.optim, sharded=cfg.trainer.strategy == "fsdp")
-    if cfg.stage != "pretrain" or cfg.init_from:  # the checkpoint decides the architecture; checked when loaded
+    if not from_scratch:  # the checkpoint decides the architecture; checked when loaded
         m = ModelConfig(max_seq_len=max(d.seq_len, 1))
     if m.d_model % m.n_head and not m.head_dim:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
@@ -92,17 +94,19 @@ def check_required_files(cfg: RunConfig) -> None:
     """Presets mark the user's files `???`, but OmegaConf's merge keeps the schema's None under a
     `???`, so the composed config cannot tell; check here, before Hydra creates the run directory."""
     reads_data = cfg.stage in ("pretrain", "tokenizer_train", "data_prepare") or (
-        cfg.stage == "finetune" and cfg.task.name == "lm"
+        cfg.stage in ("finetune", "distill") and cfg.task.name == "lm"
     )
+    if cfg.stage == "distill" and not cfg.teacher:
+        raise UserError("distill needs teacher=PATH (the checkpoint or run directory to distill from)")
     if reads_data and not cfg.data.path:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
-    if cfg.data.val_path and cfg.stage == "finetune" and cfg.task.name != "lm":
+    if cfg.data.val_path and cfg.stage in ("finetune", "distill") and cfg.task.name != "lm":
         raise UserError(
             f"data.val_path is for text (task=lm); task={cfg.task.name} reads its validation file from task.val_path"
         )
     if cfg.eval.split not in (None, "all", "val"):
         raise UserError(f"eval.split must be all or val, got {cfg.eval.split!r}")
-    if cfg.stage == "finetune" and cfg.task.name != "lm" and not cfg.task.train_path:
+    if cfg.stage in ("finetune", "distill") and cfg.task.name != "lm" and not cfg.task.train_path:
         raise UserError(
             f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"
         )

@@ -223,6 +223,16 @@ class PruneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """llmtrain distill: loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * task loss
+    (+ hidden_weight * MSE(projected student hidden states, teacher hidden states))."""
+
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha goes to the task loss on the labels
+    temperature: float = 2.0  # softens both distributions; the KD term is scaled by T^2
+    hidden_weight: float = 0.0  # > 0: also match final hidden states through a learned projection
+
+
+@dataclass
 class SamplingConfig:
     """How text is sampled; generate, chat and eval's generation task each set their own defaults."""
 
@@ -297,7 +307,7 @@ class BenchConfig:
 @dataclass
 class RunConfig:
     """The whole run: groups shared by every stage, and each stage's own group (generate, chat,
-    export, eval, bench, embed). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
+    export, eval, bench, distill, embed). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,6 +319,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -319,7 +330,8 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
-    init_from: Optional[str] = None  # checkpoint to start from (finetune; pretrain: its weights and tokenizer)
+    init_from: Optional[str] = None  # checkpoint to start from (finetune; distill's student; pretrain: its weights)
+    teacher: Optional[str] = None  # the checkpoint to distill from (distill)
     checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, chat, export)
     # what a sweep optimises: the stage returns this metric
     optimize_metric: str = "val/loss"

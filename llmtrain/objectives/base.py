@@ -6,6 +6,10 @@ task): data are bound when it is built, then it gives batches and turns (model, 
     for batch in obj.val_batches(max_batches, rank, world): ...
     out = obj.loss(model, batch)               # LossOutput
 
+A trainee may also train parameters of its own, outside the model: `extra`, an nn.Module or
+absent (distillation's hidden-state projection, objectives/distill.py). The trainer optimises
+them with the model and keeps them in the train state, never in the model's weights.
+
 Batches are functions of (seed, step, rank) so runs are deterministic and resume exactly.
 """
 

@@ -22,7 +22,7 @@ from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.train.tracking import MetricsLogger
-from llmtrain.train.trainer import Trainer
+from llmtrain.train.trainer import Trainer, TrainResult
 
 
 def run(cfg: RunConfig) -> float | None:
@@ -47,7 +47,9 @@ def run(cfg: RunConfig) -> float | None:
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
         if cfg.init_from:
             meta["init_from"] = init_path
-        return train_and_report(cfg, rt, run_dir, model, objective, splits, meta)
+        data = splits.describe() if splits is not None else objective.summary()
+        result = train_and_report(cfg, rt, run_dir, model, objective, data, meta)
+        return result.metrics.get(cfg.optimize_metric)
 
 
 def start_from(cfg: RunConfig):
@@ -80,9 +82,9 @@ def start_from(cfg: RunConfig):
     return model, model_cfg, loaded.tokenizer, str(loaded.path)
 
 
-def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -> float | None:
+def train_and_report(cfg, rt, run_dir: RunDir, model, objective, data: str, meta) -> TrainResult:
     """Start (the resume checkpoint checked before anything is written), write the run files,
-    train, report; returns the optimised metric."""
+    train, report (also used by distill)."""
     n = sum(p.numel() for p in model.parameters())  # before the trainer wraps (maybe shards) it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger = MetricsLogger(rt.run_dir, cfg.logger, config_dict(cfg), enabled=rt.is_main)
@@ -90,7 +92,6 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
     run_dir.begin(trainer.step if trainer.resumed_from is not None else None)
     if rt.is_main:
         write_run_files(rt.run_dir, cfg)
-        data = splits.describe() if splits is not None else objective.summary()
         print(
             f"{cfg.stage}: {meta['model']['name']} {n / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{data}, device {rt.device} "
@@ -109,7 +110,7 @@ def train_and_report(cfg, rt, run_dir: RunDir, model, objective, splits, meta) -
         write_curves(rt.run_dir)
     if result.interrupted:
         raise result.interruption(rt.run_dir)
-    return result.metrics.get(cfg.optimize_metric)
+    return result
 
 
 def write_curves(run_dir) -> None:

@@ -27,7 +27,10 @@ class SequenceClassifier(HeadModel):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        hidden = self.hidden(input_ids, attention_mask, token_type_ids)
+        return self.classify(self.hidden(input_ids, attention_mask, token_type_ids), input_ids, attention_mask)
+
+    def classify(self, hidden, input_ids, attention_mask=None):
+        """Logits from the backbone's hidden states (distillation also reads the hidden states)."""
         if self.is_decoder:  # the last real token (right padding: real tokens never see pads)
             last = (
                 attention_mask.sum(1) - 1

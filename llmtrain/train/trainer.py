@@ -48,10 +48,19 @@ class LossModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, trainee: Trainee):
         super().__init__()
         self.model, self.trainee = model, trainee
+        if trainee_extra(trainee) is not None:
+            # Registered, so it moves to the device and DDP synchronises its gradients.
+            self.extra = trainee_extra(trainee)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         out = self.trainee.loss(self.model, batch)
         return out.loss, out.n_targets, out.extras
+
+
+def trainee_extra(trainee: Trainee) -> torch.nn.Module | None:
+    """Parameters a trainee trains besides the model (distillation's hidden-state projection):
+    optimised with the model and kept in train_state.pt, never in the model's weights."""
+    return getattr(trainee, "extra", None)
 
 
 @dataclass
@@ -101,6 +110,11 @@ class Trainer:
             ckpt.load_model_state(model, ckpt.load_weights(self.resumed_from), self.resumed_from)
         self.loss_module = wrap_model(LossModule(model, trainee), cfg.trainer, device, precision, dist)
         self.optimizer = build_optimizer(model, cfg.optim, device.type)
+        self.extra = trainee_extra(trainee)
+        if self.extra is not None:
+            if self.strategy == "fsdp":
+                raise UserError(f"{cfg.stage}: trainer.strategy=fsdp cannot train the trainee's parameters; use ddp")
+            self.optimizer.add_param_group({"params": list(self.extra.parameters()), "weight_decay": 0.0})
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.tc.max_steps)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.source = trainee.train_source(dist.rank, dist.world_size)
@@ -113,6 +127,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._saving = False  # a signal now waits for the save (see _install_signal_handlers)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.extra is not None:
+            self.params += list(self.extra.parameters())
         self.bad_run = torch.zeros((), device=device)  # current streak of non-finite steps
         self.bad_max = torch.zeros((), device=device)  # longest streak since the last check
         self.grad_norm = torch.zeros((), device=device)
@@ -156,6 +172,8 @@ class Trainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.extra is not None:
+            state["trainee"] = {k: v.detach().cpu() for k, v in self.extra.state_dict().items()}
         return state
 
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -206,6 +224,8 @@ class Trainer:
                     torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
+            if self.extra is not None:
+                self.extra.load_state_dict(state["trainee"])
             self.step, self.best_val = int(state["step"]), float(state["best_val"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
