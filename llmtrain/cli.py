@@ -22,7 +22,7 @@ from llmtrain.errors import Interrupted, UserError, fail
 # verb -> (stage module, one-line help). The module's `run(cfg)` does the work; the primary
 # config is conf/<verb with spaces as underscores>.yaml.
 STAGES: dict[str, tuple[str, str]] = {
-    "pretrain": ("llmtrain.stages.pretrain", "Pretrain a model (causal LM, masked LM, NSP)."),
+    "pretrain": ("llmtrain.stages.pretrain", "Pretrain a model (causal LM, masked LM, NSP, contrastive)."),
     "finetune": ("llmtrain.stages.finetune", "Fine-tune a checkpoint (init_from=PATH)."),
     "rl": ("llmtrain.stages.rl", "Reinforcement learning with GRPO from a checkpoint (init_from=PATH rl.reward=...)."),
     "distill": ("llmtrain.stages.distill", "Distill a teacher checkpoint into a student (teacher=PATH)."),
@@ -30,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("llmtrain.stages.generate", "Sample text from a checkpoint (checkpoint=PATH generate.prompt=...)."),
     "chat": ("llmtrain.stages.chat", "Chat with an instruction-tuned checkpoint (checkpoint=PATH)."),
     "export": ("llmtrain.stages.export", "Export a checkpoint as Hugging Face files (checkpoint=PATH export.out=DIR)."),
+    "embed": ("llmtrain.stages.embed", "Sentence embeddings to .npy (checkpoint=PATH embed.input=FILE embed.out=OUT)."),
     "quantize": (
         "llmtrain.stages.quantize",
         "Quantize a checkpoint (checkpoint=PATH quant.method=...).",

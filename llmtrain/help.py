@@ -35,12 +35,15 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(
-        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP; span corruption or "
-        "denoising for the t5 encoder-decoder) on data.path.",
+        "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP, contrastive "
+        "sentence embeddings; span corruption or denoising for the t5 encoder-decoder) on data.path; "
+        "init_from=PATH starts from a checkpoint's weights and tokenizer instead.",
         "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
         "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
         "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads objective.noise_density "
-        "objective.mean_span_length objective.permute_sentences model.extra_ids optimize_metric",
+        "objective.mean_span_length objective.permute_sentences model.extra_ids init_from objective.temperature "
+        "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold "
+        "optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
@@ -71,7 +74,13 @@ VERBS: dict[str, Verb] = {
         "Evaluate a checkpoint (checkpoint=PATH): loss, perplexity and bits per byte, or its task's metrics, "
         "on its own data or on the data you name.",
         "checkpoint eval.tasks eval.split eval.max_examples eval.batch_size eval.max_new_tokens eval.num_beams "
-        "eval.length_penalty eval.length_normalize task.val_path data.path data.val_path trainer.eval_batches "
+        "eval.length_penalty eval.length_normalize task.val_path data.path data.val_path eval.sts_path "
+        "eval.sts_columns eval.sts_positive eval.pooling trainer.eval_batches trainer.device",
+    ),
+    "embed": Verb(
+        "Write sentence embeddings of an encoder checkpoint (checkpoint=PATH) to a .npy file: one row per line "
+        "or record of embed.input.",
+        "checkpoint embed.input embed.out embed.pooling embed.normalize embed.batch_size data.text_field "
         "trainer.device",
     ),
     "generate": Verb(
@@ -203,6 +212,19 @@ KEYS: dict[str, str] = {
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
     "finetune.freeze_backbone": "train only the new task head",
+    "eval.sts_path": "sts: sentence pairs with gold scores (e.g. STS-B dev.tsv)",
+    "eval.sts_columns": "sts: columns of sentence A, B, score (digits: 1-based, headerless file; else field names)",
+    "eval.pooling": "sts: mean | cls (null = the checkpoint's objective.pooling)",
+    "embed.input": "sentences: one per line (text) or record (.jsonl/.json/.csv/.tsv, data.text_field)",
+    "embed.out": "the .npy file to write (float32, one row per line or record)",
+    "embed.pooling": "mean | cls (null = the checkpoint's objective.pooling)",
+    "embed.normalize": "L2-normalise each row",
+    "embed.batch_size": "sentences per forward pass",
+    "objective.temperature": "contrastive: InfoNCE temperature",
+    "objective.pooling": "contrastive: mean | cls, how token states become a sentence vector",
+    "objective.pair_columns": "contrastive: [A,B,score] columns of a pair file ([] = unsupervised sentences)",
+    "objective.positive_threshold": "contrastive: a pair with score >= this is a positive",
+    "objective.hard_negative_threshold": "contrastive: a pair with score <= this gives a hard negative (null = none)",
     "finetune.qat": "int8 | int4: quantization-aware training (fake-quantized weights), quantized at the end",
     "finetune.qat_group_size": "finetune.qat=int4: inputs per scale",
     "quant.method": "int8 (weights, per channel) | int4 (weights, group-wise) | int8_dynamic (+ int8 activations)",
@@ -216,7 +238,8 @@ KEYS: dict[str, str] = {
     "prune.calibration": "structured: training batches for the importance scores",
     "prune.report": "measure source vs pruned model (compression.json, compression.md)",
     "eval.tasks": "lm | classification | qa | generation | mlm | nsp | preference | span_corruption | denoising "
-    "| arithmetic ([] = the checkpoint's own)",
+    "| sts | arithmetic ([] = the checkpoint's own)",
+    "eval.sts_positive": "sts: alignment is over the pairs scoring >= this",
     "eval.num_beams": "generation task: beams (1 = greedy)",
     "eval.length_penalty": "beam search: score = log-prob / length ** length_penalty",
     "generate.num_beams": "beam search with this many beams (1 = sample / greedy)",

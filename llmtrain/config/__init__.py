@@ -48,8 +48,8 @@ def validate_config(cfg: RunConfig) -> None:
     from llmtrain.train.optim import check_optimizer
 
     model_cls = model_class(cfg.model.name)
-    # distill's student is built from model=PRESET unless init_from names a checkpoint
-    from_scratch = cfg.stage == "pretrain" or (cfg.stage == "distill" and not cfg.init_from)
+    # pretrain's model and distill's student are built from model=PRESET unless init_from names a checkpoint
+    from_scratch = cfg.stage in ("pretrain", "distill") and not cfg.init_from
     if from_scratch and cfg.task.name == "lm":
         objective_cls = objective_class(cfg.objective.name)
         needs = getattr(objective_cls, "needs_decoder", None)
@@ -68,7 +68,7 @@ def validate_config(cfg: RunConfig) -> None:
         if needs is True and not is_decoder:
             raise UserError(
                 f"objective={cfg.objective.name} needs a causal decoder, but model "
-                f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp or mlm_nsp)"
+                f"{cfg.model.name!r} is an encoder (use objective=mlm, nsp, mlm_nsp or contrastive)"
             )
         if needs is False and is_decoder:
             raise UserError(

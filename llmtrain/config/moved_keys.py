@@ -32,6 +32,7 @@ MOVED: dict[str, str] = {
 # Old key -> new key, for one stage only (elsewhere the old key still means what it meant).
 MOVED_FOR_STAGE: dict[str, dict[str, str]] = {
     "chat": {"task.chat_template": "chat.template"},
+    "embed": {"input": "embed.input", "out": "embed.out"},  # the stage's own group, as for export
 }
 
 # Keys nothing ever read: removed from the schema.
@@ -49,12 +50,12 @@ def _key(override: str) -> str:
 
 def new_key(stage: str, key: str) -> str | None:
     """The key that replaced `key` for `stage`, or None if `key` did not move."""
+    if key in MOVED_FOR_STAGE.get(stage, {}):
+        return MOVED_FOR_STAGE[stage][key]
     if key in MOVED:
         return MOVED[key]
     if key in _SAMPLING:
         return f"{_SAMPLING_GROUP.get(stage, 'generate')}.{key}"
-    if key in MOVED_FOR_STAGE.get(stage, {}):
-        return MOVED_FOR_STAGE[stage][key]
     for prefix in OPTION_DICTS:
         group = prefix.split(".")[0]
         if key == prefix:  # the whole dict at once: each entry is a field now

@@ -109,6 +109,8 @@ RANGES: dict[str, Range] = {
     "rl.eval_prompts": AT_LEAST_0,
     "rl.num_samples": AT_LEAST_0,
     "rl.reward_batch_size": AT_LEAST_1,
+    "objective.temperature": Range(0, low_open=True),
+    "embed.batch_size": AT_LEAST_1,
     "task.beta": Range(0, low_open=True),
     "task.gamma": AT_LEAST_0,
 }

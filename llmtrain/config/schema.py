@@ -63,9 +63,18 @@ class TokenizerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | span_corruption | denoising
+    name: str = "clm"  # clm | mlm | nsp | mlm_nsp | span_corruption | denoising | contrastive
     mask_prob: float = 0.15
     nsp_prob: float = 0.5
+    # contrastive (SimCSE): InfoNCE temperature, and how token states become one sentence vector
+    temperature: float = 0.05
+    pooling: str = "mean"  # mean | cls
+    # Supervised contrastive: the (sentence A, sentence B, score) columns of data.path; a digit is a
+    # 1-based column of a headerless .tsv/.csv, a name a field of a header row or JSON record.
+    # Empty = unsupervised: one sentence per line (text) or record (data.text_field).
+    pair_columns: list[str] = field(default_factory=list)
+    positive_threshold: float = 4.0  # a pair with score >= this is a positive
+    hard_negative_threshold: Optional[float] = None  # a pair with score <= this: B is a hard negative; None = none
     # span_corruption (T5) / denoising (BART): fraction of tokens corrupted and the mean span
     # length (denoising: the Poisson lambda of its span lengths)
     noise_density: float = 0.15
@@ -263,7 +272,7 @@ class ExportConfig:
 
 @dataclass
 class EvalConfig(SamplingConfig):
-    tasks: list[str] = field(default_factory=lambda: ["lm"])  # lm | classification | qa | generation | mlm | nsp
+    tasks: list[str] = field(default_factory=lambda: ["lm"])  # lm | classification | qa | generation | mlm | nsp | sts
     max_examples: int = 0  # 0 = all
     batch_size: int = 16
     # generation task: greedy unless set
@@ -272,10 +281,24 @@ class EvalConfig(SamplingConfig):
     top_k: Optional[int] = None
     stop: list[str] = field(default_factory=list)  # more strings that end a generation
     prompt_format: Optional[str] = None  # e.g. "{source} TL;DR:" for a plain LM; None = template or raw text
+    # sts task: a sentence-pair file with gold similarity scores (e.g. STS-B dev.tsv)
+    sts_path: Optional[str] = None
+    sts_columns: list[str] = field(default_factory=lambda: ["8", "9", "10"])  # A, B, score; as objective.pair_columns
+    sts_positive: float = 4.0  # alignment is over the pairs scoring >= this (SimCSE: STS-B pairs above 4)
+    pooling: Optional[str] = None  # mean | cls; None = the checkpoint's objective.pooling
     length_normalize: bool = False  # preference task: compare per-token (not summed) log-probs of a policy
     # lm/mlm/nsp: what of the data to score: all | val; None = all of data given on the command
     # line (metrics eval/*), else the checkpoint's own validation split (val/*)
     split: Optional[str] = None
+
+
+@dataclass
+class EmbedConfig:
+    input: Optional[str] = None  # sentences: one per line (text) or record (.jsonl/.json/.csv/.tsv, data.text_field)
+    out: Optional[str] = None  # the .npy file to write: one row per line or record
+    pooling: Optional[str] = None  # mean | cls; None = the checkpoint's objective.pooling
+    normalize: bool = False  # L2-normalise each row
+    batch_size: int = 64
 
 
 @dataclass
@@ -309,7 +332,7 @@ class RLConfig:
 @dataclass
 class RunConfig:
     """The whole run: groups shared by every stage, and each stage's own group (generate, chat,
-    export, eval, bench, distill). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
+    export, eval, bench, distill, embed). Keys that moved here from the root: llmtrain/config/moved_keys.py."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -328,11 +351,12 @@ class RunConfig:
     chat: ChatConfig = field(default_factory=ChatConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     stage: str = "pretrain"
     experiment: Optional[str] = None  # set by experiment files, for run names
-    init_from: Optional[str] = None  # checkpoint to start from (finetune; distill's student)
+    init_from: Optional[str] = None  # checkpoint to start from (finetune; distill's student; pretrain: its weights)
     teacher: Optional[str] = None  # the checkpoint to distill from (distill)
     checkpoint: Optional[str] = None  # checkpoint to load (evaluate, generate, chat, export)
     # what a sweep optimises: the stage returns this metric

@@ -13,6 +13,7 @@ all-reduced and per-example outputs gathered, so every example counts exactly on
     arithmetic      exact match of greedy answers to the held-out problems of task=arithmetic
     classification  accuracy, macro-F1, per-class P/R/F1, confusion matrix (llmtrain.tasks)
     qa              SQuAD exact match / F1 (llmtrain.tasks, task extractive_qa)
+    sts             Spearman of embedding cosines vs gold scores, alignment, uniformity (llmtrain/eval/sts.py)
     preference      held-out preference pairs: chosen beats rejected (a reward model's score, or
                     a policy's log-prob)
 """
@@ -109,7 +110,7 @@ def default_tasks(meta: dict[str, Any]) -> list[str]:
     if ((meta.get("config") or {}).get("data") or {}).get("path") == "task:arithmetic":  # data=arithmetic
         return ["arithmetic"]
     objective = meta.get("objective", "clm")
-    by_objective = {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"]}
+    by_objective = {"mlm": ["mlm"], "nsp": ["nsp"], "mlm_nsp": ["mlm", "nsp"], "contrastive": ["sts"]}
     by_objective.update({name: [name] for name in ("span_corruption", "denoising")})
     return by_objective.get(objective, ["lm"])
 
@@ -662,6 +663,15 @@ def arithmetic_task(ctx: EvalContext) -> TaskResult:
         for e, h in zip(examples[:20], hyps)
     ]
     return TaskResult(out, {"samples": samples})
+
+
+# ----------------------------------------------------------------------------- sentence embeddings
+@eval_task("sts")
+def sts_task(ctx: EvalContext) -> TaskResult:
+    """STS Spearman, alignment and uniformity of an encoder's sentence embeddings (eval.sts_path)."""
+    from llmtrain.eval.sts import sts_eval
+
+    return TaskResult(*sts_eval(ctx))
 
 
 # ----------------------------------------------------------------------------- preference pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 from llmtrain import registry
 from llmtrain.config.schema import DataConfig, ModelConfig, ObjectiveConfig
 from llmtrain.data.corpus import TokenSplits
-from llmtrain.objectives import clm, denoising, mlm, nsp, span_corruption  # noqa: F401  (registers)
+from llmtrain.objectives import clm, contrastive, denoising, mlm, nsp, span_corruption  # noqa: F401  (registers)
 from llmtrain.objectives.base import LossOutput, Objective, Trainee
 from llmtrain.tokenizers import Tokenizer
 

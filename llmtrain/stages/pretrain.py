@@ -1,5 +1,9 @@
 """pretrain: tokenizer + corpus -> registry model -> shared trainer -> checkpoint.
 
+init_from=PATH starts from a checkpoint's weights and tokenizer instead (e.g. contrastive
+training of an MLM encoder); the checkpoint decides the architecture, and its dropout is kept
+unless model.dropout is given on the command line.
+
 data=arithmetic (data.path "task:arithmetic") pretrains on generated problems ("37+58=95" lines
 of task=arithmetic's training set, task.digits / task.ops / task.problem_seed) instead of a file;
 the held-out problems validate.
@@ -7,17 +11,22 @@ the held-out problems validate.
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
 
+import numpy as np
+import torch
+
+from llmtrain import checkpoints
 from llmtrain.checkpoints import checkpoint_meta
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits, token_dtype
 from llmtrain.data.pipeline import load_corpus, run_tokenizer
+from llmtrain.errors import UserError
 from llmtrain.models import build_model, resolve_model_config
-from llmtrain.objectives import build_objective
+from llmtrain.objectives import build_objective, objective_class
 from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
-from llmtrain.runtime import setup_runtime
+from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer, TrainResult
 
@@ -25,12 +34,28 @@ from llmtrain.train.trainer import Trainer, TrainResult
 def run(cfg: RunConfig) -> float | None:
     rt = setup_runtime(cfg)
     with claim(cfg, rt) as run_dir:
-        tokenizer, splits = arithmetic_corpus(cfg) if cfg.data.path == ARITHMETIC_DATA else load_corpus(cfg)
-        model_cfg = resolve_model_config(cfg.model, tokenizer)
-        model = build_model(model_cfg)
+        model = model_cfg = tokenizer = splits = None
+        if cfg.init_from:
+            model, model_cfg, tokenizer, init_path = start_from(cfg)
+        objective_cls = objective_class(cfg.objective.name)
+        if getattr(objective_cls, "reads_own_data", False):  # sentences or pairs, not a token stream
+            tokenizer = tokenizer or run_tokenizer(cfg, lambda: objective_cls.texts(cfg.objective, cfg.data))
+        elif cfg.data.path == ARITHMETIC_DATA:
+            tokenizer, splits = arithmetic_corpus(cfg, tokenizer)
+        else:
+            tokenizer, splits = load_corpus(cfg, tokenizer=tokenizer)
+        if model is None:
+            model_cfg = resolve_model_config(cfg.model, tokenizer)
+            model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed, model_cfg)
+        if hasattr(objective, "prepare_model"):  # e.g. contrastive freezes the heads it does not train
+            frozen = objective.prepare_model(model, model_cfg)
+            if frozen and rt.is_main:
+                print(f"{cfg.stage}: {len(frozen)} tensors the objective does not use frozen", flush=True)
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
-        data = splits.describe()
+        if cfg.init_from:
+            meta["init_from"] = init_path
+        data = splits.describe() if splits is not None else objective.summary()
         result = train_and_report(cfg, rt, run_dir, model, objective, data, meta)
         return result.metrics.get(cfg.optimize_metric)
 
@@ -38,7 +63,7 @@ def run(cfg: RunConfig) -> float | None:
 ARITHMETIC_DATA = "task:arithmetic"
 
 
-def arithmetic_corpus(cfg: RunConfig):
+def arithmetic_corpus(cfg: RunConfig, tokenizer=None):
     """The tokenizer and token splits of generated arithmetic problems, one per line (small enough
     to hold in memory, so no prepared-data cache)."""
     from llmtrain.tasks.arithmetic import corpus_texts
@@ -46,7 +71,7 @@ def arithmetic_corpus(cfg: RunConfig):
     t = cfg.task
     train, val = corpus_texts(t.digits, list(t.ops), t.problem_seed, t.num_train, t.num_val)
     train_text, val_text = "\n".join(train) + "\n", "\n".join(val) + "\n"
-    tokenizer = run_tokenizer(cfg, [train_text])
+    tokenizer = tokenizer or run_tokenizer(cfg, [train_text])
     dtype = token_dtype(tokenizer.vocab_size)
     return tokenizer, TokenSplits(
         train=np.asarray(tokenizer.encode(train_text), dtype=dtype),
@@ -55,6 +80,36 @@ def arithmetic_corpus(cfg: RunConfig):
         val_bytes=len(val_text.encode()),
         by="problem",  # held out by a hash of the problem (llmtrain/tasks/arithmetic.py)
     )
+
+
+def start_from(cfg: RunConfig):
+    """(model, model config, tokenizer, path) of init_from, checked against the objective."""
+    loaded = checkpoints.load(cfg.init_from)
+    model = loaded.backbone.train()
+    objective_cls = objective_class(cfg.objective.name)
+    needs = getattr(objective_cls, "needs_decoder", None)
+    is_decoder = bool(getattr(model, "is_decoder", True))
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    if getattr(objective_cls, "needs_encoder_decoder", False) != enc_dec:
+        raise UserError(
+            f"objective={cfg.objective.name} does not fit init_from={cfg.init_from}, "
+            f"{'an' if enc_dec else 'not an'} encoder-decoder ({loaded.model_cfg.name})"
+        )
+    if needs is not None and needs != is_decoder:
+        want = "a causal decoder" if needs else "an encoder (bert)"
+        raise UserError(
+            f"objective={cfg.objective.name} needs {want}, but init_from={cfg.init_from} is a "
+            f"{loaded.model_cfg.name} {'decoder' if is_decoder else 'encoder'}"
+        )
+    model_cfg = loaded.model_cfg
+    if any(o.lstrip("+~").split("=", 1)[0] == "model.dropout" for o in hydra_overrides()):
+        model_cfg = dataclasses.replace(model_cfg, dropout=cfg.model.dropout)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = model_cfg.dropout
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")
+    return model, model_cfg, loaded.tokenizer, str(loaded.path)
 
 
 def train_and_report(cfg, rt, run_dir: RunDir, model, objective, data: str, meta) -> TrainResult:
