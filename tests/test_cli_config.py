@@ -93,13 +93,22 @@ def test_bad_config_in_sweep_is_caught_before_any_job(tmp_path):
 
 
 def test_every_experiment_composes():
+    """Each preset fits a training verb (the one its --help lists it under) and composes there."""
+    from llmtrain.help import experiments_for
+
     experiments = sorted(p.stem for p in (ROOT / "llmtrain" / "conf" / "experiment").glob("*.yaml"))
     assert "gpt_small" in experiments
+    fits = {v: set(experiments_for(v)) for v in ("pretrain", "finetune", "distill", "rl")}
     for exp in experiments:
         first = (ROOT / "llmtrain" / "conf" / "experiment" / f"{exp}.yaml").read_text().splitlines()[0]
         assert first == "# @package _global_", exp
-        stage = "finetune" if exp.startswith(("finetune", "sft", "qa", "summarize")) else "pretrain"
-        files = ["data.path=/data/corpus.txt"] + (["task.train_path=/data/train.json"] if stage == "finetune" else [])
+        stages = [v for v, names in fits.items() if exp in names]
+        assert stages, f"{exp} fits no training verb"
+        stage = stages[0]
+        files = ["data.path=/data/corpus.txt"]
+        files += ["task.train_path=/data/train.json"] if stage in ("finetune", "distill") else []
+        files += ["teacher=/runs/teacher"] if stage == "distill" else []
+        files += ["rl.reward_model=/runs/reward"] if exp == "rlhf_demo" else []  # the preset's one required run
         proc = run_cli(stage, f"+experiment={exp}", *files, "--cfg", "job")
         assert proc.returncode == 0, (exp, proc.stderr)
 
