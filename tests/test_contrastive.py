@@ -156,6 +156,7 @@ def _train(run_dir: Path, sentences: Path, max_steps: int, resume: str) -> dict[
     from llmtrain.models import build_model, resolve_model_config
     from llmtrain.runtime import setup_runtime
     from llmtrain.tokenizers.char import CharTokenizer
+    from llmtrain.train.freeze import freeze_unused
     from llmtrain.train.tracking import MetricsLogger
     from llmtrain.train.trainer import Trainer
 
@@ -172,7 +173,8 @@ def _train(run_dir: Path, sentences: Path, max_steps: int, resume: str) -> dict[
     model_cfg = resolve_model_config(cfg.model, tok)
     model = build_model(model_cfg)
     objective = build_objective(cfg.objective, tok, None, cfg.data, cfg.trainer.seed)
-    assert "pooler.weight" in objective.prepare_model(model, model_cfg)  # as the pretrain stage does
+    objective.prepare_model(model, model_cfg)  # as the pretrain stage does
+    assert "pooler.weight" in freeze_unused(model, objective)
     logger = MetricsLogger(run_dir, cfg.logger, enabled=True).open()
     try:
         Trainer(cfg, rt, model, objective, logger, checkpoint_meta(cfg, model_cfg, tok)).fit()

@@ -270,3 +270,21 @@ def test_keep_last_also_keeps_best_by_val_loss(tmp_path):
     assert sorted(p.name for p in ck.list_checkpoints(root)) == ["step_0000002", "step_0000005", "step_0000006"]
     assert (tmp_path / "best_checkpoint").read_text().strip() == "checkpoints/step_0000002"
     assert ck.best_checkpoint(root) == root / "step_0000002"
+
+
+def test_mlm_resume_restores_every_trained_parameter(tmp_path):
+    """objective=mlm leaves BERT's NSP head and pooler without gradients: they are frozen at the
+    start (no optimizer state to miss), so a resumed MLM run continues exactly."""
+    mlm = [*BASE, "model=bert_tiny", "objective=mlm"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = run_cli("pretrain", *mlm, "trainer.max_steps=6", f"hydra.run.dir={ref}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "frozen (pooler" in proc.stdout or "frozen (nsp" in proc.stdout, proc.stdout
+    assert run_cli("pretrain", *mlm, "trainer.max_steps=3", f"hydra.run.dir={run}").returncode == 0
+    proc = run_cli("pretrain", *mlm, "trainer.max_steps=6", "trainer.resume=auto", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {s: v for s, v in train_losses(run).items() if s > 3} == {
+        s: v for s, v in train_losses(ref).items() if s > 3
+    }
+    w1, w2 = load_file(ckpt(ref, 6) / "model.safetensors"), load_file(ckpt(run, 6) / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

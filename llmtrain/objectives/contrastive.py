@@ -164,23 +164,14 @@ class Contrastive(Objective):
         """The text of data.path, for a tokenizer trained from scratch."""
         return [t for a, b, _ in _read_rows(cfg, data_cfg) for t in (a, b) if t]
 
-    def prepare_model(self, model, model_cfg) -> list[str]:
-        """Called by the stage before training: refuse a model the objective cannot train, and
-        freeze the parameters its loss does not reach (BERT's MLM and NSP heads, the pooler),
-        which would otherwise have no optimizer state to resume from. Returns their names."""
+    def prepare_model(self, model, model_cfg) -> None:
+        """Called by the stage before training: refuse a model the objective cannot train (the
+        stage then freezes the heads the loss does not reach: llmtrain.train.freeze)."""
         if not self.cfg.pair_columns and model_cfg.dropout <= 0:
             raise UserError(
                 "objective=contrastive (unsupervised) needs model.dropout > 0: the two views of a sentence "
                 "differ only by dropout (e.g. model.dropout=0.1)"
             )
-        with torch.random.fork_rng(devices=[]):  # the probe's dropout must not move the run's RNG
-            self.loss(model, self.train_source().batch(0)).loss.backward()
-        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-        for n, p in model.named_parameters():
-            p.grad = None
-            if n in unused:
-                p.requires_grad_(False)
-        return unused
 
     def summary(self) -> str:
         kind = "pairs" if self.cfg.pair_columns else "sentences"

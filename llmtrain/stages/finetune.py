@@ -28,6 +28,7 @@ from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import hydra_overrides, setup_runtime
 from llmtrain.tasks import build_task, task_meta
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.freeze import freeze_unused, frozen_prefixes
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer
 
@@ -73,9 +74,9 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
     prepared = task.prepare(model, rt.device, rt.run_dir, rt.dist.rank, rt.dist.world_size)  # before LoRA: the base
     heads, reused = _init_heads(model, backbone, init_state)
     adapted = _setup_method(cfg, model, backbone, heads)
-    unused = _freeze_unused(model, task)
+    unused = freeze_unused(model, task, keep_rng=False)  # as recorded in the golden losses
     if unused:
-        adapted += f", {len(unused)} tensors the task does not use frozen ({_prefixes(unused)})"
+        adapted += f", {len(unused)} tensors the task does not use frozen ({frozen_prefixes(unused)})"
     noted = compressed.setup(cfg, model, loaded)  # QAT layers; pruning masks are noted
     if noted:
         adapted += f"; {noted}"
@@ -200,23 +201,6 @@ def _setup_method(cfg: RunConfig, model, backbone, heads) -> str:
             p.requires_grad_(False)
         return "frozen backbone, training the head only"
     return "full fine-tuning"
-
-
-def _freeze_unused(model, task) -> list[str]:
-    """Freeze trainable parameters that get no gradient from the task's loss (e.g. BERT's MLM/NSP
-    heads under a classification head): DDP requires every trainable parameter to be used."""
-    batch = task.train_source().batch(0)
-    task.loss(model, batch).loss.backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    for n, p in model.named_parameters():
-        p.grad = None
-        if n in unused:
-            p.requires_grad_(False)
-    return unused
-
-
-def _prefixes(names: list[str]) -> str:
-    return ", ".join(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
 
 
 def _check_resumable(cfg: RunConfig, run_dir) -> None:

@@ -27,6 +27,7 @@ from llmtrain.objectives import build_objective, objective_class
 from llmtrain.run_dir import RunDir, claim
 from llmtrain.run_records import config_dict, write_run_files
 from llmtrain.runtime import hydra_overrides, setup_runtime
+from llmtrain.train.freeze import freeze_unused, frozen_prefixes
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer, TrainResult
 
@@ -48,10 +49,13 @@ def run(cfg: RunConfig) -> float | None:
             model_cfg = resolve_model_config(cfg.model, tokenizer)
             model = build_model(model_cfg)
         objective = build_objective(cfg.objective, tokenizer, splits, cfg.data, cfg.trainer.seed, model_cfg)
-        if hasattr(objective, "prepare_model"):  # e.g. contrastive freezes the heads it does not train
-            frozen = objective.prepare_model(model, model_cfg)
-            if frozen and rt.is_main:
-                print(f"{cfg.stage}: {len(frozen)} tensors the objective does not use frozen", flush=True)
+        if hasattr(objective, "prepare_model"):  # e.g. contrastive refuses a model without dropout
+            objective.prepare_model(model, model_cfg)
+        # An encoder objective may leave heads untrained (mlm: BERT's NSP head and pooler); a
+        # decoder's objectives use every parameter, so large decoders skip the probe step.
+        frozen = freeze_unused(model, objective) if objective.needs_decoder is False else []
+        if frozen and rt.is_main:
+            print(f"{cfg.stage}: {len(frozen)} tensors the objective does not use frozen ({frozen_prefixes(frozen)})")
         meta = checkpoint_meta(cfg, model_cfg, tokenizer)
         if cfg.init_from:
             meta["init_from"] = init_path
