@@ -107,6 +107,14 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    @classmethod
+    def for_blocks(cls, blocks, batch_size: int, max_len: int, like: torch.Tensor, device=None, dtype=None):
+        """A cache for a stack of blocks whose `.attn` is an Attention, on `like`'s device/dtype by default."""
+        a = blocks[0].attn
+        return cls(
+            len(blocks), batch_size, a.n_kv_heads, max_len, a.head_dim, device or like.device, dtype or like.dtype
+        )
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v for `layer`; return all keys/values so far (cache + new)."""
         start, end = self.length, self.length + k.shape[2]

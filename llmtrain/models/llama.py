@@ -88,17 +88,7 @@ class Llama(nn.Module):
         return self.lm_logits(self.encode(input_ids, attention_mask, token_type_ids, position_ids, kv_cache))
 
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
-        p = self.tok_emb.weight
-        a = self.blocks[0].attn
-        return KVCache(
-            len(self.blocks),
-            batch_size,
-            a.n_kv_heads,
-            max_len,
-            a.head_dim,
-            device=device or p.device,
-            dtype=dtype or p.dtype,
-        )
+        return KVCache.for_blocks(self.blocks, batch_size, max_len, self.tok_emb.weight, device, dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """non_embedding=True leaves out the token-embedding lookup table unless it is tied to

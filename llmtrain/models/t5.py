@@ -172,17 +172,7 @@ class T5(nn.Module):
         return self.lm_logits(self.decode(decoder_input_ids, memory, attention_mask))
 
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
-        p = self.tok_emb.weight
-        a = self.dec_blocks[0].attn
-        return KVCache(
-            len(self.dec_blocks),
-            batch_size,
-            a.n_kv_heads,
-            max_len,
-            a.head_dim,
-            device=device or p.device,
-            dtype=dtype or p.dtype,
-        )
+        return KVCache.for_blocks(self.dec_blocks, batch_size, max_len, self.tok_emb.weight, device, dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         if not non_embedding or self.lm_head.weight is self.tok_emb.weight:
