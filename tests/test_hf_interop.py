@@ -137,10 +137,12 @@ def test_export_tokenizer_byte_and_sentencepiece(tmp_path):
     for model_type in ("bpe", "unigram"):
         cfg = TokenizerConfig(name="sentencepiece", vocab_size=400, model_type=model_type)
         toks[model_type] = train_sentencepiece([text], cfg, tmp_path / f"sp_{model_type}.model")
+    # a corpus that writes the specials itself (as WikiText writes "<unk>"): "<", ">" are pieces too
+    cfg = TokenizerConfig(name="sentencepiece", vocab_size=400, model_type="unigram")
+    toks["unigram, specials in the corpus"] = train_sentencepiece([text + SPECIALS * 50], cfg, tmp_path / "sp_u2.model")
     for name, tok in toks.items():
-        # unigram: HF's lattice can take the "<s>" and "<0x41>" pieces (documented in llmtrain/hf/tokenizer.py)
-        sample = text_end + (TRICKY.replace(" <s>", "") if name == "unigram" else TRICKY + SPECIALS)
-        d = tmp_path / name
+        sample = text_end + TRICKY + SPECIALS
+        d = tmp_path / name.replace(" ", "_").replace(",", "")
         to_hf_tokenizer(tok).save_pretrained(str(d))
         hf_tok = transformers.AutoTokenizer.from_pretrained(str(d))
         ids = tok.encode(sample)

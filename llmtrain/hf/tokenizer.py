@@ -13,13 +13,15 @@ and every export sets split_special_tokens=True: as in ours, "<unk>" or "<s>" ty
 WikiText writes it) is ordinary characters. sentencepiece matches its user-defined
 [CLS]/[SEP]/[MASK] in text, so its export adds them as ordinary tokens, which HF matches too (and
 does not name them cls/sep/mask tokens: transformers would make them special again on load).
-Known difference, unigram models only: HF's Unigram lattice can use the control and byte pieces,
-so "<s>" or "<0x41>" typed in text may get one id where sentencepiece spells it out.
+A unigram export keeps HF's lattice off the control and byte pieces, which sentencepiece's never
+takes for text that spells them ("<s>", "<0x41>"): they get a score no ordinary segmentation loses
+to, and characters that only they contain are split off before the lattice.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,8 @@ def _sentencepiece_pipeline(tok) -> Any:
         )
     if ts.treat_whitespace_as_suffix or not ts.split_by_whitespace:
         raise UserError(f"{where}: sentencepiece whitespace-suffix / no-split models have no exact HF equivalent")
-    NORMAL, USER = 1, 4  # sentencepiece piece types
+    NORMAL, UNKNOWN, CONTROL, USER, BYTE = 1, 2, 3, 4, 6  # sentencepiece piece types
+    NEVER = -1e6
     pieces = [(p.piece, p.score, p.type) for p in m.pieces]
     unk = SPECIAL_TOKENS["unk"]
     if ts.model_type == pb.TrainerSpec.BPE:
@@ -109,9 +112,12 @@ def _sentencepiece_pipeline(tok) -> Any:
             merges.extend((pieces[a][0], pieces[b][0]) for a, b in sorted(splits))
         model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=ts.byte_fallback)
     elif ts.model_type == pb.TrainerSpec.UNIGRAM:
-        # (HF's lattice can take control and byte pieces that sentencepiece's cannot: text with
-        # "<s>" or "<0x41>" typed in it differs; see the module docstring)
-        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=tok.unk_id, byte_fallback=ts.byte_fallback)
+        # sentencepiece's lattice never uses unknown, control or byte pieces for text that spells
+        # them ("<s>", "<0x41>"); HF's may, so they get a score no path of ordinary pieces loses
+        # to (byte fallback looks byte pieces up by name, not by score)
+        hidden = (UNKNOWN, CONTROL, BYTE)
+        scored = [(p, NEVER if ty in hidden else s) for p, s, ty in pieces]
+        model = models.Unigram(scored, unk_id=tok.unk_id, byte_fallback=ts.byte_fallback)
     else:
         raise UserError(f"{where}: sentencepiece model type {ts.model_type} has no HF export (bpe and unigram do)")
     t = TkTokenizer(model)
@@ -119,7 +125,15 @@ def _sentencepiece_pipeline(tok) -> Any:
     # sentencepiece's SplitIntoWords (allow_whitespace_only_pieces): a word is a run of "▁" and
     # the non-space text after it
     split = r"▁*[^▁]+|▁+" if ts.allow_whitespace_only_pieces else r"▁[^▁]*|[^▁]+"
-    t.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="isolated")
+    words = pre_tokenizers.Split(Regex(split), behavior="isolated")
+    # a character no ordinary piece contains is its own node in sentencepiece's lattice (unknown:
+    # byte fallback), so HF must not reach a control or byte piece through it ("<" of "<s>")
+    known = {c for p, _, ty in pieces if ty in (NORMAL, USER) for c in p}
+    lone = sorted({c for p, _, ty in pieces if ty in (UNKNOWN, CONTROL, BYTE) for c in p} - known)
+    if ts.model_type == pb.TrainerSpec.UNIGRAM and lone:
+        isolate = pre_tokenizers.Split(Regex("[" + "".join(re.escape(c) for c in lone) + "]"), behavior="isolated")
+        words = pre_tokenizers.Sequence([words, isolate])
+    t.pre_tokenizer = words
     # ours drop [CLS]/[SEP]/[MASK] when decoding; here they are ordinary tokens (see to_hf_tokenizer)
     dropped = [decoders.Replace(SPECIAL_TOKENS[k], "") for k in ("cls", "sep", "mask")]
     t.decoder = decoders.Sequence([*dropped, decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
