@@ -12,15 +12,10 @@ like any model. The before/after report goes to compression.json / compression.m
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-from llmtrain import checkpoints
 from llmtrain.compress import prune
 from llmtrain.compress.calibration import forward_passes, trainee_of
 from llmtrain.compress.layout import compressed_meta
-from llmtrain.compress.report import compression_report
+from llmtrain.compress.one_shot import CPU, check_one_shot, load_source, report_metric
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.run_records import write_run_files
@@ -33,21 +28,16 @@ STRUCTURED = ("gpt2", "llama", "bert")
 
 def run(cfg: RunConfig) -> float | None:
     p = cfg.prune
-    if not cfg.checkpoint:
-        raise UserError("prune needs checkpoint=PATH (a checkpoint or run directory)")
-    if cfg.trainer.devices > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UserError(f"prune runs in one process (trainer.devices={cfg.trainer.devices}; no torchrun)")
+    check_one_shot(cfg, "prune")
     if p.method not in prune.METHODS:
         raise UserError(f"prune.method={p.method!r} is not one of {', '.join(prune.METHODS)}")
     if p.scope not in SCOPES:
         raise UserError(f"prune.scope={p.scope!r} is not one of {', '.join(SCOPES)}")
     rt = setup_runtime(cfg)
-    cpu = torch.device("cpu")
-    source = checkpoints.load(cfg.checkpoint, cpu)
+    source, model = load_source(cfg)
     if "quant" in (source.meta.get("compression") or {}):
         raise UserError(f"checkpoint {source.path} is quantized; prune the full-precision checkpoint first")
-    loaded = checkpoints.load(cfg.checkpoint, cpu)
-    model, model_cfg = loaded.model, loaded.model_cfg
+    model_cfg = source.model_cfg
     record: dict = {"method": p.method}
     if p.method == "structured":
         if model_cfg.name not in STRUCTURED:  # t5's cross-attention shares n_head with the pruned self-attention
@@ -55,7 +45,7 @@ def run(cfg: RunConfig) -> float | None:
                 f"prune.method=structured supports {', '.join(STRUCTURED)} models, not {model_cfg.name} "
                 "(use prune.method=magnitude or 2:4)"
             )
-        energy = prune.input_energy(model, forward_passes(model, trainee_of(loaded, cfg), p.calibration, cpu))
+        energy = prune.input_energy(model, forward_passes(model, trainee_of(source, cfg), p.calibration, CPU))
         plan = prune.structured_plan(model, energy, p.sparsity, heads=p.heads)
         model_cfg = prune.apply_structured(model, plan, model_cfg)
         record.update(fraction=p.sparsity, heads=p.heads, calibration_batches=p.calibration)
@@ -77,9 +67,4 @@ def run(cfg: RunConfig) -> float | None:
     print(
         f"prune: {p.method}, {done}, {100 * record['sparsity_after']:.1f}% of block weights zero -> {path}", flush=True
     )
-    if not p.report:
-        return None
-    report = compression_report(source, checkpoints.load(path, cpu), cfg, rt.run_dir)
-    print(f"wrote {rt.run_dir / 'compression.json'} and compression.md", flush=True)
-    value = report["compressed"].get(cfg.optimize_metric)
-    return float(value) if isinstance(value, (int, float)) else None
+    return report_metric(cfg, source, path, rt.run_dir, p.report)

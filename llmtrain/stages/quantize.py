@@ -12,15 +12,11 @@ packed layers). The before/after report goes to compression.json / compression.m
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from llmtrain import checkpoints
 from llmtrain.compress import quant
 from llmtrain.compress.calibration import forward_passes, trainee_of
 from llmtrain.compress.layout import compressed_meta
-from llmtrain.compress.report import compression_report
+from llmtrain.compress.one_shot import CPU, check_one_shot, load_source, report_metric
 from llmtrain.config.schema import RunConfig
 from llmtrain.errors import UserError
 from llmtrain.run_records import write_run_files
@@ -30,24 +26,19 @@ from llmtrain.train import checkpoint as ckpt
 
 def run(cfg: RunConfig) -> float | None:
     q = cfg.quant
-    if not cfg.checkpoint:
-        raise UserError("quantize needs checkpoint=PATH (a checkpoint or run directory)")
-    if cfg.trainer.devices > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UserError(f"quantize runs in one process (trainer.devices={cfg.trainer.devices}; no torchrun)")
+    check_one_shot(cfg, "quantize")
     if q.method not in quant.METHODS:
         raise UserError(f"quant.method={q.method!r} is not one of {', '.join(quant.METHODS)}")
     if q.method == "int4" and q.group_size % 2:
         raise UserError(f"quant.group_size={q.group_size} must be even (two int4 codes per byte)")
     rt = setup_runtime(cfg)
-    cpu = torch.device("cpu")
-    source = checkpoints.load(cfg.checkpoint, cpu)
+    source, model = load_source(cfg)
     if checkpoints.is_hf(cfg.checkpoint) or "quant" in (source.meta.get("compression") or {}):
         what = "an hf: directory" if checkpoints.is_hf(cfg.checkpoint) else "already quantized"
         raise UserError(f"checkpoint {source.path} is {what}; quantize an llmtrain checkpoint")
-    model = checkpoints.load(cfg.checkpoint, cpu).model
     calibrate = None
     if q.method == "int4" and q.calibration > 0:
-        calibrate = forward_passes(model, trainee_of(source, cfg), q.calibration, cpu)
+        calibrate = forward_passes(model, trainee_of(source, cfg), q.calibration, CPU)
     record = quant.quantize_model(model, q.method, q.group_size, calibrate=calibrate)
     record["calibration_batches"] = q.calibration if calibrate else 0
     meta = compressed_meta(source.meta, source.path, source.model_cfg, f"quantize {q.method}", quant=record)
@@ -65,9 +56,4 @@ def run(cfg: RunConfig) -> float | None:
         + f" -> {path}",
         flush=True,
     )
-    if not q.report:
-        return None
-    report = compression_report(source, checkpoints.load(path, cpu), cfg, rt.run_dir)
-    print(f"wrote {rt.run_dir / 'compression.json'} and compression.md", flush=True)
-    value = report["compressed"].get(cfg.optimize_metric)
-    return float(value) if isinstance(value, (int, float)) else None
+    return report_metric(cfg, source, path, rt.run_dir, q.report)
