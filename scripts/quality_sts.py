@@ -14,22 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from quality_sst2 import cli  # one way to run a CLI step of a quality script (beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LLMTRAIN_TEST_DATA") or ROOT.parent / "shared" / "data")  # as tests/conftest.py
-
-
-def cli(*args: str) -> float:
-    t = time.time()
-    print("$ llmtrain " + " ".join(args), flush=True)
-    proc = subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"llmtrain {args[0]} failed with exit code {proc.returncode}")
-    return time.time() - t
 
 
 def sts(checkpoint: Path, out: Path, dev: Path) -> dict:
