@@ -270,3 +270,16 @@ def test_bad_methods_are_one_line_errors():
         prune_stage.run(RunConfig(checkpoint="x", prune=PruneConfig(method="1:4")))
     with pytest.raises(UserError, match="prune needs checkpoint=PATH"):
         prune_stage.run(RunConfig())
+
+
+@pytest.mark.parametrize("arch, hf_name", [("gpt2", "GPT2Config"), ("bert", "BertConfig")])
+def test_heads_removed_refuse_hf_configs_without_head_dim(arch, hf_name):
+    """After structured pruning of heads, attention is narrower than d_model: GPT-2's and BERT's HF
+    configs cannot say so, and the export refuses in one line; full-width attention still exports."""
+    import importlib
+
+    hf_config = importlib.import_module(f"llmtrain.models.{arch}").hf_config
+    base = dict(name=arch, vocab_size=64, n_layer=1, d_model=32, max_seq_len=16)
+    with pytest.raises(UserError, match=f"{hf_name} has no head_dim.*prune.heads=false"):
+        hf_config(ModelConfig(**base, n_head=2, head_dim=8))
+    assert hf_config(ModelConfig(**base, n_head=2, head_dim=16)).hidden_size == 32

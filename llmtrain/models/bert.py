@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmtrain.config.schema import ModelConfig
-from llmtrain.errors import UserError
+from llmtrain.models.hf_adapter import refuse_narrow_heads
 from llmtrain.models.layers import (
     MLP,
     Attention,
@@ -150,13 +150,7 @@ _HF_IGNORE = (r"\.position_ids$", r"\.token_type_ids$")  # index buffers of some
 def hf_config(cfg: ModelConfig):
     from transformers import BertConfig
 
-    if cfg.head_dim and cfg.head_dim * cfg.n_head != cfg.d_model:
-        raise UserError(
-            f"BertConfig has no head_dim: a {cfg.name} model with {cfg.n_head} heads of {cfg.head_dim} "
-            f"(attention heads removed by structured pruning) is narrower than d_model={cfg.d_model} inside "
-            "attention and cannot be exported to transformers (prune.heads=false prunes FFN channels only; "
-            "llama exports either)"
-        )
+    refuse_narrow_heads(cfg, "BertConfig")
 
     return BertConfig(
         vocab_size=cfg.vocab_size,

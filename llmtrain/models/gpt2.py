@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from llmtrain.config.schema import ModelConfig
-from llmtrain.errors import UserError
+from llmtrain.models.hf_adapter import refuse_narrow_heads
 from llmtrain.models.layers import (
     MLP,
     Attention,
@@ -126,13 +126,7 @@ HF_IGNORE = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
 def hf_config(cfg: ModelConfig):
     from transformers import GPT2Config
 
-    if cfg.head_dim and cfg.head_dim * cfg.n_head != cfg.d_model:
-        raise UserError(
-            f"GPT2Config has no head_dim: a {cfg.name} model with {cfg.n_head} heads of {cfg.head_dim} "
-            f"(attention heads removed by structured pruning) is narrower than d_model={cfg.d_model} inside "
-            "attention and cannot be exported to transformers (prune.heads=false prunes FFN channels only; "
-            "llama exports either)"
-        )
+    refuse_narrow_heads(cfg, "GPT2Config")
 
     special = {} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}
     return GPT2Config(
