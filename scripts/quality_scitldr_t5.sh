@@ -7,6 +7,7 @@
 # Model size: T5 (the t5_span_corruption preset's 3 + 3 layers at d_model 128 unless set) and the
 # decoder (twice the layers, same width) follow LAYERS, D_MODEL, HEADS and D_FF; PARALLEL=1 runs the
 # two models at once (logs in OUT/t5.log, OUT/dec.log); MODELS=t5 (or dec) runs one of them.
+# A model whose OUT/*_pre already holds a checkpoint is only fine-tuned and scored.
 set -euo pipefail
 DATA=${DATA:-../shared/data}; OUT=${OUT:-runs/scitldr}; mkdir -p "$OUT"
 STEPS=${STEPS:-150}; FT=${FT:-60}; N=${N:-20}; LLMTRAIN=${LLMTRAIN:-llmtrain}; BATCH=${BATCH:-8}
@@ -22,13 +23,13 @@ score() {  # greedy and 4 beams on the first N test records
   done
 }
 t5() {
-  $LLMTRAIN pretrain +experiment=t5_span_corruption data.path=$W model.n_layer=$LAYERS model.d_model=$D_MODEL \
+  [ -d "$OUT/t5_pre/checkpoints" ] || $LLMTRAIN pretrain +experiment=t5_span_corruption data.path=$W model.n_layer=$LAYERS model.d_model=$D_MODEL \
     model.n_head=$HEADS model.d_ff=$D_FF $PRE hydra.run.dir=$OUT/t5_pre
   $LLMTRAIN finetune +experiment=summarize_scitldr_t5 init_from=$OUT/t5_pre $FTC hydra.run.dir=$OUT/t5_ft
   score t5
 }
 dec() {
-  $LLMTRAIN pretrain model=llama_tiny model.n_layer=$((2 * LAYERS)) model.d_model=$D_MODEL model.n_head=$HEADS \
+  [ -d "$OUT/dec_pre/checkpoints" ] || $LLMTRAIN pretrain model=llama_tiny model.n_layer=$((2 * LAYERS)) model.d_model=$D_MODEL model.n_head=$HEADS \
     model.n_kv_heads=null model.max_seq_len=256 model.tie_embeddings=false data=wikitext2 data.path=$W \
     tokenizer=sentencepiece tokenizer.vocab_size=2000 data.seq_len=141 optim.lr=3e-3 optim.weight_decay=0.01 \
     optim.beta2=0.99 scheduler.warmup_steps=20 $PRE hydra.run.dir=$OUT/dec_pre
