@@ -41,6 +41,7 @@ def overrides(args, work: Path) -> list[str]:
         f"model.max_seq_len={args.seq_len}",
         "data=wikitext2",
         f"data.path={args.data}",
+        *([f"data.doc_pattern='{args.doc_pattern}'"] if args.doc_pattern else []),
         f"data.seq_len={args.seq_len}",
         f"data.batch_size={args.batch_size}",
         "tokenizer=sentencepiece",
@@ -132,6 +133,7 @@ def step_times(cfg, tok, splits, rounds: int, steps: int) -> dict[bool, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=WIKI)
+    ap.add_argument("--doc-pattern", default=None, help="data.doc_pattern (default: data=wikitext2's, articles)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
