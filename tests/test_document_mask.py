@@ -164,3 +164,28 @@ def test_pretrain_with_the_mask_runs(tmp_path):
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     assert val and all(np.isfinite(val))
     assert list((run / "checkpoints").glob("step_*/model.safetensors"))
+
+
+def test_sft_packing_with_the_mask_runs(tmp_path, pretrained):
+    records = json.loads((SHARED / "alpaca_demo" / "train.json").read_text())[:60]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    run = tmp_path / "sft"
+    proc = run_cli(
+        "finetune",
+        "+experiment=sft_alpaca",  # task=instruction, task.packing=true
+        f"init_from={pretrained}",
+        f"task.train_path={tmp_path / 'alpaca.json'}",
+        "data.document_mask=true",
+        "data.seq_len=64",
+        "data.batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "trainer.eval_batches=2",
+        "trainer.progress=false",
+        "eval.max_examples=2",
+        "task.max_new_tokens=4",
+        f"hydra.run.dir={run}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val/loss"] for r in rows if r["step"] == 4 and "val/loss" in r]
