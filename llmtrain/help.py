@@ -105,9 +105,11 @@ VERBS: dict[str, Verb] = {
         "trainer.precision trainer.compile trainer.device",
     ),
     "tokenizer train": Verb(
-        "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
-        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
-        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
+        "Train a tokenizer on the training split of the text data.path names: tokenizer=sentencepiece (BPE or "
+        "unigram), wordpiece (BERT-style) or bpe (GPT-2-style byte-level), the last two with Hugging Face tokenizers.",
+        "data.path data.val_fraction data.val_path tokenizer.path tokenizer.vocab_size tokenizer.model_type "
+        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size tokenizer.lowercase "
+        "tokenizer.special_tokens",
     ),
     "quantize": Verb(
         "Quantize a checkpoint's linear layers (checkpoint=PATH): int8 per channel or int4 group-wise "
@@ -273,11 +275,14 @@ KEYS: dict[str, str] = {
     "bench.baseline": "also time a plain PyTorch loop of the same model",
     "bench.out": "results JSON (default RUN_DIR/bench.json)",
     "tokenizer.vocab_size": "vocabulary size",
-    "tokenizer.model_type": "bpe | unigram",
+    "tokenizer.model_type": "sentencepiece: bpe | unigram",
     "tokenizer.character_coverage": "fraction of characters covered",
     "tokenizer.byte_fallback": "encode unknown characters as bytes",
     "tokenizer.input_sentence_size": "sentences sampled for training",
-    "tokenizer.path": "a trained SentencePiece model file (tokenizer=sentencepiece)",
+    "tokenizer.path": "sentencepiece: a .model file; wordpiece / bpe: a tokenizer.json (trained there if missing); "
+    "hf: a Hugging Face tokenizer directory",
+    "tokenizer.lowercase": "wordpiece: lowercase and strip accents (bert-base-uncased)",
+    "tokenizer.special_tokens": "wordpiece / bpe: extra special tokens after the built-in ones",
 }
 
 USAGE = """Everything after the verb goes to Hydra unchanged:

@@ -52,13 +52,17 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    name: str = "char"  # char | byte | sentencepiece
-    path: Optional[str] = None  # sentencepiece model file
+    name: str = "char"  # char | byte | sentencepiece | wordpiece | bpe | hf
+    # sentencepiece: the .model file; wordpiece / bpe: the tokenizer.json (both trained when it does
+    # not exist yet); hf: a Hugging Face tokenizer directory
+    path: Optional[str] = None
     vocab_size: int = 2000
     model_type: str = "bpe"  # sentencepiece: bpe | unigram
     character_coverage: float = 1.0
     byte_fallback: bool = True
     input_sentence_size: int = 1_000_000
+    lowercase: bool = False  # wordpiece: lowercase (and strip accents), as bert-base-uncased
+    special_tokens: list[str] = field(default_factory=list)  # wordpiece / bpe: more, after the built-in ones
 
 
 @dataclass
