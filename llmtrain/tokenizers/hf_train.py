@@ -30,6 +30,7 @@ from llmtrain.registry import register
 from llmtrain.tokenizers.base import SPECIAL_TOKENS
 from llmtrain.tokenizers.hf import HFTokenizer
 
+_WORD_START = "\ue000"  # marks word starts while training WordPiece (see WordPieceTokenizer.fit)
 BERT_SPECIALS = {
     "pad": "[PAD]",
     "unk": "[UNK]",
@@ -54,11 +55,8 @@ class TrainedHFTokenizer(HFTokenizer):
             raise UserError(f"tokenizer {self.name}: its vocabulary lacks the special tokens {', '.join(missing)}")
 
     @classmethod
-    def pipeline(cls, cfg: Any):
-        raise NotImplementedError
-
-    @classmethod
-    def trainer(cls, cfg: Any, special_tokens: list[str]):
+    def fit(cls, cfg: Any, docs: Iterable[str], special_tokens: list[str]) -> str:
+        """The trained tokenizer.json for `docs`."""
         raise NotImplementedError
 
     @classmethod
@@ -94,22 +92,46 @@ class WordPieceTokenizer(TrainedHFTokenizer):
     model_type = "WordPiece"
 
     @classmethod
-    def pipeline(cls, cfg: Any):
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    def fit(cls, cfg: Any, docs: Iterable[str], special_tokens: list[str]) -> str:
+        # Not trainers.WordPieceTrainer: it numbers the "##" pieces in hash-map order and breaks
+        # ties between equally frequent merges by those numbers, so the same corpus gives another
+        # vocabulary from run to run. It is BPE with "##" continuation pieces, converted; this is
+        # the same from `tokenizers`' BPE trainer (deterministic: its alphabet is sorted) over
+        # words marked at their start with a private-use character (BertNormalizer removes those
+        # from text): "<mark>the" -> piece "the", "ing" -> "##ing".
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-        tk = Tokenizer(models.WordPiece(unk_token=cls.specials["unk"], continuing_subword_prefix="##"))
-        tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=cfg.lowercase)
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece(prefix="##")
-        return tk
-
-    @classmethod
-    def trainer(cls, cfg: Any, special_tokens: list[str]):
-        from tokenizers import trainers
-
-        return trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=special_tokens, continuing_subword_prefix="##", show_progress=False
+        normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=cfg.lowercase)
+        words = pre_tokenizers.BertPreTokenizer()  # whitespace and punctuation
+        bpe = Tokenizer(models.BPE())
+        bpe.normalizer = normalizer
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [words, pre_tokenizers.Metaspace(replacement=_WORD_START, prepend_scheme="always", split=False)]
         )
+        bpe.train_from_iterator(
+            docs, trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=special_tokens, show_progress=False)
+        )
+        learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])[len(special_tokens) :]
+        chars = sorted(t for t, _ in learned if len(t) == 1 and t != _WORD_START)
+        vocab = list(special_tokens) + chars + ["##" + c for c in chars]  # every character both ways
+        known = set(vocab)
+        for t, _ in learned:  # merges in the order they were learned, while they fit
+            piece = t[1:] if t.startswith(_WORD_START) else "##" + t
+            if len(vocab) >= cfg.vocab_size:
+                break
+            if piece and piece != "##" and piece not in known:
+                vocab.append(piece)
+                known.add(piece)
+        tk = Tokenizer(
+            models.WordPiece(
+                {t: i for i, t in enumerate(vocab)}, unk_token=cls.specials["unk"], continuing_subword_prefix="##"
+            )
+        )
+        tk.add_special_tokens(list(special_tokens))
+        tk.normalizer = normalizer
+        tk.pre_tokenizer = words
+        tk.decoder = decoders.WordPiece(prefix="##")
+        return tk.to_str()
 
 
 @register("tokenizer", "bpe")
@@ -119,24 +141,20 @@ class ByteLevelBPETokenizer(TrainedHFTokenizer):
     model_type = "BPE"
 
     @classmethod
-    def pipeline(cls, cfg: Any):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    def fit(cls, cfg: Any, docs: Iterable[str], special_tokens: list[str]) -> str:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tk = Tokenizer(models.BPE())  # no unk: every byte is in the vocabulary
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
-        return tk
-
-    @classmethod
-    def trainer(cls, cfg: Any, special_tokens: list[str]):
-        from tokenizers import pre_tokenizers, trainers
-
-        return trainers.BpeTrainer(
+        trainer = trainers.BpeTrainer(
             vocab_size=cfg.vocab_size,
             special_tokens=special_tokens,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
+        tk.train_from_iterator(docs, trainer)
+        return tk.to_str()
 
     @classmethod
     def min_vocab(cls, n_special: int) -> int:
@@ -198,14 +216,13 @@ def train_hf(texts: Iterable[str], cfg: Any, out_path: Optional[str | Path] = No
     given, write its tokenizer.json there atomically with a .meta.json sidecar."""
     cls = TRAINED[cfg.name]
     settings = hf_settings(cfg)
-    tk = cls.pipeline(cfg)
     docs = _Docs(texts)
     t0 = time.perf_counter()
-    tk.train_from_iterator(iter(docs), cls.trainer(cfg, settings["special_tokens"]))
+    tokenizer_json = cls.fit(cfg, iter(docs), settings["special_tokens"])
     seconds = time.perf_counter() - t0
     if not docs.nonspace:
         raise UserError("tokenizer training data is empty (no non-whitespace text)")
-    tok = cls(tk.to_str())
+    tok = cls(tokenizer_json)
     if out_path is not None:
         import tokenizers
 
