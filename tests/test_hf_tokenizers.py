@@ -284,4 +284,4 @@ def test_cli_bad_tokenizer_path_exits_2(tmp_path):
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert_user_error(proc, "tokenizer.path=", "missing", "does not exist")
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -100,10 +100,6 @@ def check_required_files(cfg: RunConfig) -> None:
         raise UserError("distill needs teacher=PATH (the checkpoint or run directory to distill from)")
     if reads_data and not cfg.data.path:
         raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
-    if reads_data and cfg.tokenizer.name == "hf" and not cfg.init_from:
-        from llmtrain.tokenizers.hf import check_dir
-
-        check_dir(cfg.tokenizer.path)
     if cfg.stage == "rl":
         check_reward(cfg)
     if cfg.task.name == "arithmetic" or cfg.data.path == "task:arithmetic":
