@@ -69,7 +69,8 @@ def hf_wordpiece_trainer(train: list[str], vocab: int) -> HFTokenizer:
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tk.decoder = decoders.WordPiece()
     specials = list(dict.fromkeys(BERT_SPECIALS.values()))
-    tk.train_from_iterator(train, trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False)
+    tk.train_from_iterator(train, trainer)
     return WordPieceTokenizer(tk.to_str())
 
 

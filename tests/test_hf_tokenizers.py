@@ -250,8 +250,6 @@ def test_tiny_bert_pretrains_on_wordpiece_with_mlm_nsp(tmp_path, capsys):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "val/loss" in r][-1]
     assert last["step"] == 4 and "val/nsp_accuracy" in last and "val/mlm_accuracy" in last
-    meta = json.loads(next(run_dir.glob("checkpoints/step_*/meta.json")).read_text())
-    assert json.dumps(meta).count('"wordpiece"') >= 1
     from llmtrain.checkpoints import load
 
     assert load(str(run_dir)).tokenizer.fingerprint() == WordPieceTokenizer.load(tok_file).fingerprint()

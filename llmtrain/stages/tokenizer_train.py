@@ -35,9 +35,9 @@ def run(cfg: RunConfig) -> None:
     run_dir = hydra_run_dir()
     sp = tc.name == "sentencepiece"
     out = Path(tc.path) if tc.path else run_dir / ("tokenizer.model" if sp else "tokenizer.json")
-    kind = f"sentencepiece tokenizer ({tc.model_type}" if sp else f"{tc.name} tokenizer ("
+    kind = f"sentencepiece tokenizer ({tc.model_type}, " if sp else f"{tc.name} tokenizer ("
     print(
-        f"training {kind}, vocab {tc.vocab_size}) on the training split of "
+        f"training {kind}vocab {tc.vocab_size}) on the training split of "
         f"{cfg.data.path}: {len(docs):,} documents, {sum(len(d) for d in docs):,} characters "
         f"({sum(len(d) for d in split.val):,} validation characters left out, split {split.by})",
         flush=True,

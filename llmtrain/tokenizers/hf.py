@@ -32,9 +32,7 @@ FALLBACKS = {
 class HFTokenizer(Tokenizer):
     name = "hf"
 
-    def __init__(
-        self, tokenizer_json: str, special_tokens: dict[str, str | None], split_special_tokens: bool = False
-    ):
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None], split_special_tokens: bool = False):
         from tokenizers import Tokenizer as TkTokenizer
 
         try:
