@@ -75,8 +75,13 @@ class PackedWindows:
         rows = np.empty((len(starts), T + 1), dtype=np.int64)
         for i, s in enumerate(starts):
             rows[i] = self.tokens[s : s + T + 1]
-        rows = torch.from_numpy(rows)
-        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+        return window_batch(rows)
+
+
+def window_batch(rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Training windows of seq_len + 1 tokens (int64 rows) as input_ids and next-token labels."""
+    t = torch.from_numpy(rows)
+    return {"input_ids": t[:, :-1], "labels": t[:, 1:]}
 
 
 def sequential_windows(

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from llmtrain.data.corpus import TokenSplits
-from llmtrain.data.loader import PackedWindows, step_generator
+from llmtrain.data.loader import PackedWindows, step_generator, window_batch
 from llmtrain.errors import UserError
 
 # Windows per block: at least this many, and enough that every source gets >= 4 per block (so
 # the block quotas above are never negative, with margin for float rounding).
-MIN_BLOCK = 1024
+MIN_BLOCK = 256
 # A smaller share would need blocks of more than 400k windows; such a source is refused.
 MIN_SHARE = 1e-5
 MIX_KEY = 0x313C  # the generator stream of the block shuffles
@@ -264,7 +264,7 @@ class MixtureWindows:
     def __init__(
         self, mixed: MixedTokens, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ):
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.schedule = mixed.schedule(seed)
         self.sources = []
         for i, (name, tokens) in enumerate(zip(mixed.names, mixed.parts, strict=True)):
@@ -281,16 +281,13 @@ class MixtureWindows:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         src, number = self.assign(step)
-        parts, rows = [], []
-        for i, windows in enumerate(self.sources):
-            sel = np.flatnonzero(src == i)
-            if len(sel):
-                starts = np.array([windows.window_start(int(k)) for k in number[sel]], dtype=np.int64)
-                parts.append(windows.read(starts))
-                rows.append(sel)
-        # Back to the drawn order (rows of one source were read together).
-        order = torch.from_numpy(np.argsort(np.concatenate(rows), kind="stable"))
-        return {key: torch.cat([p[key] for p in parts])[order] for key in parts[0]}
+        # Each row read straight from its source's (memory-mapped) tokens, in the drawn order.
+        rows = np.empty((len(src), self.seq_len + 1), dtype=np.int64)
+        for r, (s, k) in enumerate(zip(src.tolist(), number.tolist())):
+            windows = self.sources[s]
+            start = windows.window_start(k)
+            rows[r] = windows.tokens[start : start + self.seq_len + 1]
+        return window_batch(rows)
 
 
 def train_windows(tokens: Any, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
