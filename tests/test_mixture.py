@@ -208,8 +208,8 @@ def test_each_source_is_prepared_as_its_own_data_path(tmp_path):
     for path, part in zip((a, b), splits.parts):
         single = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path), sources=None))
         _, alone = load_corpus(single, tokenizer=tok)
-        assert np.array_equal(np.asarray(alone.train), np.asarray(part.train))
-        assert np.array_equal(np.asarray(alone.val), np.asarray(part.val))
+        for x, y in ((alone.train, part.train), (alone.val, part.val)):  # array-likes: compare slices
+            assert len(x) == len(y) and np.array_equal(x[: len(x)], y[: len(y)])
     assert len(list((cache / "prepared").iterdir())) == 2  # and from the same cache entries
 
 
