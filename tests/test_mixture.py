@@ -197,16 +197,23 @@ def test_each_source_is_prepared_as_its_own_data_path(tmp_path):
         cfg = validate(
             compose_run(
                 "pretrain",
-                ["data=mixture", f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}}}]", f"data.cache_dir={cache}"],
+                [
+                    "data=mixture",
+                    f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, doc_pattern: '^ = [^=].* = $'}}]",
+                    f"data.cache_dir={cache}",
+                ],
             )
         )
     tok, splits = load_corpus(cfg)
     assert splits.names == ["a", "b"] and splits.train.shares.tolist() == pytest.approx([2 / 3, 1 / 3])
     # The char tokenizer was trained on both sources' training text: b's own characters are in it.
     assert tok.decode(tok.encode("\u00e6\u00f8\u00e5")) == "\u00e6\u00f8\u00e5"
+    # b's own doc_pattern cut it into articles; a has the mixture's (none): one document.
+    assert splits.parts[0].n_docs == 1 and splits.parts[1].n_docs > 1
     # Each source's splits are exactly what data.path=that source gives with the same tokenizer.
-    for path, part in zip((a, b), splits.parts):
-        single = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path), sources=None))
+    for path, part, pattern in zip((a, b), splits.parts, (None, "^ = [^=].* = $")):
+        own = dataclasses.replace(cfg.data, path=str(path), sources=None, doc_pattern=pattern)
+        single = dataclasses.replace(cfg, data=own)
         _, alone = load_corpus(single, tokenizer=tok)
         for x, y in ((alone.train, part.train), (alone.val, part.val)):  # array-likes: compare slices
             assert len(x) == len(y) and np.array_equal(x[: len(x)], y[: len(y)])

@@ -40,6 +40,8 @@ class SourceConfig:
     path: str = ""  # file, directory, glob or hf:NAME, as data.path
     weight: float = 1.0  # share of the training windows, relative to the other sources' (> 0)
     name: Optional[str] = None  # in metric names (val/loss/<name>); None = from the path
+    text_field: Optional[str] = None  # this source's data.text_field / data.doc_pattern; None = data.*
+    doc_pattern: Optional[str] = None
 
 
 @dataclass

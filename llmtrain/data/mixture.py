@@ -127,8 +127,10 @@ def _exists(path: str) -> bool:
 
 
 def source_data(data: Any, source: Any) -> Any:
-    """The DataConfig of one source: the mixture's settings with the source's path."""
-    return dataclasses.replace(data, path=source.path, sources=None)
+    """The DataConfig of one source: the mixture's settings with the source's path (and its own
+    text_field / doc_pattern where it sets them)."""
+    own = {k: getattr(source, k) for k in ("text_field", "doc_pattern") if getattr(source, k, None) is not None}
+    return dataclasses.replace(data, path=source.path, sources=None, **own)
 
 
 # ------------------------------------------------------------------------------ splits
