@@ -225,7 +225,8 @@ class MixtureSchedule:
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(source of each window of block b, its number within that source)."""
-        if self._cached is None or self._cached[0] != b:
+        cached = self._cached  # one read: safe should a loader thread share the schedule
+        if cached is None or cached[0] != b:
             M = self.block
             base = self.counts_at(b * M)
             quota = self.counts_at((b + 1) * M) - base
@@ -236,8 +237,8 @@ class MixtureSchedule:
             for i in range(len(quota)):
                 where = np.flatnonzero(src == i)
                 number[where] = base[i] + np.arange(len(where))
-            self._cached = (b, src, number)
-        return self._cached[1], self._cached[2]
+            cached = self._cached = (b, src, number)
+        return cached[1], cached[2]
 
     def assign(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, per-source window number) of each global window number in g."""
