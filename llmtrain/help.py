@@ -38,8 +38,9 @@ VERBS: dict[str, Verb] = {
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP, contrastive "
         "sentence embeddings; span corruption or denoising for the t5 encoder-decoder) on data.path; "
         "init_from=PATH starts from a checkpoint's weights and tokenizer instead.",
-        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
-        "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
+        "data.path data.sources data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer "
+        "model.d_model optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every "
+        "trainer.precision "
         "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads objective.noise_density "
         "objective.mean_span_length objective.permute_sentences model.extra_ids init_from objective.temperature "
         "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold "
@@ -142,6 +143,8 @@ KEYS: dict[str, str] = {
     "objective.name": "clm | mlm (choose with objective=NAME)",
     "optimize_metric": "the metric a sweep optimises (returned by the run)",
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
+    "data.sources": "a weighted mixture instead of data.path (data=mixture): [{path: A, weight: 0.7}, "
+    "{path: B, weight: 0.3, name: b}]; windows drawn by weight, val/loss/<name> per source",
     "data.seq_len": "tokens per training window",
     "data.batch_size": "windows per step (per device)",
     "data.val_fraction": "last fraction of the text by characters, cut at a document boundary when one is near "

@@ -34,8 +34,22 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (data.sources): a data.path-style source and its weight."""
+
+    path: str = ""  # file, directory, glob or hf:NAME, as data.path
+    weight: float = 1.0  # share of the training windows, relative to the other sources' (> 0)
+    name: Optional[str] = None  # in metric names (val/loss/<name>); None = from the path
+    text_field: Optional[str] = None  # this source's data.text_field / data.doc_pattern; None = data.*
+    doc_pattern: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None  # file, directory or glob (text); dataset files for tasks
+    # A weighted mixture instead of data.path (pretrain): [{path: a.txt, weight: 0.7}, ...]; each
+    # source is split, prepared and validated on its own, training windows are drawn by weight.
+    sources: Optional[list[SourceConfig]] = None
     text_field: str = "text"
     # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
     # " = Title = " headings); None = one document per file (or per record).

@@ -20,9 +20,15 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
 
     The splits come from the prepared-data cache (llmtrain.data.prepare) as memory-mapped
     arrays; the corpus is only read when a tokenizer must be trained or the cache prepared.
-    Rank 0 does that first; the other ranks then find everything in the cache.
+    Rank 0 does that first; the other ranks then find everything in the cache. With data.sources
+    the splits are a mixture's, each source prepared like this (llmtrain.data.mixture).
     """
     from llmtrain.data.prepare import prepare
+
+    if getattr(cfg.data, "sources", None):
+        from llmtrain.data.mixture import load_mixture
+
+        return load_mixture(cfg, tokenizer)
 
     read = split_reader(cfg.data)
 
@@ -82,7 +88,7 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
     train_docs = docs_fn()
     print(
         f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on the training split of "
-        f"{cfg.data.path} ({sum(map(len, train_docs)):,} characters) -> {target}",
+        f"{cfg.data.path or 'every source'} ({sum(map(len, train_docs)):,} characters) -> {target}",
         flush=True,
     )
     return train_sentencepiece(train_docs, tc, target)
@@ -112,7 +118,7 @@ def cached_hf_tokenizer(cfg: RunConfig, docs_fn: Callable[[], list[str]]) -> Tok
     train_docs = docs_fn()
     print(
         f"training {tc.name} tokenizer (vocab {tc.vocab_size}) on the training split of "
-        f"{cfg.data.path} ({sum(map(len, train_docs)):,} characters) -> {target}",
+        f"{cfg.data.path or 'every source'} ({sum(map(len, train_docs)):,} characters) -> {target}",
         flush=True,
     )
     return train_hf(train_docs, tc, target)
