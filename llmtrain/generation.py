@@ -182,7 +182,6 @@ def generate(
         return _result(new, time.perf_counter() - start)
 
     device = _device_of(model)
-    B = len(prompts)
     if use_cache:
         # leave room for the new tokens, but keep at least half the context of each prompt
         budget = max(max_len - max_new_tokens, min(max_len // 2, max(len(p) for p in prompts)), 1)
@@ -193,10 +192,13 @@ def generate(
     model.eval()
     start = time.perf_counter()
     try:
-        new = _sample_decoder(
-            model, rows, max_new_tokens, max_len, eos_id, pad_id, stops, stop_fn, temperature, top_k, top_p,
-            generator, use_cache, device,
-        )  # fmt: skip
+        # inference_mode, not just no_grad: less bookkeeping per op, which is most of a small
+        # model's decoding step on a CPU; only token lists leave it
+        with torch.inference_mode():
+            new = _sample_decoder(
+                model, rows, max_new_tokens, max_len, eos_id, pad_id, stops, stop_fn, temperature, top_k, top_p,
+                generator, use_cache, device,
+            )  # fmt: skip
     finally:
         model.train(was_training)
     return _result(new, time.perf_counter() - start)
@@ -234,7 +236,7 @@ def _sample_decoder(
     pos_all = _positions(mask)
     watch = eos_id is not None or bool(stops) or stop_fn is not None
     done_t = torch.zeros(B, dtype=torch.bool, device=device)
-    out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
+    out = torch.empty((B, max_new_tokens if not watch else 0), dtype=torch.long, device=device)
     cache = None
     if use_cache and max_new_tokens > 0:
         cache = model.new_kv_cache(B, min(max_len, total), device=device)
@@ -257,9 +259,10 @@ def _sample_decoder(
                 None,
             )  # fmt: skip
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        out[:, step] = nxt
         n = step + 1
-        if watch:
+        if not watch:
+            out[:, step] = nxt
+        else:
             _accept(nxt.tolist(), new, done, eos_id, stops, stop_fn)  # the one host sync per step
             if all(done):
                 break
