@@ -332,3 +332,28 @@ def test_sampling_is_seeded_and_the_same_with_or_without_a_stop_check(name):
         model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(8)
     ).tokens
     assert other != a  # the seed matters
+
+
+def test_bench_generate_smoke_writes_identical_rows(tmp_path):
+    """scripts/bench_generate.py (called by scripts/gpu_check.sh) in-process at --smoke size."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gen.json"
+    argv = ["--smoke", "--models", "gpt_small,llama_124m", "--batch", "1,2", "--repeats", "1", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [
+        ("gpt_small", 1),
+        ("gpt_small", 2),
+        ("llama_124m", 1),
+        ("llama_124m", 2),
+    ]
+    assert all(r["identical"] and r["llmtrain_tok_s"] > 0 and r["transformers_tok_s"] > 0 for r in rows)
+    assert bench.main(["--smoke", "--models", "nope"]) == 2
