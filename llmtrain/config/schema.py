@@ -191,6 +191,9 @@ class TaskConfig:
     # preference: the DPO-family loss, its beta (strength of the pull to the reference) and
     # SimPO's target margin gamma
     loss: str = "dpo"  # dpo | ipo | simpo
+    # reward / preference: where the pairs come from: file (train_path / val_path) or arithmetic
+    # (generated: chosen = the right answer, rejected = a wrong one, from the arithmetic fields)
+    pairs: str = "file"
     beta: float = 0.1
     gamma: float = 0.5
 
