@@ -686,9 +686,12 @@ def _pair_task(ctx: EvalContext):
     from llmtrain.tasks import build_task
 
     given = task_overrides(ctx.cfg.task)
-    if not (given.get("train_path") or given.get("val_path")):
-        raise UserError("eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE)")
-    given.setdefault("train_path", given.get("val_path"))
+    if not (given.get("train_path") or given.get("val_path") or given.get("pairs") == "arithmetic"):
+        raise UserError(
+            "eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE, or task.pairs=arithmetic)"
+        )
+    if given.get("pairs") != "arithmetic":
+        given.setdefault("train_path", given.get("val_path"))
     own = task_config_of(ctx.meta).get("chat_template")
     if own and "chat_template" not in given:
         given["chat_template"] = own
