@@ -180,7 +180,11 @@ class GRPO:
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """What resume needs besides the step: the sampling generator and the rollout in use."""
-        return {"generator": self.gen.get_state(), "rollouts": dict(self.rollouts), "sampled_tokens": self.sampled_tokens}
+        return {
+            "generator": self.gen.get_state(),
+            "rollouts": dict(self.rollouts),
+            "sampled_tokens": self.sampled_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])

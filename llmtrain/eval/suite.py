@@ -688,7 +688,8 @@ def _pair_task(ctx: EvalContext):
     given = task_overrides(ctx.cfg.task)
     if not (given.get("train_path") or given.get("val_path") or given.get("pairs") == "arithmetic"):
         raise UserError(
-            "eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE, or task.pairs=arithmetic)"
+            "eval task preference needs pairs: pass task.val_path=FILE "
+            "(or task.train_path=FILE, or task.pairs=arithmetic)"
         )
     if given.get("pairs") != "arithmetic":
         given.setdefault("train_path", given.get("val_path"))
