@@ -439,3 +439,34 @@ def test_dpo_arithmetic_preset_single_and_fsdp_agree(tmp_path):
     ctx = EvalContext(RunConfig(), torch.device("cpu"), "fp32", tmp_path, lambda: checkpoints.load(fsdp))
     res = arithmetic_task(ctx).metrics
     assert res["arithmetic/examples"] == 4 and 0 <= res["arithmetic/exact_match"] <= 1
+
+
+def test_generated_pairs_need_no_file_and_a_bad_source_is_refused():
+    from llmtrain.config import compose, register_configs
+
+    register_configs()
+    with compose.hydra_session("finetune"):
+        cfg = compose.validate(compose.compose_run("finetune", ["+experiment=dpo_arithmetic", "init_from=RUN"]))
+        assert cfg.task.pairs == "arithmetic" and cfg.task.train_path is None
+        with pytest.raises(UserError, match="task.pairs must be one of file, arithmetic"):
+            compose.validate(compose.compose_run("finetune", ["+experiment=dpo_arithmetic", "task.pairs=csv"]))
+        with pytest.raises(UserError, match="task.train_path is required"):
+            compose.validate(compose.compose_run("finetune", ["+experiment=dpo_arithmetic", "task.pairs=file"]))
+    # the pairs are the arithmetic task's problems (train and held out disjoint), as its SFT saw them
+    from llmtrain.tasks import build_task
+    from llmtrain.tokenizers.byte import ByteTokenizer
+
+    tok = ByteTokenizer()
+    mc = ModelConfig(name="gpt2", n_layer=1, n_head=2, d_model=16, vocab_size=tok.vocab_size, max_seq_len=32)
+    task = build_task(
+        TaskConfig(name="preference", pairs="arithmetic", num_train=20, num_val=5), tok, mc, DataConfig(seq_len=32)
+    )
+    train, val = task.train_examples(), task.val_examples()
+    assert len(train) == 20 and len(val) == 5
+    assert not {tuple(e["prompt"]) for e in train} & {tuple(e["prompt"]) for e in val}
+    from llmtrain.tasks.arithmetic import answer_of
+
+    for e in train + val:
+        prompt = tok.decode(e["prompt"])
+        assert prompt.endswith("=") and e["chosen"][-1] == e["rejected"][-1] == tok.eos_id
+        assert tok.decode(e["chosen"][:-1]) == answer_of(prompt) != tok.decode(e["rejected"][:-1])
