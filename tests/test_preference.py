@@ -470,3 +470,16 @@ def test_generated_pairs_need_no_file_and_a_bad_source_is_refused():
         prompt = tok.decode(e["prompt"])
         assert prompt.endswith("=") and e["chosen"][-1] == e["rejected"][-1] == tok.eos_id
         assert tok.decode(e["chosen"][:-1]) == answer_of(prompt) != tok.decode(e["rejected"][:-1])
+
+
+def test_rpo_alpha_adds_the_chosen_replies_per_token_nll(tmp_path):
+    path = _write(tmp_path / "pairs.json", PAIRS)
+    plain, _, mc = _task("preference", path, beta=0.5)
+    rpo, _, _ = _task("preference", path, beta=0.5, rpo_alpha=0.7)
+    model = _model(mc)
+    for t in (plain, rpo):
+        t.prepare(model, torch.device("cpu"), tmp_path)
+    batch = rpo.collate(rpo.train_examples())
+    nll = [-_frozen_logps(model, e)[0] / len(e["chosen"]) for e in rpo.train_examples()]
+    expect = plain.loss(model, batch).loss.item() + 0.7 * sum(nll) / len(nll)
+    assert rpo.loss(model, batch).loss.item() == pytest.approx(expect, abs=1e-4)

@@ -196,6 +196,9 @@ class TaskConfig:
     pairs: str = "file"
     beta: float = 0.1
     gamma: float = 0.5
+    # preference: + rpo_alpha x the chosen reply's per-token NLL (RPO, Pang et al. 2024; TRL's rpo_alpha),
+    # which keeps DPO from lowering the chosen replies' likelihood with the rejected ones'
+    rpo_alpha: float = 0.0
 
 
 @dataclass
