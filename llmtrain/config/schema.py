@@ -62,6 +62,9 @@ class DataConfig:
     encoding_errors: str = "strict"  # strict | replace
     cache_dir: Optional[str] = None
     num_proc: int = 1
+    # Packed windows keep documents apart: block-diagonal causal attention, positions restarting
+    # per document, no target across a boundary (gpt2/llama; clm, or a generative task's packing)
+    document_mask: bool = False
 
 
 @dataclass
