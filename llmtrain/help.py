@@ -215,6 +215,8 @@ KEYS: dict[str, str] = {
     "task.loss": "preference: dpo | ipo | simpo",
     "task.beta": "preference: strength of the pull to the reference (SimPO: reward scale)",
     "task.gamma": "preference, loss simpo: target reward margin",
+    "task.rpo_alpha": "preference: weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = none)",
+    "task.pairs": "reward, preference: file (task.train_path) | arithmetic (generated right vs wrong answers)",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",
