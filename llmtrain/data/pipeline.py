@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.corpus import TokenSplits, split_reader, unk_report
+from llmtrain.data.corpus import TokenSplits, unk_report
 from llmtrain.data.loader import min_train_tokens
 from llmtrain.distributed import barrier, is_main
 from llmtrain.errors import UserError
@@ -19,17 +19,17 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     """The tokenizer (built or reused) and the train / validation tokens of data.path.
 
     The splits come from the prepared-data cache (llmtrain.data.prepare) as memory-mapped
-    arrays; the corpus is only read when a tokenizer must be trained or the cache prepared.
+    shards (an array-like over them); the corpus is only streamed when a tokenizer must be
+    trained or the cache prepared.
     Rank 0 does that first; the other ranks then find everything in the cache.
     """
-    from llmtrain.data.prepare import prepare
-
-    read = split_reader(cfg.data)
+    from llmtrain.data.prepare import prepare, tokenizer_sample
 
     for main_turn in (True, False):
         if is_main() == main_turn:
-            tok = tokenizer or run_tokenizer(cfg, lambda: read().train)
-            prepared = prepare(cfg.data, tok, split=read, verbose=main_turn)
+            # A bounded sample of the training split (all of it unless huge); prepare streams the corpus.
+            tok = tokenizer or run_tokenizer(cfg, lambda: tokenizer_sample(cfg.data))
+            prepared = prepare(cfg.data, tok, verbose=main_turn)
         barrier()
     splits = prepared.splits()
     if is_main():
