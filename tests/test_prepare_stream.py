@@ -1,0 +1,219 @@
+"""Bounded-memory preparation: the streamed split equals the in-memory one, shards read as one
+array, a prepare killed mid-shard resumes to the same shards, peak memory does not grow with the
+corpus, and `hf:` sources with data.streaming read the datasets stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmtrain.config.schema import DataConfig
+from llmtrain.data import prepare as prep
+from llmtrain.data import sources
+from llmtrain.data.corpus import split_documents, split_point, split_tokens
+from llmtrain.data.sources import iter_pieces, read_documents
+from llmtrain.data.tokens import ShardedTokens
+from llmtrain.tokenizers.byte import ByteTokenizer
+from llmtrain.tokenizers.char import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI_DOCS = r"^ = [^=].* = $"
+# Small pieces, tasks and shards, so a tiny corpus spans many of each.
+SMALL = {"SHARD_TOKENS": 5000, "CHUNK_CHARS": 3000}
+
+
+def _corpus(tmp_path: Path, n: int = 120) -> Path:
+    """Articles with headings, unicode and long lines (no shared data needed)."""
+    arts = [
+        f" = Article {i} = \n\n" + "".join(f" line {j} of {i}: ünï 😀 {'x' * (j % 7) * 40} .\n" for j in range(25))
+        for i in range(n)
+    ]
+    p = tmp_path / "corpus.txt"
+    p.write_text("".join(arts), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def small(monkeypatch):
+    for k, v in SMALL.items():
+        monkeypatch.setattr(prep, k, v)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)
+
+
+def _data(tmp_path, path, **kw) -> DataConfig:
+    return replace(DataConfig(), path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_streamed_pieces_are_the_documents(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    src = _corpus(tmp_path, 20)
+    for pattern in (None, WIKI_DOCS):
+        docs, cur = [], []
+        for piece, ends in iter_pieces(str(src), doc_pattern=pattern):
+            assert ends or piece.endswith("\n")  # only cut after newlines
+            cur.append(piece)
+            if ends:
+                docs.append("".join(cur))
+                cur = []
+        assert docs == read_documents(str(src), doc_pattern=pattern)
+    # Whitespace-only documents are dropped, and so is an all-whitespace corpus, as read_documents does.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("  \n\n")
+    (tmp_path / "d" / "b.jsonl").write_text('{"text": "one"}\n{"text": "  "}\n{"text": "two"}\n')
+    assert [p for p, _ in iter_pieces(str(tmp_path / "d"))] == ["one", "two"]
+    (tmp_path / "d" / "b.jsonl").unlink()
+    with pytest.raises(prep.UserError, match="empty"):
+        list(iter_pieces(str(tmp_path / "d")))
+
+
+def test_split_point_matches_split_documents():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        docs = ["x" * int(n) for n in rng.integers(1, 300, size=int(rng.integers(1, 6)))]
+        frac = float(rng.choice([0.0, 0.05, 0.1, 0.5, 0.9]))
+        ds = split_documents(docs, frac)
+        k, offset, by = split_point([len(d) for d in docs], frac)
+        assert (len(ds.train) - int(offset > 0), ds.cut_inside, ds.by) == (k, offset > 0, by)
+        if offset:
+            assert len(ds.train[-1]) == offset
+
+
+@pytest.mark.parametrize("mode", ["lines", "whole"])
+@pytest.mark.parametrize("pattern,frac", [(WIKI_DOCS, 0.1), (None, 0.1), (WIKI_DOCS, 0.0)])
+def test_streamed_shards_equal_in_memory_split(tmp_path, small, monkeypatch, mode, pattern, frac):
+    """Many shards, tasks and pieces; a document cut by the split; the "whole" mode that never cuts
+    a document: the tokens are those of split_tokens."""
+    src = _corpus(tmp_path)
+    data = _data(tmp_path, src, doc_pattern=pattern, val_fraction=frac)
+    docs = read_documents(str(src), doc_pattern=pattern)
+    tok = CharTokenizer.train(docs)
+    monkeypatch.setattr(prep, "encode_mode", lambda t: mode)
+    p = prep.prepare(data, tok, verbose=False)
+    got, ref = p.splits(), split_tokens(docs, tok, frac)
+    assert len(p.meta["train"]["shards"]) > 3
+    assert all(s["tokens"] == prep.SHARD_TOKENS for s in p.meta["train"]["shards"][:-1])
+    assert isinstance(got.train, ShardedTokens)
+    assert np.array_equal(got.train[:], ref.train) and np.array_equal(np.asarray(got.val), ref.val)
+    assert (got.n_docs, got.val_bytes, got.by) == (ref.n_docs, ref.val_bytes, ref.by)
+
+
+def test_sharded_tokens_slice_like_one_array():
+    rng = np.random.default_rng(1)
+    whole = rng.integers(0, 1000, size=1000).astype(np.uint16)
+    cuts = [0, 7, 300, 301, 650, 1000]
+    st = ShardedTokens([whole[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+    assert len(st) == 1000 and st.dtype == np.uint16
+    for a, b in [(0, 1000), (5, 9), (299, 302), (300, 301), (640, 990), (990, 2000), (-10, None), (400, 400)]:
+        assert np.array_equal(st[a:b], whole[a:b]), (a, b)
+    assert st[650] == whole[650] and st[-1] == whole[-1]
+    from llmtrain.data.loader import PackedWindows
+
+    a, b = PackedWindows(st, 16, 4, seed=0), PackedWindows(whole, 16, 4, seed=0)
+    assert a.tokens is st  # read window by window, never copied whole
+    assert all(np.array_equal(a.batch(s)["input_ids"], b.batch(s)["input_ids"]) for s in range(20))
+
+
+KILLED = """
+import os, signal, sys
+from dataclasses import replace
+from llmtrain.config.schema import DataConfig
+from llmtrain.data import prepare as P, sources
+from llmtrain.files import tmp_name
+from llmtrain.tokenizers.byte import ByteTokenizer
+P.SHARD_TOKENS, P.CHUNK_CHARS, sources.BLOCK_BYTES = {shard}, {chunk}, 4096
+write, n = P.atomic_write, [0]
+def dying_write(path, data):  # the 3rd shard: half of it on disk, then kill -9
+    if path.name.endswith(".bin"):
+        n[0] += 1
+        if n[0] == 3:
+            tmp_name(path).write_bytes(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    write(path, data)
+P.atomic_write = dying_write
+data = replace(DataConfig(), path=sys.argv[1], cache_dir=sys.argv[2], doc_pattern=sys.argv[3], num_proc=1)
+P.prepare(data, ByteTokenizer())
+"""
+
+
+def test_prepare_killed_mid_shard_resumes_to_the_same_shards(tmp_path, small):
+    src = _corpus(tmp_path)
+    script = KILLED.format(shard=prep.SHARD_TOKENS, chunk=prep.CHUNK_CHARS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(src), str(cache), WIKI_DOCS], env=env, capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    data = _data(tmp_path, src, doc_pattern=WIKI_DOCS)
+    tok = ByteTokenizer()
+    key = prep.entry_key(data, tok)
+    work = cache / "prepared" / f".{key}.partial"
+    manifest = json.loads((work / prep.MANIFEST).read_text())
+    assert len(manifest["shards"]["train"]) == 2 and manifest["resume"]["skip"] > 0  # stopped mid-task
+    assert not (cache / "prepared" / key).exists()
+    resumed = prep.prepare(data, tok, verbose=False)
+    fresh = prep.prepare(replace(data, cache_dir=str(tmp_path / "fresh")), tok, verbose=False)
+    names = sorted(f.name for f in fresh.dir.glob("*.bin"))
+    assert len(names) > 4 and sorted(f.name for f in resumed.dir.glob("*.bin")) == names
+    for name in names:
+        assert (resumed.dir / name).read_bytes() == (fresh.dir / name).read_bytes(), name
+    for k in ("train", "val", "documents"):
+        assert resumed.meta[k] == fresh.meta[k]
+    assert not work.exists()
+
+
+PEAK = """
+import sys
+from dataclasses import replace
+from llmtrain.config.schema import DataConfig
+from llmtrain.data import prepare as P, sources
+from llmtrain.tokenizers.byte import ByteTokenizer
+# Scaled down with the corpus: blocks, tasks and shards much smaller than either corpus.
+P.SHARD_TOKENS, P.CHUNK_CHARS, sources.BLOCK_BYTES = 1 << 18, 1 << 16, 1 << 16
+tok = ByteTokenizer()
+data = replace(DataConfig(), path=sys.argv[1], cache_dir=sys.argv[2], doc_pattern=sys.argv[3], num_proc=int(sys.argv[4]))
+P.prepare(replace(data, path=sys.argv[5]), tok, verbose=False)  # imports and first-use costs
+def rss(field):  # kB in /proc/self/status
+    line = next(x for x in open("/proc/self/status") if x.startswith(field))
+    return int(line.split()[1]) * 1024
+before = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := the current RSS
+meta = P.prepare(data, tok, verbose=False).meta
+print(rss("VmHWM") - before, meta["train"]["tokens"] + meta["val"]["tokens"])
+"""
+
+PEAK_BOUND = 10 << 20  # bytes of peak RSS a prepare may add over the process it starts in
+
+
+def test_peak_memory_is_the_same_bound_at_two_corpus_sizes(tmp_path):
+    """A corpus 7x larger (its text bigger than the bound, its tokens twice that) stays under the
+    same bound: memory does not grow with the corpus."""
+    base = _corpus(tmp_path, 500).read_text()
+    (tmp_path / "warm").mkdir()
+    warm = _corpus(tmp_path / "warm", 5)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    grown = []
+    for i, repeat in enumerate((1, 7)):
+        src = tmp_path / f"c{i}.txt"
+        src.write_text(base * repeat, encoding="utf-8")
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK, str(src), str(tmp_path / f"cache{i}"), WIKI_DOCS, "1", str(warm)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        extra, n_tokens = map(int, out.stdout.split())
+        grown.append((extra, n_tokens, src.stat().st_size))
+    (small_rss, _, small_bytes), (big_rss, big_tokens, big_bytes) = grown
+    assert big_bytes > PEAK_BOUND and 2 * big_tokens > 2 * PEAK_BOUND > small_bytes  # held whole, either would not fit
+    assert small_rss < PEAK_BOUND and big_rss < PEAK_BOUND, grown
