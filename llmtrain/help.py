@@ -150,6 +150,8 @@ KEYS: dict[str, str] = {
     "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
     "data.cache_dir": "where prepared shards and tokenizers are cached (default ~/.cache/llmtrain)",
     "data.num_proc": "processes that tokenize",
+    "data.streaming": "pretrain (clm): tokenize data.path (e.g. hf:NAME) on the fly, no prepared copy; "
+    "resumes by re-reading to the step's window",
     "model.n_layer": "transformer blocks",
     "model.d_model": "hidden size",
     "optim.lr": "peak learning rate",

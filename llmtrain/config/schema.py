@@ -48,6 +48,8 @@ class DataConfig:
     encoding_errors: str = "strict"  # strict | replace
     cache_dir: Optional[str] = None
     num_proc: int = 1
+    # pretrain (clm): tokenize data.path on the fly instead of preparing shards (llmtrain.data.streaming)
+    streaming: bool = False
 
 
 @dataclass

@@ -38,6 +38,8 @@ class TokenSplits:
 
     def describe(self) -> str:
         """The split as the start-up lines show it."""
+        if not hasattr(self.train, "__len__"):  # data.streaming: a stream, never counted
+            return f"streamed train tokens / {len(self.val):,} val tokens"
         n = len(self.train) + len(self.val)
         frac = len(self.val) / n if n else 0.0
         return f"{len(self.train):,} train / {len(self.val):,} val tokens (val {100 * frac:.1f}%, split {self.by})"

@@ -25,6 +25,8 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     """
     from llmtrain.data.prepare import prepare, tokenizer_sample
 
+    if getattr(cfg.data, "streaming", False):
+        return streamed_corpus(cfg, tokenizer)
     for main_turn in (True, False):
         if is_main() == main_turn:
             # A bounded sample of the training split (all of it unless huge); prepare streams the corpus.
@@ -45,6 +47,50 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
             f"{cfg.data.seq_len}, which needs at least {need} (2 * seq_len + 1; use a smaller data.seq_len)"
         )
     return tok, splits
+
+
+def streamed_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenSplits]:
+    """data.streaming=true: the training split is a TokenStream over data.path (llmtrain.data.streaming),
+    validation data.val_path tokenized whole (or none); a tokenizer is trained on the stream's start."""
+    import numpy as np
+
+    from llmtrain.data.corpus import split_tokens, token_dtype
+    from llmtrain.data.prepare import TOKENIZER_SAMPLE_CHARS
+    from llmtrain.data.sources import iter_pieces, read_documents
+    from llmtrain.data.streaming import TokenStream
+
+    d = cfg.data
+    if cfg.objective.name != "clm" or cfg.stage != "pretrain":
+        raise UserError(
+            f"data.streaming=true supports pretrain with objective=clm (got {cfg.stage} with {cfg.objective.name}); "
+            "use data.streaming=false (prepared shards)"
+        )
+    if not d.path:
+        raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
+
+    def head() -> list[str]:  # the stream's first TOKENIZER_SAMPLE_CHARS characters
+        docs, cur, n = [], [], 0
+        for piece, ends in iter_pieces(d.path, d.text_field, d.encoding_errors, d.doc_pattern):
+            cur.append(piece)
+            n += len(piece)
+            if ends or n >= TOKENIZER_SAMPLE_CHARS:
+                docs.append("".join(cur))
+                cur = []
+            if n >= TOKENIZER_SAMPLE_CHARS:
+                break
+        return docs + (["".join(cur)] if cur else [])
+
+    tok = tokenizer or run_tokenizer(cfg, head)
+    if d.val_path:
+        docs = read_documents(d.val_path, d.text_field, d.encoding_errors, d.doc_pattern, "data.val_path")
+        val_tokens = split_tokens(docs, tok, 0.0).train  # all of it: the validation side
+        val_bytes = sum(len(x.encode("utf-8")) for x in docs)
+    else:
+        val_tokens, val_bytes = np.zeros(0, dtype=token_dtype(tok.vocab_size)), 0
+    if is_main():
+        print(f"streaming {d.path}: tokenized on the fly (data.streaming=true), validation "
+              f"{d.val_path or 'none (set data.val_path)'}", flush=True)
+    return tok, TokenSplits(train=TokenStream(d, tok), val=val_tokens, n_docs=0, val_bytes=val_bytes, by="streaming")
 
 
 def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> Tokenizer:

@@ -333,6 +333,9 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
             yield _encode_task(t, tok)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # Encoding once here imports what the encoder needs (pyarrow pulls in pandas: ~2 s) before the
+    # fork, so the workers inherit it instead of each paying for it.
+    _encode_task(("train", encode_mode(tok), [("warm up\n", False)]), tok)
     with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(),)) as pool:
         pending: deque = deque()
         for t in tasks:
