@@ -87,12 +87,13 @@ def test_split_point_matches_split_documents():
             assert len(ds.train[-1]) == offset
 
 
-@pytest.mark.parametrize("mode", ["lines", "whole"])
-@pytest.mark.parametrize("pattern,frac", [(WIKI_DOCS, 0.1), (None, 0.1), (WIKI_DOCS, 0.0)])
-def test_streamed_shards_equal_in_memory_split(tmp_path, small, monkeypatch, mode, pattern, frac):
+@pytest.mark.parametrize(
+    "pattern,frac,mode", [(WIKI_DOCS, 0.1, "lines"), (None, 0.1, "whole"), (None, 0.3, "lines"), (WIKI_DOCS, 0.0, "whole")]
+)
+def test_streamed_shards_equal_in_memory_split(tmp_path, small, monkeypatch, pattern, frac, mode):
     """Many shards, tasks and pieces; a document cut by the split; the "whole" mode that never cuts
     a document: the tokens are those of split_tokens."""
-    src = _corpus(tmp_path)
+    src = _corpus(tmp_path, 50)
     data = _data(tmp_path, src, doc_pattern=pattern, val_fraction=frac)
     docs = read_documents(str(src), doc_pattern=pattern)
     tok = CharTokenizer.train(docs)
@@ -217,3 +218,49 @@ def test_peak_memory_is_the_same_bound_at_two_corpus_sizes(tmp_path):
     (small_rss, _, small_bytes), (big_rss, big_tokens, big_bytes) = grown
     assert big_bytes > PEAK_BOUND and 2 * big_tokens > 2 * PEAK_BOUND > small_bytes  # held whole, either would not fit
     assert small_rss < PEAK_BOUND and big_rss < PEAK_BOUND, grown
+
+
+def test_streaming_hf_local_files_tokenizes_on_the_fly_and_resumes(tmp_path, monkeypatch):
+    """data.streaming=true over hf:DIR (the datasets streaming mode on local files): windows are
+    the documents' tokens in order, epoch after epoch; a loader started at a step (a resume)
+    gives the batches of one that ran there; ranks read disjoint windows; nothing is prepared."""
+    import torch
+
+    from llmtrain.config.schema import RunConfig
+    from llmtrain.data.corpus import tokenize_documents
+    from llmtrain.data.pipeline import load_corpus
+    from llmtrain.data.streaming import StreamWindows, TokenStream
+    from llmtrain.objectives import build_objective
+
+    seen = []
+    import datasets
+
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: seen.append(k.get("streaming")) or real(*a, **k))
+    d = tmp_path / "hfdata"
+    d.mkdir()
+    rows = [{"text": f"doc {i}: " + "wörds and more " * (i % 5 + 1)} for i in range(30)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.txt").write_text("more words and doc\n")
+    cfg = RunConfig()
+    cfg.stage = "pretrain"
+    cfg.data = _data(tmp_path, f"hf:{d}", streaming=True, seq_len=16, batch_size=3, val_path=str(tmp_path / "val.txt"))
+    tok, splits = load_corpus(cfg)
+    assert isinstance(splits.train, TokenStream) and seen and all(seen)  # streamed, never loaded whole
+    assert not (tmp_path / "cache" / "prepared").exists()
+    assert tok.decode(splits.val.tolist()).startswith("more words and doc")
+    epoch = np.concatenate(tokenize_documents([r["text"] for r in rows], tok))
+    stream = np.concatenate([epoch] * 3)
+    T, B = 16, 3
+    src = build_objective(cfg.objective, tok, splits, cfg.data, 0).train_source()
+    assert isinstance(src, StreamWindows)
+    steps = len(epoch) // (T * B) + 3  # past the end of the first epoch
+    batches = [src.batch(s) for s in range(steps)]
+    for s, b in enumerate(batches):
+        want = np.stack([stream[g * T : g * T + T + 1] for g in range(s * B, s * B + B)])
+        assert np.array_equal(b["input_ids"].numpy(), want[:, :-1]) and np.array_equal(b["labels"].numpy(), want[:, 1:])
+    resumed = StreamWindows(splits.train, T, B)
+    assert torch.equal(resumed.batch(steps - 2)["input_ids"], batches[steps - 2]["input_ids"])
+    r0, r1 = (StreamWindows(splits.train, T, B, rank=r, world_size=2) for r in range(2))
+    assert torch.equal(r0.batch(1)["input_ids"], batches[2]["input_ids"])
+    assert torch.equal(r1.batch(1)["input_ids"], batches[3]["input_ids"])
