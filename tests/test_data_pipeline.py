@@ -188,7 +188,7 @@ def test_interrupted_prepare_leaves_no_entry_and_is_finished(tmp_path, monkeypat
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_encode_task", boom)
+    monkeypatch.setattr(prep, "encode_task", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(data, tok, verbose=False)
     key = prep.entry_key(data, tok)

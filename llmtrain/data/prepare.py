@@ -247,7 +247,7 @@ def _pieces(doc: str, cut: bool) -> Iterator[str]:
 Task = tuple[str, str, list[tuple[str, bool]]]  # (split, encode mode, [(piece, ends_document)])
 
 
-def _tasks(stream: Iterator[tuple[str, str, bool]], mode: str) -> Iterator[tuple[Task, int]]:
+def make_tasks(stream: Iterator[tuple[str, str, bool]], mode: str) -> Iterator[tuple[Task, int]]:
     """(task, UTF-8 bytes) groups of about CHUNK_CHARS characters in corpus order, one split each.
     Mode "whole" may not cut a document, so its pieces are joined first."""
     group: list[tuple[str, bool]] = []
@@ -295,7 +295,7 @@ def _init_worker(state: dict[str, Any]) -> None:
     _worker_tok = tokenizer_from_state(state)
 
 
-def _encode_task(task: Task, tok: Tokenizer | None = None) -> np.ndarray:
+def encode_task(task: Task, tok: Tokenizer | None = None) -> np.ndarray:
     """-> the token ids of the task's pieces, with eos after each finished document."""
     tok = tok or _worker_tok
     assert tok is not None
@@ -330,16 +330,16 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
     does not grow with the corpus (Pool.imap would read the whole input ahead)."""
     if num_proc <= 1 or not parallel:
         for t in tasks:
-            yield _encode_task(t, tok)
+            yield encode_task(t, tok)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     # Encoding once here imports what the encoder needs (pyarrow pulls in pandas: ~2 s) before the
     # fork, so the workers inherit it instead of each paying for it.
-    _encode_task(("train", encode_mode(tok), [("warm up\n", False)]), tok)
+    encode_task(("train", encode_mode(tok), [("warm up\n", False)]), tok)
     with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(),)) as pool:
         pending: deque = deque()
         for t in tasks:
-            pending.append(pool.apply_async(_encode_task, (t,)))
+            pending.append(pool.apply_async(encode_task, (t,)))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().get()
         while pending:
@@ -429,7 +429,7 @@ def _build(
 
         def todo() -> Iterator[Task]:
             nonlocal val_bytes
-            for i, (task, nbytes) in enumerate(_tasks(stream, mode)):
+            for i, (task, nbytes) in enumerate(make_tasks(stream, mode)):
                 if task[0] == "val":
                     val_bytes += nbytes
                 if i < resume["task"]:  # already in the shards: read past it

@@ -32,13 +32,13 @@ class TokenStream:
     def chunks(self) -> Iterator[np.ndarray]:
         """One epoch of tokens, in pieces."""
         from llmtrain.data.corpus import encode_mode
-        from llmtrain.data.prepare import _encode_task, _tasks
+        from llmtrain.data.prepare import encode_task, make_tasks
         from llmtrain.data.sources import iter_pieces
 
         d = self.data
         pieces = iter_pieces(d.path, d.text_field, d.encoding_errors, d.doc_pattern)
-        for task, _ in _tasks((("train", p, e) for p, e in pieces), encode_mode(self.tokenizer)):
-            yield _encode_task(task, self.tokenizer)
+        for task, _ in make_tasks((("train", p, e) for p, e in pieces), encode_mode(self.tokenizer)):
+            yield encode_task(task, self.tokenizer)
 
 
 class StreamWindows:
