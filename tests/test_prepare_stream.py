@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from llmtrain.config.schema import DataConfig
-from llmtrain.data import prepare as prep
-from llmtrain.data import sources
+from llmtrain.data import prepare as prep, sources
 from llmtrain.data.corpus import split_documents, split_point, split_tokens
 from llmtrain.data.sources import iter_pieces, read_documents
 from llmtrain.data.tokens import ShardedTokens
@@ -88,7 +87,8 @@ def test_split_point_matches_split_documents():
 
 
 @pytest.mark.parametrize(
-    "pattern,frac,mode", [(WIKI_DOCS, 0.1, "lines"), (None, 0.1, "whole"), (None, 0.3, "lines"), (WIKI_DOCS, 0.0, "whole")]
+    "pattern,frac,mode",
+    [(WIKI_DOCS, 0.1, "lines"), (None, 0.1, "whole"), (None, 0.3, "lines"), (WIKI_DOCS, 0.0, "whole")],
 )
 def test_streamed_shards_equal_in_memory_split(tmp_path, small, monkeypatch, pattern, frac, mode):
     """Many shards, tasks and pieces; a document cut by the split; the "whole" mode that never cuts
@@ -181,8 +181,9 @@ from llmtrain.tokenizers.byte import ByteTokenizer
 # Scaled down with the corpus: blocks, tasks and shards much smaller than either corpus.
 P.SHARD_TOKENS, P.CHUNK_CHARS, sources.BLOCK_BYTES = 1 << 18, 1 << 16, 1 << 16
 tok = ByteTokenizer()
-data = replace(DataConfig(), path=sys.argv[1], cache_dir=sys.argv[2], doc_pattern=sys.argv[3], num_proc=int(sys.argv[4]))
-P.prepare(replace(data, path=sys.argv[5]), tok, verbose=False)  # imports and first-use costs
+path, cache, pattern, num_proc, warm = sys.argv[1:]
+data = replace(DataConfig(), path=path, cache_dir=cache, doc_pattern=pattern, num_proc=int(num_proc))
+P.prepare(replace(data, path=warm), tok, verbose=False)  # imports and first-use costs
 def rss(field):  # kB in /proc/self/status
     line = next(x for x in open("/proc/self/status") if x.startswith(field))
     return int(line.split()[1]) * 1024

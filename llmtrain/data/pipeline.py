@@ -88,8 +88,11 @@ def streamed_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple
     else:
         val_tokens, val_bytes = np.zeros(0, dtype=token_dtype(tok.vocab_size)), 0
     if is_main():
-        print(f"streaming {d.path}: tokenized on the fly (data.streaming=true), validation "
-              f"{d.val_path or 'none (set data.val_path)'}", flush=True)
+        print(
+            f"streaming {d.path}: tokenized on the fly (data.streaming=true), validation "
+            f"{d.val_path or 'none (set data.val_path)'}",
+            flush=True,
+        )
     return tok, TokenSplits(train=TokenStream(d, tok), val=val_tokens, n_docs=0, val_bytes=val_bytes, by="streaming")
 
 

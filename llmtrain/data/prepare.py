@@ -248,7 +248,8 @@ Task = tuple[str, str, list[tuple[str, bool]]]  # (split, encode mode, [(piece, 
 
 
 def make_tasks(stream: Iterator[tuple[str, str, bool]], mode: str) -> Iterator[tuple[Task, int]]:
-    """(task, UTF-8 bytes) groups of about CHUNK_CHARS characters in corpus order, one split each.
+    """(task, UTF-8 bytes of a validation task) groups of about CHUNK_CHARS characters in corpus
+    order, one split each.
     Mode "whole" may not cut a document, so its pieces are joined first."""
     group: list[tuple[str, bool]] = []
     size = nbytes = 0
@@ -259,7 +260,8 @@ def make_tasks(stream: Iterator[tuple[str, str, bool]], mode: str) -> Iterator[t
         nonlocal group, size, nbytes
         group.append((piece, ends))
         size += len(piece)
-        nbytes += len(piece.encode("utf-8", "surrogatepass"))
+        if current == "val":  # exact, for bits per byte (training progress is counted in characters)
+            nbytes += len(piece.encode("utf-8", "surrogatepass"))
         if size >= CHUNK_CHARS:
             yield (current, mode, group), nbytes
             group, size, nbytes = [], 0, 0
@@ -423,28 +425,29 @@ def _build(
     writer = _ShardWriter(work, manifest, tok, dtype)
     mode = encode_mode(tok)
     val_bytes = 0
-    queued: deque[tuple[int, Task]] = deque()  # handed to the workers, not yet written
+    queued: deque[Task] = deque()  # handed to the workers, not yet written
 
     with _progress(plan.bytes, f"tokenizing {data.path}") as bar:
+
+        per_char = plan.bytes / max(plan.chars, 1)  # the bar shows MB/s of the source
 
         def todo() -> Iterator[Task]:
             nonlocal val_bytes
             for i, (task, nbytes) in enumerate(make_tasks(stream, mode)):
-                if task[0] == "val":
-                    val_bytes += nbytes
+                val_bytes += nbytes
                 if i < resume["task"]:  # already in the shards: read past it
-                    bar.update(nbytes)
+                    bar.update(round(per_char * sum(len(p) for p, _ in task[2])))
                     continue
-                queued.append((nbytes, task))
+                queued.append(task)
                 yield task
 
         i = resume["task"]
         parallel = plan.chars >= 4 * CHUNK_CHARS  # worker processes pay a start-up each
         for arr in _encoded(todo(), tok, data.num_proc, parallel):
-            nbytes, task = queued.popleft()
+            task = queued.popleft()
             skipped = resume["skip"] if i == resume["task"] else 0
             writer.add(task[0], i, arr[skipped:], skipped)
-            bar.update(nbytes)
+            bar.update(round(per_char * sum(len(p) for p, _ in task[2])))
             i += 1
         writer.flush(i)
     shards = manifest["shards"]
