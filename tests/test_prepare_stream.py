@@ -265,3 +265,17 @@ def test_streaming_hf_local_files_tokenizes_on_the_fly_and_resumes(tmp_path, mon
     r0, r1 = (StreamWindows(splits.train, T, B, rank=r, world_size=2) for r in range(2))
     assert torch.equal(r0.batch(1)["input_ids"], batches[2]["input_ids"])
     assert torch.equal(r1.batch(1)["input_ids"], batches[3]["input_ids"])
+
+
+def test_tokenizer_sample_is_the_training_split_or_a_bounded_spread_of_it(tmp_path, monkeypatch):
+    src = _corpus(tmp_path, 60)
+    data = _data(tmp_path, src, doc_pattern=WIKI_DOCS)
+    docs = read_documents(str(src), doc_pattern=WIKI_DOCS)
+    assert prep.tokenizer_sample(data) == split_documents(docs, 0.1).train  # small: all of it, as before
+    monkeypatch.setattr(prep, "TOKENIZER_SAMPLE_CHARS", 20_000)
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 2000)
+    prep._plans.clear()
+    sample = prep.tokenizer_sample(replace(data, val_fraction=0.2))
+    assert 10_000 < sum(map(len, sample)) <= 20_000 + 2 * 4000
+    train = split_documents(docs, 0.2).train
+    assert sample[0] == train[0] and any(s == d for s in sample[-4:] for d in train[-8:])  # spread to the end
