@@ -131,15 +131,14 @@ from llmtrain.data import prepare as P, sources
 from llmtrain.files import tmp_name
 from llmtrain.tokenizers.byte import ByteTokenizer
 P.SHARD_TOKENS, P.CHUNK_CHARS, sources.BLOCK_BYTES = {shard}, {chunk}, 4096
-write, n = P.atomic_write, [0]
-def dying_write(path, data):  # the 3rd shard: half of it on disk, then kill -9
-    if path.name.endswith(".bin"):
-        n[0] += 1
-        if n[0] == 3:
-            tmp_name(path).write_bytes(data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-    write(path, data)
-P.atomic_write = dying_write
+publish, n = P.atomic_replace, [0]
+def dying_publish(tmp, path):  # the 3rd shard: half of it on disk, then kill -9
+    n[0] += 1
+    if n[0] == 3:
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    publish(tmp, path)
+P.atomic_replace = dying_publish
 data = replace(DataConfig(), path=sys.argv[1], cache_dir=sys.argv[2], doc_pattern=sys.argv[3], num_proc=1)
 P.prepare(data, ByteTokenizer())
 """
@@ -160,6 +159,7 @@ def test_prepare_killed_mid_shard_resumes_to_the_same_shards(tmp_path, small):
     work = cache / "prepared" / f".{key}.partial"
     manifest = json.loads((work / prep.MANIFEST).read_text())
     assert len(manifest["shards"]["train"]) == 2 and manifest["resume"]["skip"] > 0  # stopped mid-task
+    assert list(work.glob("*.tmp-*"))  # the half-written shard
     assert not (cache / "prepared" / key).exists()
     resumed = prep.prepare(data, tok, verbose=False)
     fresh = prep.prepare(replace(data, cache_dir=str(tmp_path / "fresh")), tok, verbose=False)
@@ -169,7 +169,7 @@ def test_prepare_killed_mid_shard_resumes_to_the_same_shards(tmp_path, small):
         assert (resumed.dir / name).read_bytes() == (fresh.dir / name).read_bytes(), name
     for k in ("train", "val", "documents"):
         assert resumed.meta[k] == fresh.meta[k]
-    assert not work.exists()
+    assert not work.exists() and not list(resumed.dir.glob(".*"))
 
 
 PEAK = """

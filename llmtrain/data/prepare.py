@@ -46,13 +46,13 @@ from llmtrain.data.corpus import DocSplit, TokenSplits, encode_mode, encode_text
 from llmtrain.data.sources import HF_PREFIX, iter_pieces, parse_hf_spec, resolve_files
 from llmtrain.data.tokens import ShardedTokens, open_shard
 from llmtrain.errors import UserError
-from llmtrain.files import atomic_write, fsync_dir, fsync_tree
+from llmtrain.files import TMP_MARK, atomic_replace, atomic_write, fsync_dir, fsync_tree, tmp_name
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
 
 FORMAT = 3  # 2: split by characters (corpus.split_documents), <unk> counts; 3: fixed-size shards
 META = "meta.json"
 MANIFEST = "manifest.json"
-# Tokens per shard (32 MiB of uint16): the most a prepare holds in memory and loses when killed.
+# Tokens per shard (32 MiB of uint16): the most work a killed prepare loses.
 SHARD_TOKENS = 1 << 24
 # The most characters of the training split a tokenizer is trained on (spread over the split).
 TOKENIZER_SAMPLE_CHARS = 200 << 20
@@ -349,14 +349,16 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
 
 
 class _ShardWriter:
-    """Cuts the token stream of one split after another into SHARD_TOKENS shards; after each
-    shard, the manifest records it and where the next token comes from (task, skip)."""
+    """Cuts the token stream of one split after another into SHARD_TOKENS shards, appending each
+    task's tokens to the shard being written (a temporary file, so memory holds no shard). A full
+    shard is published atomically; then the manifest records it and where the next token comes
+    from (task, tokens of it already written)."""
 
     def __init__(self, work: Path, manifest: dict[str, Any], tok: Tokenizer, dtype: np.dtype):
         self.work, self.manifest, self.tok, self.dtype = work, manifest, tok, dtype
         self.size = manifest["shard_tokens"]
-        self.buf: list[np.ndarray] = []
-        self.n = 0  # tokens in buf
+        self.file = None  # the open temporary file of the shard being written
+        self.n = self.eos = self.unk = 0  # its tokens, documents and <unk> tokens so far
         self.name = "train"
 
     def add(self, name: str, task: int, arr: np.ndarray, skipped: int = 0) -> None:
@@ -364,30 +366,36 @@ class _ShardWriter:
         if name != self.name:
             self.flush(task)
             self.name = name
-        self.buf.append(arr)
-        self.n += len(arr)
-        while self.n >= self.size:
-            flat = np.concatenate(self.buf)
-            self.buf, self.n = [flat[self.size :]], len(flat) - self.size
-            # What is left comes from this task alone (the buffer held < size before it).
-            if self.n:
-                self._write(flat[: self.size], task, skipped + len(arr) - self.n)
-            else:
-                self._write(flat[: self.size], task + 1, 0)
+        pos = 0
+        while pos < len(arr):
+            part = arr[pos : pos + self.size - self.n].astype(self.dtype, copy=False)
+            if self.file is None:
+                self.file = open(tmp_name(self._path()), "wb")
+            self.file.write(part.tobytes())
+            self.n += len(part)
+            self.eos += int(np.count_nonzero(part == self.tok.eos_id))
+            self.unk += unk_count(part, self.tok)
+            pos += len(part)
+            if self.n == self.size:
+                self._publish(task, skipped + pos) if pos < len(arr) else self._publish(task + 1, 0)
 
     def flush(self, next_task: int) -> None:
         if self.n:
-            self._write(np.concatenate(self.buf), next_task, 0)
-        self.buf, self.n = [], 0
+            self._publish(next_task, 0)
 
-    def _write(self, tokens: np.ndarray, task: int, skip: int) -> None:
-        shards = self.manifest["shards"][self.name]
-        name = f"{self.name}-{len(shards):05d}.bin"
-        atomic_write(self.work / name, tokens.astype(self.dtype, copy=False).tobytes())
-        eos = int(np.count_nonzero(tokens == self.tok.eos_id))
-        shards.append({"file": name, "tokens": len(tokens), "documents": eos, "unk": unk_count(tokens, self.tok)})
+    def _path(self) -> Path:
+        return self.work / f"{self.name}-{len(self.manifest['shards'][self.name]):05d}.bin"
+
+    def _publish(self, task: int, skip: int) -> None:
+        path = self._path()
+        self.file.close()
+        atomic_replace(tmp_name(path), path)
+        self.manifest["shards"][self.name].append(
+            {"file": path.name, "tokens": self.n, "documents": self.eos, "unk": self.unk}
+        )
         self.manifest["resume"] = {"task": task, "skip": skip}
         atomic_write(self.work / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
+        self.file, self.n, self.eos, self.unk = None, 0, 0, 0
 
 
 def _build(
@@ -415,6 +423,8 @@ def _build(
             "resume": {"task": 0, "skip": 0},
         }
         atomic_write(work / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for leftover in work.glob(f"*{TMP_MARK}*"):  # a shard a killed prepare was writing
+        leftover.unlink()
     plan = Plan(**manifest["plan"])
     if manifest["from_docsplit"]:
         ds = split_fn() if split_fn is not None else None
@@ -428,7 +438,6 @@ def _build(
     queued: deque[Task] = deque()  # handed to the workers, not yet written
 
     with _progress(plan.bytes, f"tokenizing {data.path}") as bar:
-
         per_char = plan.bytes / max(plan.chars, 1)  # the bar shows MB/s of the source
 
         def todo() -> Iterator[Task]:
