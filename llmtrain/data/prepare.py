@@ -398,10 +398,24 @@ class _ShardWriter:
         self.file, self.n, self.eos, self.unk = None, 0, 0, 0
 
 
+def _bound_malloc() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which the ~MB
+    pieces a prepare allocates and frees by the thousand come from a heap that fragments and grows
+    with the corpus (measured: +330 MB RSS at 1 GB). A fixed threshold (which also turns that
+    adjustment off) hands such blocks back to the system as soon as they are freed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD, glibc's default value
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _build(
     data: Any, tok: Tokenizer, work: Path, source_fp: str, split_fn: Callable[[], DocSplit] | None, key: str
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    _bound_malloc()
     dtype = np.dtype(token_dtype(tok.vocab_size))
     manifest = None
     try:
