@@ -76,6 +76,10 @@ def validate_config(cfg: RunConfig) -> None:
                 f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)"
             )
     tokenizer_class(cfg.tokenizer.name)
+    if cfg.data.sources is not None:
+        from llmtrain.data.mixture import check_sources
+
+        check_sources(cfg, objective_class(cfg.objective.name))
     check_required_files(cfg)
     check_ranges(cfg)  # first: the size checks below divide by these
     m, d = cfg.model, cfg.data
@@ -98,8 +102,9 @@ def check_required_files(cfg: RunConfig) -> None:
     )
     if cfg.stage == "distill" and not cfg.teacher:
         raise UserError("distill needs teacher=PATH (the checkpoint or run directory to distill from)")
-    if reads_data and not cfg.data.path:
-        raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
+    if reads_data and not cfg.data.path and cfg.data.sources is None:
+        mix = ", or data=mixture data.sources='[{path: A, weight: 0.7}, ...]'" if cfg.stage == "pretrain" else ""
+        raise UserError(f"data.path is required: the text to train on (e.g. data.path=FILE{mix})")
     if cfg.stage == "rl":
         check_reward(cfg)
     if cfg.task.name == "arithmetic" or cfg.data.path == "task:arithmetic":

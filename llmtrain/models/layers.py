@@ -120,9 +120,11 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k.to(self.k.dtype)
-        self.v[layer, :, :, start:end] = v.to(self.v.dtype)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # narrow + copy_: in-place writes to the preallocated buffers, fewer ops than slice assignment
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.narrow(2, start, end - start).copy_(k)
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -155,7 +157,8 @@ def make_attn_mask(
 
     attention_mask is [B, past+T] with 1 = real token, 0 = padding."""
     S = past + T
-    if attention_mask is None and (not causal or past == 0):
+    # T == 1 (a decoding step): the one query comes last, so causal order hides nothing
+    if attention_mask is None and (not causal or past == 0 or T == 1):
         return None
     keys = None
     if attention_mask is not None:

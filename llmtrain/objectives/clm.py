@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from llmtrain.data.loader import PackedWindows, sequential_windows
+from llmtrain.data.loader import sequential_windows
+from llmtrain.data.mixture import train_windows
 from llmtrain.data.streaming import StreamWindows, TokenStream
 from llmtrain.objectives.base import LossOutput, Objective, token_cross_entropy
 from llmtrain.registry import register
@@ -12,12 +13,13 @@ from llmtrain.registry import register
 class CausalLM(Objective):
     name = "clm"
     needs_decoder = True
+    supports_mixture = True
 
     def train_source(self, rank=0, world=1):
         d = self.data_cfg
         if isinstance(self.splits.train, TokenStream):  # data.streaming: read in order, on the fly
             return StreamWindows(self.splits.train, d.seq_len, d.batch_size, rank, world)
-        return PackedWindows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
+        return train_windows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
 
     def val_batches(self, max_batches=0, rank=0, world=1):
         d = self.data_cfg
