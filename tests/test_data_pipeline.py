@@ -153,7 +153,7 @@ def test_uint32_for_large_vocab(tmp_path):
 
 def _entries(tmp_path: Path) -> list[str]:
     d = tmp_path / "cache" / "prepared"
-    return sorted(x.name for x in d.iterdir() if not x.name.endswith(".lock")) if d.exists() else []
+    return sorted(x.name for x in d.iterdir()) if d.exists() else []
 
 
 def test_reuse_and_invalidation(tmp_path, sp):
@@ -334,7 +334,7 @@ def test_tokenizer_train_and_data_prepare_cli(tmp_path):
     ]
     proc = run_cli(*prep_args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (entry,) = [p for p in (cache / "prepared").iterdir() if not p.name.startswith(".")]
+    (entry,) = (cache / "prepared").iterdir()
     m = json.loads((entry / "meta.json").read_text())
     from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
 

@@ -595,7 +595,9 @@ def prepare(
     entry.parent.mkdir(parents=True, exist_ok=True)
     work = entry.parent / f".{key}.partial"
     # One preparer per entry: a second process waits, then finds the entry done.
-    with open(entry.parent / f".{key}.lock", "a") as lock:
+    locks = root / "locks"  # beside prepared/, which holds entries (and work in progress) only
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force and entry.exists() and _check_entry(entry, tok, source_fp) is None:
             return Prepared(entry, json.loads((entry / META).read_text()), reused=True)
