@@ -44,7 +44,7 @@ VERBS: dict[str, Verb] = {
         "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.threads objective.noise_density "
         "objective.mean_span_length objective.permute_sentences model.extra_ids init_from objective.temperature "
         "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold "
-        "optimize_metric",
+        "data.document_mask optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
@@ -53,8 +53,8 @@ VERBS: dict[str, Verb] = {
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
         "finetune.qat finetune.qat_group_size "
-        "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
-        "trainer.eval_every eval.max_examples",
+        "data.path data.seq_len data.batch_size data.val_fraction data.val_path data.document_mask optim.lr "
+        "trainer.max_steps trainer.eval_every eval.max_examples",
     ),
     "rl": Verb(
         "Reinforcement learning with GRPO from a checkpoint (init_from=PATH): rl.group_size sampled completions "
@@ -157,6 +157,8 @@ KEYS: dict[str, str] = {
     "data.num_proc": "processes that tokenize",
     "data.streaming": "pretrain (clm): tokenize data.path (e.g. hf:NAME) on the fly, no prepared copy; "
     "resumes by re-reading to the step's window",
+    "data.document_mask": "packed documents stay apart: block-diagonal causal attention, positions restart, "
+    "no target across a boundary (gpt2/llama; clm, or task.packing=true)",
     "model.n_layer": "transformer blocks",
     "model.d_model": "hidden size",
     "optim.lr": "peak learning rate",
@@ -184,7 +186,7 @@ KEYS: dict[str, str] = {
     "task.source_field": "summarization, seq2seq: the source field",
     "task.target_field": "summarization, seq2seq: the target field",
     "task.chat_template": "instruction: default | chatml",
-    "task.packing": "instruction: pack several examples into one window",
+    "task.packing": "instruction, summarization: pack several examples into one window (data.document_mask: apart)",
     "task.doc_stride": "extractive_qa: overlap (tokens) between windows of a long context",
     "task.max_answer_len": "extractive_qa: longest predicted answer, in tokens",
     "task.max_examples": "use at most this many records (0 = all)",

@@ -1,7 +1,9 @@
-"""Causal language modelling: predict token t+1 from tokens <= t on packed windows."""
+"""Causal language modelling: predict token t+1 from tokens <= t on packed windows
+(data.document_mask=true: from the tokens <= t of the same document, llmtrain/data/documents.py)."""
 
 from __future__ import annotations
 
+from llmtrain.data.documents import DocumentWindows, document_kwargs, mark_documents
 from llmtrain.data.loader import sequential_windows
 from llmtrain.data.mixture import train_windows
 from llmtrain.data.streaming import StreamWindows, TokenStream
@@ -18,14 +20,19 @@ class CausalLM(Objective):
     def train_source(self, rank=0, world=1):
         d = self.data_cfg
         if isinstance(self.splits.train, TokenStream):  # data.streaming: read in order, on the fly
-            return StreamWindows(self.splits.train, d.seq_len, d.batch_size, rank, world)
-        return train_windows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
+            windows = StreamWindows(self.splits.train, d.seq_len, d.batch_size, rank, world)
+        else:
+            windows = train_windows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
+        return DocumentWindows(windows, self.tokenizer.eos_id) if d.document_mask else windows
 
     def val_batches(self, max_batches=0, rank=0, world=1):
         d = self.data_cfg
-        return sequential_windows(self.splits.val, d.seq_len, d.batch_size, max_batches, rank, world)
+        batches = sequential_windows(self.splits.val, d.seq_len, d.batch_size, max_batches, rank, world)
+        if d.document_mask:
+            return (mark_documents(b, self.tokenizer.eos_id) for b in batches)
+        return batches
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"])
+        logits = model(batch["input_ids"], **document_kwargs(batch))
         loss, n = token_cross_entropy(logits, batch["labels"])
         return LossOutput(loss=loss, n_targets=n)
