@@ -91,7 +91,7 @@ VERBS: dict[str, Verb] = {
     ),
     "chat": Verb(
         "Chat with an instruction-tuned checkpoint (checkpoint=PATH): stdin lines are user turns, replies go "
-        "to stdout.",
+        "to stdout (a t5 checkpoint: each line alone is the encoder input).",
         "checkpoint chat.template chat.max_new_tokens chat.temperature chat.top_k chat.top_p trainer.seed "
         "trainer.device",
     ),
@@ -100,8 +100,8 @@ VERBS: dict[str, Verb] = {
         "checkpoint export.out export.format",
     ),
     "bench": Verb(
-        "Benchmark the training step of a preset on synthetic tokens: tokens/s, MFU, step time, memory, "
-        "against a plain PyTorch loop.",
+        "Benchmark the training step of a preset on synthetic tokens (CLM; span corruption for t5): tokens/s, "
+        "MFU, step time, memory, against a plain PyTorch loop.",
         "bench.steps bench.warmup bench.rounds bench.baseline bench.out data.seq_len data.batch_size "
         "trainer.precision trainer.compile trainer.device",
     ),
