@@ -155,6 +155,8 @@ KEYS: dict[str, str] = {
     "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
     "data.cache_dir": "where prepared shards and tokenizers are cached (default ~/.cache/llmtrain)",
     "data.num_proc": "processes that tokenize",
+    "data.streaming": "pretrain (clm): tokenize data.path (e.g. hf:NAME) on the fly, no prepared copy; "
+    "resumes by re-reading to the step's window",
     "data.document_mask": "packed documents stay apart: block-diagonal causal attention, positions restart, "
     "no target across a boundary (gpt2/llama; clm, or task.packing=true)",
     "model.n_layer": "transformer blocks",

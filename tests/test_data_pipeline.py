@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def test_uint32_for_large_vocab(tmp_path):
     tok.vocab_size = 70_000  # dtype follows the vocabulary size
     p = prep.prepare(data, tok, verbose=False)
     assert p.meta["dtype"] == "uint32" and p.splits().train.dtype == np.uint32
-    assert os.path.getsize(p.dir / "train.bin") == 4 * p.meta["train"]["tokens"]
+    assert os.path.getsize(p.dir / "train-00000.bin") == 4 * p.meta["train"]["tokens"]
 
 
 # -- cache: reuse, invalidation, atomicity ---------------------------------------------------
@@ -180,18 +181,21 @@ def test_reuse_and_invalidation(tmp_path, sp):
     assert not [n for n in _entries(tmp_path) if ".tmp-" in n]
 
 
-def test_interrupted_prepare_leaves_nothing_and_is_redone(tmp_path, monkeypatch):
+def test_interrupted_prepare_leaves_no_entry_and_is_finished(tmp_path, monkeypatch):
     data = _data(tmp_path, SHAKESPEARE)
     tok = CharTokenizer.train(read_documents(data.path))
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_encode_task", boom)
+    monkeypatch.setattr(prep, "encode_task", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(data, tok, verbose=False)
-    assert _entries(tmp_path) == []  # no entry, no temporary directory
+    key = prep.entry_key(data, tok)
+    assert _entries(tmp_path) == [f".{key}.partial"]  # no entry: only the work to resume
     monkeypatch.undo()
+    assert not prep.prepare(data, tok, verbose=False).reused
+    shutil.rmtree(tmp_path / "cache" / "prepared" / key)
     # An entry directory without meta.json (e.g. copied half-way) is never used.
     entry = tmp_path / "cache" / "prepared" / prep.entry_key(data, tok)
     entry.mkdir(parents=True)
@@ -342,8 +346,8 @@ def test_tokenizer_train_and_data_prepare_cli(tmp_path):
     whole = [i for k, line in enumerate(lines) for i in tok.sp.encode(line + "\n" if k < len(lines) - 1 else line)] + [
         tok.eos_id
     ]
-    train = np.fromfile(entry / "train.bin", dtype=np.uint16)
-    val = np.fromfile(entry / "val.bin", dtype=np.uint16)
+    train = np.fromfile(entry / "train-00000.bin", dtype=np.uint16)
+    val = np.fromfile(entry / "val-00000.bin", dtype=np.uint16)
     assert np.array_equal(np.concatenate([train, val]), whole)
     # The split is by characters (one document: 90% of characters + eos), decided before tokenizing.
     text = src.read_text()
@@ -362,7 +366,7 @@ def test_tokenizer_train_and_data_prepare_cli(tmp_path):
         f"hydra.run.dir={tmp_path / 'mixed'}",
     )
     assert_user_error(proc, "data.cache_dir", "another tokenizer")
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "train-00000.bin", "val-00000.bin"]
 
 
 def test_hf_dataset_local_and_offline_error(tmp_path):

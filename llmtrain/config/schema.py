@@ -62,6 +62,8 @@ class DataConfig:
     encoding_errors: str = "strict"  # strict | replace
     cache_dir: Optional[str] = None
     num_proc: int = 1
+    # pretrain (clm): tokenize data.path on the fly instead of preparing shards (llmtrain.data.streaming)
+    streaming: bool = False
     # Packed windows keep documents apart: block-diagonal causal attention, positions restarting
     # per document, no target across a boundary (gpt2/llama; clm, or a generative task's packing)
     document_mask: bool = False

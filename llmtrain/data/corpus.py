@@ -38,6 +38,8 @@ class TokenSplits:
 
     def describe(self) -> str:
         """The split as the start-up lines show it."""
+        if not hasattr(self.train, "__len__"):  # data.streaming: a stream, never counted
+            return f"streamed train tokens / {len(self.val):,} val tokens"
         n = len(self.train) + len(self.val)
         frac = len(self.val) / n if n else 0.0
         return f"{len(self.train):,} train / {len(self.val):,} val tokens (val {100 * frac:.1f}%, split {self.by})"
@@ -207,34 +209,47 @@ class DocSplit:
     by: str  # "document" | "within a document" | "val_path" | "none"
 
 
-def split_documents(docs: list[str], val_fraction: float, val_docs: list[str] | None = None) -> DocSplit:
-    """Train / validation documents: `val_docs` (data.val_path) when given, else the last
-    val_fraction of `docs` by characters (see the module docstring)."""
-    if val_docs is not None:
-        return DocSplit(list(docs), list(val_docs), False, "val_path")
+def split_point(lengths: Any, val_fraction: float) -> tuple[int, int, str]:
+    """Where split_documents cuts documents of these character lengths: (k, offset, by) — train is
+    documents [0, k) plus the first `offset` characters of document k (offset > 0: the cut is
+    inside it), validation the rest. Only lengths are needed, so a corpus can be split on a
+    counting pass without holding its text."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0 or not docs:
-        return DocSplit(list(docs), [], False, "none")
-    units = np.cumsum([len(d) + 1 for d in docs])  # each document's end counts as one
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if val_fraction == 0 or not len(lengths):
+        return len(lengths), 0, "none"
+    units = np.cumsum(lengths + 1)  # each document's end counts as one
     total = int(units[-1])
     cut = int(total * (1 - val_fraction))  # units before the cut train
     inner = units[:-1]  # boundaries strictly inside the corpus
     if len(inner):
         j = int(np.argmin(np.abs(inner - cut)))
         if abs(int(inner[j]) - cut) <= SNAP * (total - cut):
-            return DocSplit(list(docs[: j + 1]), list(docs[j + 1 :]), False, "document")
+            return j + 1, 0, "document"
     k = int(np.searchsorted(units, cut, side="right"))  # the document holding unit `cut`
     start = int(units[k - 1]) if k else 0
     offset = cut - start
-    if offset >= len(docs[k]):  # the cut is at document k's end
-        if k + 1 < len(docs):
-            return DocSplit(list(docs[: k + 1]), list(docs[k + 1 :]), False, "document")
-        offset = max(len(docs[k]) - 1, 0)  # keep at least the last character for validation
+    n_k = int(lengths[k])
+    if offset >= n_k:  # the cut is at document k's end
+        if k + 1 < len(lengths):
+            return k + 1, 0, "document"
+        offset = max(n_k - 1, 0)  # keep at least the last character for validation
     if offset == 0:
-        return DocSplit(list(docs[:k]), list(docs[k:]), False, "document")
+        return k, 0, "document"
+    return k, offset, "within a document"
+
+
+def split_documents(docs: list[str], val_fraction: float, val_docs: list[str] | None = None) -> DocSplit:
+    """Train / validation documents: `val_docs` (data.val_path) when given, else the last
+    val_fraction of `docs` by characters (see the module docstring)."""
+    if val_docs is not None:
+        return DocSplit(list(docs), list(val_docs), False, "val_path")
+    k, offset, by = split_point([len(d) for d in docs], val_fraction)
+    if not offset:
+        return DocSplit(list(docs[:k]), list(docs[k:]), False, by)
     head, tail = docs[k][:offset], docs[k][offset:]
-    return DocSplit(list(docs[:k]) + [head], [tail] + list(docs[k + 1 :]), True, "within a document")
+    return DocSplit(list(docs[:k]) + [head], [tail] + list(docs[k + 1 :]), True, by)
 
 
 def read_split(data: Any) -> DocSplit:

@@ -22,6 +22,14 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
 
 
+def as_tokens(tokens):
+    """A numpy array, or an array-like that slices to one (data.tokens.ShardedTokens) kept as is:
+    only each batch's windows are read from it."""
+    if isinstance(tokens, np.ndarray) or (hasattr(tokens, "dtype") and hasattr(tokens, "__getitem__")):
+        return tokens
+    return np.asarray(tokens)
+
+
 def min_train_tokens(seq_len: int) -> int:
     """The fewest tokens PackedWindows accepts: two windows of seq_len + 1 sharing one token,
     since one window is kept back for the epoch's random offset."""
@@ -36,7 +44,7 @@ class PackedWindows:
     ):
         # Kept as given (often a read-only np.memmap of a prepared split): each batch reads only
         # its own windows, so memory does not grow with the corpus or the number of steps.
-        self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+        self.tokens = as_tokens(tokens)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         # One fewer window than fits, so every epoch offset in [0, seq_len) has the same count.
@@ -91,7 +99,7 @@ def sequential_windows(
 
     The final partial window is kept, so every token of the split is scored exactly once.
     """
-    tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+    tokens = as_tokens(tokens)
     starts = list(range(0, max(len(tokens) - 1, 0), seq_len))
     for _, chunk in shard(starts, batch_size, max_batches, rank, world_size):
         x = torch.full((len(chunk), seq_len), 0, dtype=torch.long)

@@ -183,18 +183,18 @@ def load_mixture(cfg: Any, tokenizer: Any = None) -> tuple[Any, MixtureSplits]:
     """The tokenizer and the per-source splits of data.sources. A tokenizer that must be trained
     is trained once on every source's training split together (in source order); then each
     source goes through the prepared-data cache like a data.path of its own."""
-    from llmtrain.data.corpus import split_reader
     from llmtrain.data.pipeline import load_corpus, run_tokenizer
+    from llmtrain.data.prepare import tokenizer_sample
     from llmtrain.distributed import barrier, is_main
 
     sources = list(cfg.data.sources)
     names = source_names(sources)
     cfgs = [dataclasses.replace(cfg, data=source_data(cfg.data, s)) for s in sources]
-    readers = [split_reader(c.data) for c in cfgs]
     if tokenizer is None:
         for main_turn in (True, False):  # rank 0 trains (and caches) it first
             if is_main() == main_turn:
-                tokenizer = run_tokenizer(cfg, lambda: [doc for read in readers for doc in read().train])
+                # Each source's training split (a bounded sample of a huge one), streamed.
+                tokenizer = run_tokenizer(cfg, lambda: [doc for c in cfgs for doc in tokenizer_sample(c.data)])
             barrier()
     parts = []
     for name, c in zip(names, cfgs, strict=True):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.corpus import TokenSplits, split_reader, unk_report
+from llmtrain.data.corpus import TokenSplits, unk_report
 from llmtrain.data.loader import min_train_tokens
 from llmtrain.distributed import barrier, is_main
 from llmtrain.errors import UserError
@@ -19,23 +19,25 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
     """The tokenizer (built or reused) and the train / validation tokens of data.path.
 
     The splits come from the prepared-data cache (llmtrain.data.prepare) as memory-mapped
-    arrays; the corpus is only read when a tokenizer must be trained or the cache prepared.
+    shards (an array-like over them); the corpus is only streamed when a tokenizer must be
+    trained or the cache prepared.
     Rank 0 does that first; the other ranks then find everything in the cache. With data.sources
     the splits are a mixture's, each source prepared like this (llmtrain.data.mixture).
     """
-    from llmtrain.data.prepare import prepare
+    from llmtrain.data.prepare import prepare, tokenizer_sample
 
     if getattr(cfg.data, "sources", None):
         from llmtrain.data.mixture import load_mixture
 
         return load_mixture(cfg, tokenizer)
 
-    read = split_reader(cfg.data)
-
+    if getattr(cfg.data, "streaming", False):
+        return streamed_corpus(cfg, tokenizer)
     for main_turn in (True, False):
         if is_main() == main_turn:
-            tok = tokenizer or run_tokenizer(cfg, lambda: read().train)
-            prepared = prepare(cfg.data, tok, split=read, verbose=main_turn)
+            # A bounded sample of the training split (all of it unless huge); prepare streams the corpus.
+            tok = tokenizer or run_tokenizer(cfg, lambda: tokenizer_sample(cfg.data))
+            prepared = prepare(cfg.data, tok, verbose=main_turn)
         barrier()
     splits = prepared.splits()
     if is_main():
@@ -51,6 +53,53 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
             f"{cfg.data.seq_len}, which needs at least {need} (2 * seq_len + 1; use a smaller data.seq_len)"
         )
     return tok, splits
+
+
+def streamed_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenSplits]:
+    """data.streaming=true: the training split is a TokenStream over data.path (llmtrain.data.streaming),
+    validation data.val_path tokenized whole (or none); a tokenizer is trained on the stream's start."""
+    import numpy as np
+
+    from llmtrain.data.corpus import split_tokens, token_dtype
+    from llmtrain.data.prepare import TOKENIZER_SAMPLE_CHARS
+    from llmtrain.data.sources import iter_pieces, read_documents
+    from llmtrain.data.streaming import TokenStream
+
+    d = cfg.data
+    if cfg.objective.name != "clm" or cfg.stage != "pretrain":
+        raise UserError(
+            f"data.streaming=true supports pretrain with objective=clm (got {cfg.stage} with {cfg.objective.name}); "
+            "use data.streaming=false (prepared shards)"
+        )
+    if not d.path:
+        raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
+
+    def head() -> list[str]:  # the stream's first TOKENIZER_SAMPLE_CHARS characters
+        docs, cur, n = [], [], 0
+        for piece, ends in iter_pieces(d.path, d.text_field, d.encoding_errors, d.doc_pattern):
+            cur.append(piece)
+            n += len(piece)
+            if ends or n >= TOKENIZER_SAMPLE_CHARS:
+                docs.append("".join(cur))
+                cur = []
+            if n >= TOKENIZER_SAMPLE_CHARS:
+                break
+        return docs + (["".join(cur)] if cur else [])
+
+    tok = tokenizer or run_tokenizer(cfg, head)
+    if d.val_path:
+        docs = read_documents(d.val_path, d.text_field, d.encoding_errors, d.doc_pattern, "data.val_path")
+        val_tokens = split_tokens(docs, tok, 0.0).train  # all of it: the validation side
+        val_bytes = sum(len(x.encode("utf-8")) for x in docs)
+    else:
+        val_tokens, val_bytes = np.zeros(0, dtype=token_dtype(tok.vocab_size)), 0
+    if is_main():
+        print(
+            f"streaming {d.path}: tokenized on the fly (data.streaming=true), validation "
+            f"{d.val_path or 'none (set data.val_path)'}",
+            flush=True,
+        )
+    return tok, TokenSplits(train=TokenStream(d, tok), val=val_tokens, n_docs=0, val_bytes=val_bytes, by="streaming")
 
 
 def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> Tokenizer:

@@ -1,13 +1,21 @@
-"""Prepared data: a corpus tokenized once into memory-mappable token files, reused across runs.
+"""Prepared data: a corpus tokenized once into memory-mappable token shards, reused across runs.
 
-    <cache root>/prepared/<key>/train.bin, val.bin   raw uint16 (vocab < 65,536) or uint32 tokens
+    <cache root>/prepared/<key>/train-00000.bin ...  raw uint16 (vocab < 65,536) or uint32 tokens,
+    <cache root>/prepared/<key>/val-00000.bin ...    SHARD_TOKENS each (a split's last: the rest)
     <cache root>/prepared/<key>/meta.json            written last: its presence means "complete"
 
 The key hashes the source (file paths, sizes, mtimes, and the content of small files), the
 settings that change the documents or the split, and the tokenizer's fingerprint, so a changed
 source or another tokenizer lands in another directory and is never mixed with old shards; the
-metadata is checked again on load. An entry is built in a temporary directory that is renamed
-into place when complete, so an interrupted prepare is never mistaken for a finished one.
+metadata is checked again on load. An entry is built in <key>.partial/, renamed into place when
+complete, so an interrupted prepare is never mistaken for a finished one.
+
+Memory stays bounded whatever the corpus size: the source is streamed twice, once to count each
+document's characters (all the split needs) and once to tokenize, in pieces cut after newlines
+(sources.iter_pieces), with at most a few pieces in flight per worker and one shard buffered.
+Each finished shard is written atomically and then recorded in <key>.partial/manifest.json with
+the position to continue from (task number, tokens of that task already written), so a prepare
+that is killed resumes at its last shard and gives the same shards as an uninterrupted one.
 
 The cache root is `data.cache_dir`, else $LLMTRAIN_CACHE_DIR, else ~/.cache/llmtrain. The split
 is `corpus.split_documents` (by characters, at a document boundary when one is near, or
@@ -17,14 +25,16 @@ only cut at newlines, and encoded the same way (`corpus.encode_texts`).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 import time
+from array import array
+from collections import deque
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -32,14 +42,20 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from llmtrain.data.corpus import DocSplit, TokenSplits, encode_mode, encode_texts, read_split, token_dtype, unk_count
-from llmtrain.data.sources import HF_PREFIX, parse_hf_spec, resolve_files
+from llmtrain.data.corpus import DocSplit, TokenSplits, encode_mode, encode_texts, split_point, token_dtype, unk_count
+from llmtrain.data.sources import HF_PREFIX, iter_pieces, parse_hf_spec, resolve_files
+from llmtrain.data.tokens import ShardedTokens, open_shard
 from llmtrain.errors import UserError
-from llmtrain.files import fsync_dir, fsync_tree
+from llmtrain.files import TMP_MARK, atomic_replace, atomic_write, fsync_dir, fsync_tree, tmp_name
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
 
-FORMAT = 2  # 2: split by characters (corpus.split_documents), <unk> counts
+FORMAT = 3  # 2: split by characters (corpus.split_documents), <unk> counts; 3: fixed-size shards
 META = "meta.json"
+MANIFEST = "manifest.json"
+# Tokens per shard (32 MiB of uint16): the most work a killed prepare loses.
+SHARD_TOKENS = 1 << 24
+# The most characters of the training split a tokenizer is trained on (spread over the split).
+TOKENIZER_SAMPLE_CHARS = 200 << 20
 # Files up to this size are hashed by content too (a same-size, same-mtime edit is still seen).
 SMALL_FILE_BYTES = 8 << 20
 # Work items of about this many characters: big enough to amortise process hand-offs, small
@@ -105,6 +121,119 @@ def entry_key(data: Any, tokenizer: Tokenizer) -> str:
     return f"{sha_of([source_fingerprint(data), split_key(data)])[:16]}-{tokenizer.fingerprint()}"
 
 
+# ------------------------------------------------------------------------- the split
+@dataclass
+class Plan:
+    """What the counting pass learns: where the split falls (corpus.split_point) and the size."""
+
+    k: int  # documents of data.path before the cut
+    offset: int  # characters of document k on the training side (0: the cut is between documents)
+    by: str
+    n_docs: int  # documents in all (data.val_path's included)
+    bytes: int  # UTF-8 bytes of all text, for the progress bar
+    chars: int
+    train_chars: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_plans: dict[str, Plan] = {}  # counting passes already made in this process (tokenizer, then prepare)
+
+
+def _pieces_of(data: Any, path: str, key: str = "data.path") -> Iterator[tuple[str, bool]]:
+    return iter_pieces(path, data.text_field, data.encoding_errors, data.doc_pattern, key)
+
+
+def plan_split(data: Any) -> Plan:
+    """The counting pass: each document's length in characters, without holding any text."""
+    memo = sha_of([source_fingerprint(data), split_key(data)])
+    if memo in _plans:
+        return _plans[memo]
+    lengths = array("q")
+    n = nbytes = 0
+    for piece, ends in _pieces_of(data, data.path):
+        n += len(piece)
+        nbytes += len(piece.encode("utf-8", "surrogatepass"))
+        if ends:
+            lengths.append(n)
+            n = 0
+    chars = sum(lengths)
+    n_docs = len(lengths)
+    if getattr(data, "val_path", None):
+        k, offset, by = len(lengths), 0, "val_path"
+        for piece, ends in _pieces_of(data, data.val_path, "data.val_path"):
+            chars += len(piece)
+            nbytes += len(piece.encode("utf-8", "surrogatepass"))
+            n_docs += ends
+    else:
+        k, offset, by = split_point(lengths, data.val_fraction)
+    train_chars = sum(lengths[:k]) + offset
+    plan = Plan(k, offset, by, n_docs, nbytes, chars, train_chars)  # a document cut in two counts once
+    _plans[memo] = plan
+    return plan
+
+
+def split_stream(data: Any, plan: Plan) -> Iterator[tuple[str, str, bool]]:
+    """(split, piece, ends_document) over the corpus in order: the training side, then validation."""
+    d = pos = 0  # document index and characters of it already passed
+    for piece, ends in _pieces_of(data, data.path):
+        if d < plan.k:
+            yield "train", piece, ends
+        elif d == plan.k and plan.offset and pos < plan.offset:
+            cut = plan.offset - pos
+            if cut >= len(piece):
+                yield "train", piece, False
+            else:
+                yield "train", piece[:cut], False  # no eos: the document continues in validation
+                yield "val", piece[cut:], ends
+        else:
+            yield "val", piece, ends
+        pos += len(piece)
+        if ends:
+            d, pos = d + 1, 0
+    if getattr(data, "val_path", None):
+        for piece, ends in _pieces_of(data, data.val_path, "data.val_path"):
+            yield "val", piece, ends
+
+
+def _docsplit_stream(ds: DocSplit) -> Iterator[tuple[str, str, bool]]:
+    for name, docs, open_end in (("train", ds.train, ds.cut_inside), ("val", ds.val, False)):
+        for i, doc in enumerate(docs):
+            yield name, doc, not (open_end and i == len(docs) - 1)
+
+
+def _docsplit_plan(ds: DocSplit) -> Plan:
+    chars = sum(map(len, ds.train)) + sum(map(len, ds.val))
+    nbytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in chain(ds.train, ds.val))
+    n_docs = len(ds.train) + len(ds.val) - int(ds.cut_inside)
+    return Plan(len(ds.train), 0, ds.by, n_docs, nbytes, chars, sum(map(len, ds.train)))
+
+
+def tokenizer_sample(data: Any) -> list[str]:
+    """The training split's documents for training a tokenizer: all of them when they hold at most
+    TOKENIZER_SAMPLE_CHARS characters (the documents read_split gives), else evenly spread pieces
+    of about CHUNK_CHARS adding up to that much, so memory stays bounded on a huge corpus."""
+    plan = plan_split(data)
+    stride = max(1, -(-plan.train_chars // TOKENIZER_SAMPLE_CHARS))
+    out: list[str] = []
+    unit: list[str] = []
+    size = i = 0
+    for name, piece, ends in split_stream(data, plan):
+        if name != "train":
+            break
+        if i % stride == 0:
+            unit.append(piece)
+        size += len(piece)
+        if ends or (stride > 1 and size >= CHUNK_CHARS):
+            if unit:
+                out.append("".join(unit))
+            unit, size, i = [], 0, i + 1
+    if unit:
+        out.append("".join(unit))
+    return out
+
+
 # ------------------------------------------------------------------------- tokenizing
 def _pieces(doc: str, cut: bool) -> Iterator[str]:
     """A document in pieces of about CHUNK_CHARS characters, each ending after a newline."""
@@ -119,23 +248,49 @@ def _pieces(doc: str, cut: bool) -> Iterator[str]:
         start = end
 
 
-def _tasks(docs: list[str], mode: str, open_end: bool = False) -> Iterator[tuple[str, list[tuple[str, bool]]]]:
-    """(mode, groups of (piece, ends_document)) of about CHUNK_CHARS characters, in corpus order;
-    `open_end`: the last document continues on the other side of the split (no eos)."""
-    cut = mode != "whole"
+Task = tuple[str, str, list[tuple[str, bool]]]  # (split, encode mode, [(piece, ends_document)])
+
+
+def make_tasks(stream: Iterator[tuple[str, str, bool]], mode: str) -> Iterator[tuple[Task, int]]:
+    """(task, UTF-8 bytes of a validation task) groups of about CHUNK_CHARS characters in corpus
+    order, one split each.
+    Mode "whole" may not cut a document, so its pieces are joined first."""
     group: list[tuple[str, bool]] = []
-    size = 0
-    for d, doc in enumerate(docs):
-        pieces = list(_pieces(doc, cut))
-        ends_doc = not (open_end and d == len(docs) - 1)
+    size = nbytes = 0
+    current = "train"
+    held: list[str] = []  # "whole": the pieces of the document so far
+
+    def add(piece: str, ends: bool) -> Iterator[tuple[Task, int]]:
+        nonlocal group, size, nbytes
+        group.append((piece, ends))
+        size += len(piece)
+        if current == "val":  # exact, for bits per byte (training progress is counted in characters)
+            nbytes += len(piece.encode("utf-8", "surrogatepass"))
+        if size >= CHUNK_CHARS:
+            yield (current, mode, group), nbytes
+            group, size, nbytes = [], 0, 0
+
+    for name, text, ends in stream:
+        if name != current:
+            if held:  # the training side's open end: a document that continues in validation
+                yield from add("".join(held), False)
+                held = []
+            if group:
+                yield (current, mode, group), nbytes
+                group, size, nbytes = [], 0, 0
+            current = name
+        if mode == "whole":
+            held.append(text)
+            if not ends:
+                continue
+            text, held = "".join(held), []
+        pieces = list(_pieces(text, mode != "whole"))
         for i, piece in enumerate(pieces):
-            group.append((piece, ends_doc and i == len(pieces) - 1))
-            size += len(piece)
-            if size >= CHUNK_CHARS:
-                yield mode, group
-                group, size = [], 0
+            yield from add(piece, ends and i == len(pieces) - 1)
+    if held:
+        yield from add("".join(held), False)
     if group:
-        yield mode, group
+        yield (current, mode, group), nbytes
 
 
 _worker_tok: Tokenizer | None = None
@@ -146,57 +301,219 @@ def _init_worker(state: dict[str, Any]) -> None:
     _worker_tok = tokenizer_from_state(state)
 
 
-def _encode_task(
-    task: tuple[str, list[tuple[str, bool]]], tok: Tokenizer | None = None
-) -> tuple[np.ndarray, int, int, int]:
-    """-> (token ids with eos after each finished document, documents finished, characters, <unk> tokens)."""
+def encode_task(task: Task, tok: Tokenizer | None = None) -> np.ndarray:
+    """-> the token ids of the task's pieces, with eos after each finished document."""
     tok = tok or _worker_tok
     assert tok is not None
-    mode, pieces = task
+    _, mode, pieces = task
     dtype = token_dtype(tok.vocab_size)
     eos = np.array([tok.eos_id], dtype=dtype)
     seqs = encode_texts(tok, [piece for piece, _ in pieces], mode, dtype)
     parts = chain.from_iterable((ids, eos) if ends else (ids,) for ids, (_, ends) in zip(seqs, pieces))
     arr = np.concatenate(list(parts)) if pieces else np.zeros(0, dtype=dtype)
-    return arr, sum(e for _, e in pieces), sum(len(p) for p, _ in pieces), unk_count(arr, tok)
+    return arr
 
 
-def _progress(total_chars: int, what: str):
+def _progress(total_bytes: int, what: str, initial: int = 0):
     from tqdm import tqdm
 
-    # disable=None: only on a terminal, so logs and captured output stay clean.
+    # disable=None: only on a terminal, so logs and captured output stay clean. Bytes of text:
+    # tqdm shows MB/s and the ETA.
     return tqdm(
-        total=total_chars, unit="char", unit_scale=True, desc=what, disable=None, file=sys.stderr, dynamic_ncols=True
+        total=total_bytes,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        desc=what,
+        disable=None,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
 
 
-def _write_tokens(
-    docs: list[str], tok: Tokenizer, out, num_proc: int, bar, open_end: bool = False
-) -> tuple[int, int, int]:
-    """Tokenize `docs` into the open binary file `out`; -> (tokens, documents, <unk> tokens)."""
-    mode = encode_mode(tok)
-    n_tok = n_docs = n_unk = 0
+def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool) -> Iterator[np.ndarray]:
+    """The tokens of each task, in order. At most two tasks per worker are in flight, so memory
+    does not grow with the corpus (Pool.imap would read the whole input ahead)."""
+    if num_proc <= 1 or not parallel:
+        for t in tasks:
+            yield encode_task(t, tok)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # Encoding once here imports what the encoder needs (pyarrow pulls in pandas: ~2 s) before the
+    # fork, so the workers inherit it instead of each paying for it.
+    encode_task(("train", encode_mode(tok), [("warm up\n", False)]), tok)
+    with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(),)) as pool:
+        pending: deque = deque()
+        for t in tasks:
+            pending.append(pool.apply_async(encode_task, (t,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _ShardWriter:
+    """Cuts the token stream of one split after another into SHARD_TOKENS shards, appending each
+    task's tokens to the shard being written (a temporary file, so memory holds no shard). A full
+    shard is published atomically; then the manifest records it and where the next token comes
+    from (task, tokens of it already written)."""
+
+    def __init__(self, work: Path, manifest: dict[str, Any], tok: Tokenizer, dtype: np.dtype):
+        self.work, self.manifest, self.tok, self.dtype = work, manifest, tok, dtype
+        self.size = manifest["shard_tokens"]
+        self.file = None  # the open temporary file of the shard being written
+        self.n = self.eos = self.unk = 0  # its tokens, documents and <unk> tokens so far
+        self.name = "train"
+
+    def add(self, name: str, task: int, arr: np.ndarray, skipped: int = 0) -> None:
+        """Append task `task`'s tokens (`skipped` of them, already in a shard, left off)."""
+        if name != self.name:
+            self.flush(task)
+            self.name = name
+        pos = 0
+        while pos < len(arr):
+            part = arr[pos : pos + self.size - self.n].astype(self.dtype, copy=False)
+            if self.file is None:
+                self.file = open(tmp_name(self._path()), "wb")
+            self.file.write(part.tobytes())
+            self.n += len(part)
+            self.eos += int(np.count_nonzero(part == self.tok.eos_id))
+            self.unk += unk_count(part, self.tok)
+            pos += len(part)
+            if self.n == self.size:
+                self._publish(task, skipped + pos) if pos < len(arr) else self._publish(task + 1, 0)
+
+    def flush(self, next_task: int) -> None:
+        if self.n:
+            self._publish(next_task, 0)
+
+    def _path(self) -> Path:
+        return self.work / f"{self.name}-{len(self.manifest['shards'][self.name]):05d}.bin"
+
+    def _publish(self, task: int, skip: int) -> None:
+        path = self._path()
+        self.file.close()
+        atomic_replace(tmp_name(path), path)
+        self.manifest["shards"][self.name].append(
+            {"file": path.name, "tokens": self.n, "documents": self.eos, "unk": self.unk}
+        )
+        self.manifest["resume"] = {"task": task, "skip": skip}
+        atomic_write(self.work / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
+        self.file, self.n, self.eos, self.unk = None, 0, 0, 0
+
+
+def _bound_malloc() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which the ~MB
+    pieces a prepare allocates and frees by the thousand come from a heap that fragments and grows
+    with the corpus (measured: +330 MB RSS at 1 GB). A fixed threshold (which also turns that
+    adjustment off) hands such blocks back to the system as soon as they are freed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD, glibc's default value
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _build(
+    data: Any, tok: Tokenizer, work: Path, source_fp: str, split_fn: Callable[[], DocSplit] | None, key: str
+) -> dict[str, Any]:
     t0 = time.perf_counter()
-
-    def consume(results):
-        nonlocal n_tok, n_docs, n_unk
-        for arr, done, chars, unk in results:
-            out.write(arr.tobytes())
-            n_tok += len(arr)
-            n_docs += done
-            n_unk += unk
-            bar.update(chars)
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{n_docs / dt:,.0f} docs/s, {n_tok / dt:,.0f} tokens/s", refresh=False)
-
-    # Worker processes cost a start-up and a word cache each: only worth it for larger corpora.
-    if num_proc <= 1 or sum(map(len, docs)) < 4 * CHUNK_CHARS:
-        consume(_encode_task(t, tok) for t in _tasks(docs, mode, open_end))
+    _bound_malloc()
+    dtype = np.dtype(token_dtype(tok.vocab_size))
+    manifest = None
+    try:
+        manifest = json.loads((work / MANIFEST).read_text())
+    except (OSError, ValueError):
+        pass
+    if manifest is None or manifest.get("format") != FORMAT or manifest.get("key") != key:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        ds = split_fn() if split_fn is not None else None
+        plan = _docsplit_plan(ds) if ds is not None else plan_split(data)
+        manifest = {
+            "format": FORMAT,
+            "key": key,
+            "shard_tokens": SHARD_TOKENS,
+            "plan": plan.to_json(),
+            "from_docsplit": ds is not None,
+            "shards": {"train": [], "val": []},
+            "resume": {"task": 0, "skip": 0},
+        }
+        atomic_write(work / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for leftover in work.glob(f"*{TMP_MARK}*"):  # a shard a killed prepare was writing
+        leftover.unlink()
+    plan = Plan(**manifest["plan"])
+    if manifest["from_docsplit"]:
+        ds = split_fn() if split_fn is not None else None
+        stream = _docsplit_stream(ds) if ds is not None else split_stream(data, plan)
     else:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(),)) as pool:
-            consume(pool.imap(_encode_task, _tasks(docs, mode, open_end)))  # imap keeps corpus order
-    return n_tok, n_docs, n_unk
+        stream = split_stream(data, plan)
+    resume = manifest["resume"]
+    writer = _ShardWriter(work, manifest, tok, dtype)
+    mode = encode_mode(tok)
+    val_bytes = 0
+    queued: deque[Task] = deque()  # handed to the workers, not yet written
+
+    with _progress(plan.bytes, f"tokenizing {data.path}") as bar:
+        per_char = plan.bytes / max(plan.chars, 1)  # the bar shows MB/s of the source
+
+        def todo() -> Iterator[Task]:
+            nonlocal val_bytes
+            for i, (task, nbytes) in enumerate(make_tasks(stream, mode)):
+                val_bytes += nbytes
+                if i < resume["task"]:  # already in the shards: read past it
+                    bar.update(round(per_char * sum(len(p) for p, _ in task[2])))
+                    continue
+                queued.append(task)
+                yield task
+
+        i = resume["task"]
+        parallel = plan.chars >= 4 * CHUNK_CHARS  # worker processes pay a start-up each
+        for arr in _encoded(todo(), tok, data.num_proc, parallel):
+            task = queued.popleft()
+            skipped = resume["skip"] if i == resume["task"] else 0
+            writer.add(task[0], i, arr[skipped:], skipped)
+            bar.update(round(per_char * sum(len(p) for p, _ in task[2])))
+            i += 1
+        writer.flush(i)
+    shards = manifest["shards"]
+
+    def side(name: str) -> dict[str, Any]:
+        return {
+            "shards": [{"file": s["file"], "tokens": s["tokens"]} for s in shards[name]],
+            "tokens": sum(s["tokens"] for s in shards[name]),
+            "documents": sum(s["documents"] for s in shards[name]),
+            "unk": sum(s["unk"] for s in shards[name]),
+        }
+
+    meta = {
+        "format": FORMAT,
+        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
+        "dtype": dtype.name,
+        "source": {
+            "path": data.path,
+            "val_path": getattr(data, "val_path", None),
+            "fingerprint": source_fp,
+            "chars": plan.chars,
+            "bytes": plan.bytes,
+            "text_field": data.text_field,
+            "doc_pattern": data.doc_pattern,
+            "encoding_errors": data.encoding_errors,
+        },
+        "split": {"val_fraction": data.val_fraction, "by": plan.by},
+        "documents": plan.n_docs,
+        "shard_tokens": manifest["shard_tokens"],
+        "train": side("train"),
+        "val": {**side("val"), "bytes": val_bytes},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (work / MANIFEST).unlink()
+    # Written last: an entry without meta.json is never used.
+    (work / META).write_text(json.dumps(meta, indent=2) + "\n")
+    fsync_tree(work)  # every file on disk before the rename publishes the entry
+    return meta
 
 
 # ---------------------------------------------------------------------------- entries
@@ -206,18 +523,18 @@ class Prepared:
     meta: dict[str, Any]
     reused: bool
 
-    def splits(self) -> TokenSplits:
+    def split_tokens(self, name: str) -> np.ndarray | ShardedTokens:
+        """One split's tokens: a read-only memmap (one shard) or a ShardedTokens over its shards."""
         dtype = np.dtype(self.meta["dtype"])
+        shards = [open_shard(self.dir / s["file"], dtype, s["tokens"]) for s in self.meta[name]["shards"]]
+        if len(shards) == 1:
+            return shards[0]
+        return ShardedTokens(shards) if shards else np.zeros(0, dtype=dtype)
 
-        def open_split(name: str) -> np.ndarray:
-            n = self.meta[name]["tokens"]
-            if n == 0:  # np.memmap cannot map an empty file
-                return np.zeros(0, dtype=dtype)
-            return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(n,))
-
+    def splits(self) -> TokenSplits:
         return TokenSplits(
-            train=open_split("train"),
-            val=open_split("val"),
+            train=self.split_tokens("train"),
+            val=self.split_tokens("val"),
             n_docs=self.meta["documents"],
             val_bytes=self.meta["val"]["bytes"],
             by=self.meta["split"]["by"],
@@ -242,17 +559,19 @@ def _check_entry(entry: Path, tok: Tokenizer, source_fp: str) -> str | None:
         return f"it was prepared from another source ({meta.get('source', {}).get('path')})"
     itemsize = np.dtype(meta["dtype"]).itemsize
     for name in ("train", "val"):
-        f = entry / f"{name}.bin"
-        if not f.exists() or f.stat().st_size != meta[name]["tokens"] * itemsize:
-            return f"{f.name} is missing or has the wrong size"
+        for s in meta[name]["shards"]:
+            f = entry / s["file"]
+            if not f.exists() or f.stat().st_size != s["tokens"] * itemsize:
+                return f"{f.name} is missing or has the wrong size"
     return None
 
 
 def prepare(
     data: Any, tok: Tokenizer, *, split: Callable[[], DocSplit] | None = None, force: bool = False, verbose: bool = True
 ) -> Prepared:
-    """The prepared entry for `data` (a DataConfig) and `tok`, built if missing or stale.
-    `split()` returns the split documents if the caller has (or can cache) them; else they are read.
+    """The prepared entry for `data` (a DataConfig) and `tok`, built if missing or stale (and
+    resumed if an earlier prepare was interrupted). `split()` returns the split documents if the
+    caller already holds them in memory; else the source is streamed.
 
     If `data.cache_dir` is itself an entry (holds meta.json), it is used as is and must match:
     a mismatch is an error rather than a silent re-prepare into a directory the user named.
@@ -269,32 +588,37 @@ def prepare(
                 "point data.cache_dir at a cache root (or an empty directory) instead"
             )
         return Prepared(root, json.loads((root / META).read_text()), reused=True)
-    entry = root / "prepared" / entry_key(data, tok)
-    if not force and entry.exists():
-        if _check_entry(entry, tok, source_fp) is None:
-            return Prepared(entry, json.loads((entry / META).read_text()), reused=True)
+    key = entry_key(data, tok)
+    entry = root / "prepared" / key
+    if not force and entry.exists() and _check_entry(entry, tok, source_fp) is None:
+        return Prepared(entry, json.loads((entry / META).read_text()), reused=True)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp-"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-    try:
-        meta = _build(data, tok, tmp, source_fp, split)
+    work = entry.parent / f".{key}.partial"
+    # One preparer per entry: a second process waits, then finds the entry done.
+    locks = root / "locks"  # beside prepared/, which holds entries (and work in progress) only
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and entry.exists() and _check_entry(entry, tok, source_fp) is None:
+            return Prepared(entry, json.loads((entry / META).read_text()), reused=True)
+        if force:
+            shutil.rmtree(work, ignore_errors=True)
+        resumed = (work / MANIFEST).exists()
+        try:
+            meta = _build(data, tok, work, source_fp, split, key)
+        except UserError:  # a bad source: nothing worth resuming
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         if entry.exists():  # stale (or forced): replace it
             shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
-            fsync_dir(entry.parent)
-        except OSError:  # another process finished the same entry first: use theirs
-            if _check_entry(entry, tok, source_fp) is not None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(work, entry)
+        fsync_dir(entry.parent)
     if verbose:
-        mb = meta["source"]["chars"] / 1e6
+        mb = meta["source"]["bytes"] / 1e6
         print(
-            f"prepared {data.path}: {meta['documents']:,} documents, {describe(meta)} ({meta['dtype']}) in "
-            f"{meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f}M chars/s) -> {entry}",
+            f"prepared {data.path}{' (resumed)' if resumed else ''}: {meta['documents']:,} documents, "
+            f"{describe(meta)} ({meta['dtype']}, {len(meta['train']['shards']) + len(meta['val']['shards'])} "
+            f"shards) in {meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s) -> {entry}",
             flush=True,
         )
     return Prepared(entry, meta, reused=False)
@@ -305,54 +629,3 @@ def describe(meta: dict[str, Any]) -> str:
     n_train, n_val = meta["train"]["tokens"], meta["val"]["tokens"]
     frac = n_val / max(n_train + n_val, 1)
     return f"{n_train:,} train / {n_val:,} val tokens (val {100 * frac:.1f}%, split {meta['split']['by']})"
-
-
-def _build(
-    data: Any, tok: Tokenizer, tmp: Path, source_fp: str, split_fn: Callable[[], DocSplit] | None
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ds = split_fn() if split_fn is not None else read_split(data)
-    dtype = np.dtype(token_dtype(tok.vocab_size))
-    total_chars = sum(len(d) for d in ds.train) + sum(len(d) for d in ds.val)
-    counts = {}
-    with _progress(total_chars, f"tokenizing {data.path}") as bar:
-        for name, part, open_end in (("train", ds.train, ds.cut_inside), ("val", ds.val, False)):
-            with open(tmp / f"{name}.bin", "wb") as out:
-                counts[name] = _write_tokens(part, tok, out, data.num_proc, bar, open_end)
-    val_bytes = sum(len(d.encode("utf-8")) for d in ds.val)
-    n_docs = len(ds.train) + len(ds.val) - int(ds.cut_inside)
-    meta = {
-        "format": FORMAT,
-        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
-        "dtype": dtype.name,
-        "source": {
-            "path": data.path,
-            "val_path": getattr(data, "val_path", None),
-            "fingerprint": source_fp,
-            "chars": total_chars,
-            "text_field": data.text_field,
-            "doc_pattern": data.doc_pattern,
-            "encoding_errors": data.encoding_errors,
-        },
-        "split": {"val_fraction": data.val_fraction, "by": ds.by},
-        "documents": n_docs,
-        "train": {
-            "file": "train.bin",
-            "tokens": counts["train"][0],
-            "documents": counts["train"][1],
-            "unk": counts["train"][2],
-        },
-        "val": {
-            "file": "val.bin",
-            "tokens": counts["val"][0],
-            "documents": counts["val"][1],
-            "bytes": val_bytes,
-            "unk": counts["val"][2],
-        },
-        "seconds": round(time.perf_counter() - t0, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # Written last: an entry without meta.json is never used.
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    fsync_tree(tmp)  # every file on disk before the rename publishes the entry
-    return meta

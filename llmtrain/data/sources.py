@@ -248,3 +248,136 @@ def read_documents(
     if not docs:
         raise UserError(f"data {path} is empty (no non-whitespace text)")
     return docs
+
+
+# ------------------------------------------------------------------------ streaming
+# Text is read in blocks of this many bytes and handed on in pieces that end after a newline,
+# so a corpus far larger than memory (even one multi-gigabyte document) streams through.
+BLOCK_BYTES = 1 << 20
+
+
+def _open_binary(path: Path):
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
+def iter_text_pieces(path: Path, errors: str = "strict") -> Iterator[str]:
+    """The text of one file in pieces of about BLOCK_BYTES, each ending after a newline (the last
+    one where the file ends), with read_text's checks: binary, not UTF-8 (with the byte offset)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    carry = ""
+    offset = 0  # bytes of the file before this block
+    with _open_binary(path) as f:
+        while True:
+            try:
+                raw = f.read(BLOCK_BYTES)
+            except (OSError, EOFError) as e:
+                if path.suffix == ".gz":
+                    raise UserError(f"data file {path} is not valid gzip: {e}") from None
+                raise UserError(f"cannot read data file {path}: {e}") from None
+            why = binary_reason(raw) if offset == 0 else None
+            nul = raw.find(b"\x00") if why is None else -1
+            if nul >= 0:
+                why = f"a NUL byte at offset {offset + nul}"
+            if why:
+                raise UserError(f"data file {path} is a binary file, not text ({why}); point at a text file")
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                text = carry + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"data file {path} is not valid UTF-8 at byte offset {offset - pending + e.start} "
+                    f"(set data.encoding_errors=replace to accept it)"
+                ) from None
+            offset += len(raw)
+            if not raw:
+                if text:
+                    yield text
+                return
+            cut = text.rfind("\n") + 1
+            if cut:
+                yield text[:cut]
+            carry = text[cut:]
+
+
+def _pattern_docs(pieces: Iterator[str], pattern: str) -> Iterator[Iterator[str]]:
+    """split_on_pattern over a stream of pieces: each document as a one-piece iterator."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"data.doc_pattern {pattern!r} is not a valid regex: {e}") from None
+    current: list[str] = []
+    has_text = False
+    for piece in pieces:
+        for line in piece.splitlines(keepends=True):
+            if rx.match(line) and has_text:
+                yield iter(["".join(current)])
+                current, has_text = [], False
+            current.append(line)
+            has_text = has_text or bool(line.strip())
+    yield iter(["".join(current)])
+
+
+def _raw_docs(path: str, text_field: str, errors: str) -> Iterator[Iterator[str]]:
+    """Each document of `path` as an iterator of its pieces (plain text files stream; other
+    formats are read a file at a time, as read_documents does)."""
+    if path.startswith(HF_PREFIX):
+        for doc in iter_hf_documents(path, text_field):
+            yield iter([doc])
+        return
+    for f in resolve_files(path):
+        if _stem_suffix(f) in TEXT_SUFFIXES:
+            yield iter_text_pieces(f, errors)
+        elif _stem_suffix(f) == ".jsonl":
+            number = 0
+            for piece in iter_text_pieces(f, errors):
+                for line in piece.splitlines():
+                    number += 1
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise UserError(f"{f}: line {number} is not valid JSON ({e.msg})") from None
+                        yield iter([_field(record, text_field, f, f"line {number}", errors)])
+        else:
+            for doc in iter_documents(f, text_field, errors):
+                yield iter([doc])
+
+
+def iter_pieces(
+    path: str | None,
+    text_field: str = "text",
+    errors: str = "strict",
+    doc_pattern: str | None = None,
+    key: str = "data.path",
+) -> Iterator[tuple[str, bool]]:
+    """The documents read_documents returns, streamed as (piece, ends_document): each piece but a
+    document's last ends after a newline, and no whole document need be in memory (except with
+    data.doc_pattern, one document at a time). An empty corpus is an error, as there."""
+    if not path:
+        raise UserError(f"{key} is not set (e.g. data=text {key}=FILE)")
+    docs = _raw_docs(path, text_field, errors)
+    seen = False
+    for doc in docs:
+        for sub in _pattern_docs(doc, doc_pattern) if doc_pattern else (doc,):
+            held: list[str] = []  # leading whitespace-only pieces: the document may be empty
+            last: str | None = None
+            for piece in sub:
+                if last is not None:
+                    yield last, False
+                    last = piece
+                elif piece.strip():
+                    for h in held:
+                        yield h, False
+                    held, last = [], piece
+                else:
+                    held.append(piece)
+            if last is not None:
+                seen = True
+                yield last, True
+    if not seen:
+        raise UserError(f"data {path} is empty (no non-whitespace text)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from llmtrain.data.documents import DocumentWindows, document_kwargs, mark_documents
 from llmtrain.data.loader import sequential_windows
 from llmtrain.data.mixture import train_windows
+from llmtrain.data.streaming import StreamWindows, TokenStream
 from llmtrain.objectives.base import LossOutput, Objective, token_cross_entropy
 from llmtrain.registry import register
 
@@ -18,7 +19,10 @@ class CausalLM(Objective):
 
     def train_source(self, rank=0, world=1):
         d = self.data_cfg
-        windows = train_windows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
+        if isinstance(self.splits.train, TokenStream):  # data.streaming: read in order, on the fly
+            windows = StreamWindows(self.splits.train, d.seq_len, d.batch_size, rank, world)
+        else:
+            windows = train_windows(self.splits.train, d.seq_len, d.batch_size, self.seed, rank, world)
         return DocumentWindows(windows, self.tokenizer.eos_id) if d.document_mask else windows
 
     def val_batches(self, max_batches=0, rank=0, world=1):

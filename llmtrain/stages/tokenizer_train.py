@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.corpus import read_split
+from llmtrain.data.prepare import plan_split, tokenizer_sample
 from llmtrain.errors import UserError
 from llmtrain.run_records import write_run_files
 from llmtrain.runtime import hydra_run_dir
@@ -30,8 +30,9 @@ def run(cfg: RunConfig) -> None:
             f"tokenizer train trains {', '.join(TRAINABLE)} (tokenizer=NAME); tokenizer.name={tc.name} needs no "
             "training step"
         )
-    split = read_split(cfg.data)
-    docs = split.train
+    # The training split (a bounded, evenly spread sample of it on a huge corpus), streamed.
+    docs = tokenizer_sample(cfg.data)
+    plan = plan_split(cfg.data)
     run_dir = hydra_run_dir()
     sp = tc.name == "sentencepiece"
     out = Path(tc.path) if tc.path else run_dir / ("tokenizer.model" if sp else "tokenizer.json")
@@ -39,7 +40,7 @@ def run(cfg: RunConfig) -> None:
     print(
         f"training {kind}vocab {tc.vocab_size}) on the training split of "
         f"{cfg.data.path}: {len(docs):,} documents, {sum(len(d) for d in docs):,} characters "
-        f"({sum(len(d) for d in split.val):,} validation characters left out, split {split.by})",
+        f"({plan.chars - plan.train_chars:,} validation characters left out, split {plan.by})",
         flush=True,
     )
     # both validate before writing anything
