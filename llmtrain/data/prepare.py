@@ -47,6 +47,7 @@ from llmtrain.data.sources import HF_PREFIX, iter_pieces, parse_hf_spec, resolve
 from llmtrain.data.tokens import ShardedTokens, open_shard
 from llmtrain.errors import UserError
 from llmtrain.files import TMP_MARK, atomic_replace, atomic_write, fsync_dir, fsync_tree, tmp_name
+from llmtrain.threads import usable_cores
 from llmtrain.tokenizers import Tokenizer, tokenizer_from_state
 
 FORMAT = 3  # 2: split by characters (corpus.split_documents), <unk> counts; 3: fixed-size shards
@@ -296,9 +297,13 @@ def make_tasks(stream: Iterator[tuple[str, str, bool]], mode: str) -> Iterator[t
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(state: dict[str, Any]) -> None:
+def _init_worker(state: dict[str, Any], num_proc: int) -> None:
     global _worker_tok
     _worker_tok = tokenizer_from_state(state)
+    # num_proc workers share the cores: a sentencepiece encoder per worker taking every core
+    # oversubscribes them (2 workers on 2 cores ran at half the speed of one process).
+    if hasattr(_worker_tok, "encode_threads"):
+        _worker_tok.encode_threads = max(1, usable_cores() // num_proc)
 
 
 def encode_task(task: Task, tok: Tokenizer | None = None) -> np.ndarray:
@@ -342,7 +347,7 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
     # Encoding once here imports what the encoder needs (pyarrow pulls in pandas: ~2 s) before the
     # fork, so the workers inherit it instead of each paying for it.
     encode_task(("train", encode_mode(tok), [("warm up\n", False)]), tok)
-    with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(),)) as pool:
+    with mp.get_context(method).Pool(num_proc, _init_worker, (tok.state(), num_proc)) as pool:
         pending: deque = deque()
         for t in tasks:
             pending.append(pool.apply_async(encode_task, (t,)))
@@ -402,11 +407,16 @@ class _ShardWriter:
         self.file, self.n, self.eos, self.unk = None, 0, 0, 0
 
 
+BOUND_MALLOC_BYTES = 256 << 20  # below this the heap's growth is small, and the page faults cost
+
+
 def _bound_malloc() -> None:
     """glibc raises its mmap threshold each time a large block is freed, after which the ~MB
     pieces a prepare allocates and frees by the thousand come from a heap that fragments and grows
     with the corpus (measured: +330 MB RSS at 1 GB). A fixed threshold (which also turns that
-    adjustment off) hands such blocks back to the system as soon as they are freed."""
+    adjustment off) hands such blocks back to the system as soon as they are freed. It is set for
+    large corpora only: it holds for the rest of the process (the training after pretrain's
+    prepare), and every block above it costs fresh page faults (a third of the CPU at 50 MB)."""
     try:
         import ctypes
 
@@ -419,7 +429,6 @@ def _build(
     data: Any, tok: Tokenizer, work: Path, source_fp: str, split_fn: Callable[[], DocSplit] | None, key: str
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    _bound_malloc()
     dtype = np.dtype(token_dtype(tok.vocab_size))
     manifest = None
     try:
@@ -444,6 +453,8 @@ def _build(
     for leftover in work.glob(f"*{TMP_MARK}*"):  # a shard a killed prepare was writing
         leftover.unlink()
     plan = Plan(**manifest["plan"])
+    if plan.bytes >= BOUND_MALLOC_BYTES:
+        _bound_malloc()
     if manifest["from_docsplit"]:
         ds = split_fn() if split_fn is not None else None
         stream = _docsplit_stream(ds) if ds is not None else split_stream(data, plan)

@@ -71,6 +71,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     # -- encoding ----------------------------------------------------------------------------
 
+    encode_threads: int | None = None  # None: sentencepiece's default, one per core
+
     def encode(self, text: str) -> list[int]:
         # No bos/eos: the data pipeline adds end-of-document tokens itself.
         return self.sp.encode(text, out_type=int)
@@ -78,8 +80,9 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        # One C++ call for the whole list; sentencepiece spreads it over its own threads.
-        return self.sp.encode(list(texts), out_type=int)
+        # One C++ call for the whole list; sentencepiece spreads it over its own threads (all cores
+        # unless `encode_threads` says how many: prepare's worker processes share the cores).
+        return self.sp.encode(list(texts), out_type=int, num_threads=self.encode_threads)
 
     def decode(self, ids: list[int]) -> str:
         # Like CharTokenizer: special tokens are dropped (unk shows as U+FFFD), and ids outside
