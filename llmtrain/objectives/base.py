@@ -63,6 +63,7 @@ class Objective(Trainee):
     needs_decoder: bool | None = None
     needs_encoder_decoder = False  # True: span_corruption, denoising (t5); an encoder-decoder takes only these
     token_loss = True
+    chunked_loss = False  # trainer.chunked_loss, set by the Trainer: the LM head's loss in chunks
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from llmtrain.data.loader import PackedWindows, sequential_windows
-from llmtrain.objectives.base import LossOutput, Objective, token_cross_entropy
+from llmtrain.objectives.base import LossOutput, Objective
+from llmtrain.objectives.chunked_ce import lm_loss
 from llmtrain.registry import register
 
 
@@ -21,6 +22,5 @@ class CausalLM(Objective):
         return sequential_windows(self.splits.val, d.seq_len, d.batch_size, max_batches, rank, world)
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"])
-        loss, n = token_cross_entropy(logits, batch["labels"])
+        loss, n = lm_loss(model, model.encode(batch["input_ids"]), batch["labels"], self.chunked_loss)
         return LossOutput(loss=loss, n_targets=n)

@@ -11,7 +11,8 @@ import torch
 from llmtrain.errors import UserError
 from llmtrain.eval.metrics import bleu, rouge
 from llmtrain.generation import generate
-from llmtrain.objectives.base import LossOutput, encoder_decoder_loss, seq2seq_batch, token_cross_entropy
+from llmtrain.objectives.base import LossOutput, encoder_decoder_loss, seq2seq_batch
+from llmtrain.objectives.chunked_ce import lm_loss
 from llmtrain.tasks.base import Task, model_device, pad_rows
 
 
@@ -82,7 +83,7 @@ class GenerativeTask(Task):
         if "decoder_input_ids" in batch:
             return encoder_decoder_loss(model, batch)
         # right padding under causal attention: real tokens never see the pads, no mask needed
-        loss, n = token_cross_entropy(model(batch["input_ids"]), batch["labels"])
+        loss, n = lm_loss(model, model.encode(batch["input_ids"]), batch["labels"], self.chunked_loss)
         return LossOutput(loss=loss, n_targets=n)
 
     # ------------------------------------------------------------------ evaluation
