@@ -25,6 +25,7 @@ COMMON = [
     "trainer.eval_every=10",
     "trainer.eval_batches=4",
     "trainer.progress=false",
+    "trainer.chunked_loss=false",  # the fixture was recorded on the plain full-logits loss
 ]
 
 

@@ -167,7 +167,11 @@ def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt):
     same model, batch and precision."""
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(model_cfg).to(rt.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    cuda = rt.device.type == "cuda"
+    # as nanoGPT writes it: fused AdamW on CUDA, the model compiled when trainer.compile is
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=cuda)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
     B, T = cfg.data.batch_size * cfg.trainer.grad_accum, cfg.data.seq_len
     data = torch.from_numpy(tokens[: B * (T + 1)].astype(np.int64)).view(B, T + 1)
     batch = move({"x": data[:, :-1], "y": data[:, 1:]}, rt.device)
