@@ -166,7 +166,8 @@ KEYS: dict[str, str] = {
     "trainer.resume": "never | auto (continue from the run directory's last checkpoint)",
     "trainer.compile": "torch.compile the model",
     "trainer.chunked_loss": "LM-head cross-entropy a few rows at a time, logits recomputed in backward: "
-    "never the whole [tokens, vocab] logits (same loss; false = the plain full-logits path)",
+    "never the whole [tokens, vocab] logits (same loss; false = the plain full-logits path; "
+    "unset = on for CPU runs, off on GPUs)",
     "trainer.device": "auto | cpu | cuda | cuda:N | mps",
     "trainer.seed": "random seed",
     "task.name": "the task (choose with task=NAME, which also sets its defaults)",

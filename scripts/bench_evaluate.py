@@ -41,7 +41,9 @@ def cli(*args: str) -> None:
 def checkpoints_in(work: Path, sst2: Path) -> tuple[Path, Path]:
     lm, cls = work / "lm", work / "cls"
     if not (lm / "checkpoints").exists():
-        cli("pretrain", "+experiment=gpt_small", "trainer.max_steps=20", "trainer.progress=false", f"hydra.run.dir={lm}")
+        cli(
+            "pretrain", "+experiment=gpt_small", "trainer.max_steps=20", "trainer.progress=false", f"hydra.run.dir={lm}"
+        )
     if not (cls / "checkpoints").exists():
         train = work / "train.tsv"
         train.write_text("".join((sst2 / "train.tsv").read_text().splitlines(True)[:401]))
@@ -79,7 +81,9 @@ def lm_batches(loaded, cfg):
     from llmtrain.data.corpus import read_split, tokenize_split
     from llmtrain.data.loader import sequential_windows
 
-    data = DataConfig(**{k: v for k, v in loaded.meta["config"]["data"].items() if k in DataConfig.__dataclass_fields__})
+    data = DataConfig(
+        **{k: v for k, v in loaded.meta["config"]["data"].items() if k in DataConfig.__dataclass_fields__}
+    )
     val = tokenize_split(read_split(data), loaded.tokenizer).val
     return list(sequential_windows(val, data.seq_len, data.batch_size, cfg.trainer.eval_batches))
 
@@ -125,7 +129,10 @@ def main() -> None:
     cls_ctx, cls_loaded = context(cls_ckpt, work / "ev_cls", [f"eval.max_examples={a.max_examples}"])
     task, cmodel = cls_loaded.task, cls_loaded.model.eval()
     examples = task.val_examples()[: a.max_examples or None]
-    cbatches = [task.collate(examples[i : i + cls_ctx.cfg.eval.batch_size]) for i in range(0, len(examples), cls_ctx.cfg.eval.batch_size)]
+    cbatches = [
+        task.collate(examples[i : i + cls_ctx.cfg.eval.batch_size])
+        for i in range(0, len(examples), cls_ctx.cfg.eval.batch_size)
+    ]
 
     @torch.no_grad()
     def plain_cls():
@@ -143,12 +150,16 @@ def main() -> None:
         a.rounds,
     )
     print(f"torch threads {torch.get_num_threads()}, {len(batches)} lm batches, {len(cbatches)} classification batches")
-    print("| path | evaluate CPU s (wall) | plain no_grad loop CPU s (wall) | speed, CPU (wall) | value (evaluate / plain) |")
+    print(
+        "| path | evaluate CPU s (wall) | plain no_grad loop CPU s (wall) | speed, CPU (wall) "
+        "| value (evaluate / plain) |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for name in ("lm", "classification"):
         (ce, we, ve), (cp, wp, vp) = res[f"{name} task"], res[f"{name} plain"]
         print(
-            f"| {name} | {ce:.3f} ({we:.3f}) | {cp:.3f} ({wp:.3f}) | {cp / ce:.3f}x ({wp / we:.3f}x) | {ve:.6f} / {vp:.6f} |"
+            f"| {name} | {ce:.3f} ({we:.3f}) | {cp:.3f} ({wp:.3f}) | {cp / ce:.3f}x ({wp / we:.3f}x) "
+            f"| {ve:.6f} / {vp:.6f} |"
         )
         assert abs(ve - vp) < 1e-5, (name, ve, vp)
 

@@ -1,6 +1,6 @@
 """The parts of scripts/gpu_check.sh (which sets up the environment and runs this); see its header.
 
-    python scripts/gpu_check.py [--cpu-smoke] [--out DIR]
+python scripts/gpu_check.py [--cpu-smoke] [--out DIR]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,9 @@ SHAKESPEARE = {
     "adamw": ["+experiment=gpt_shakespeare", "trainer.max_steps=2000", "trainer.compile=true"],
     "muon": ["+experiment=gpt_shakespeare", "optim=muon", "trainer.max_steps=1000", "trainer.compile=true"],
 }
-GENERATE = "--models gpt_small,gpt2_124m,llama_124m --batch 1,8 --prompt-len 64 --new-tokens 256 --device cuda --dtype bf16"
+GENERATE = (
+    "--models gpt_small,gpt2_124m,llama_124m --batch 1,8 --prompt-len 64 --new-tokens 256 --device cuda --dtype bf16"
+)
 RUN_LIMIT_S = 150  # a Shakespeare run that has not reached the target by then is stopped
 
 SMOKE_BENCH = ["model=gpt_tiny", "data.seq_len=32", "data.batch_size=2", "bench.steps=2", "bench.warmup=1"]
@@ -35,28 +38,22 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=ROOT, text=True, capture_output=True, **kw)
 
 
-def bench(out: Path, smoke: bool) -> list[dict]:
-    rows = []
-    for chunked in ("true", "false"):
-        path = out / f"bench_chunked_{chunked}.json"
-        args = (SMOKE_BENCH if smoke else BENCH) + [f"trainer.chunked_loss={chunked}", f"bench.out={path}"]
-        proc = cli("bench", *args, f"hydra.run.dir={out / 'bench'}")
-        if proc.returncode:
-            rows.append({"part": f"bench chunked_loss={chunked}", "result": f"failed: {proc.stderr.strip()[-300:]}"})
-            continue
-        r = json.loads(path.read_text())
-        mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        rows.append(
-            {
-                "part": f"bench {r['model']} {r['batch_size']}x{r['seq_len']} {r['precision']}"
-                + (" compile" if r["compile"] else "")
-                + f", chunked_loss={chunked}",
-                "result": f"{r['tokens_per_s']:,.0f} tok/s ({r['step_ms']:.1f} ms){mfu}; plain loop "
-                f"{r['baseline_tokens_per_s']:,.0f} tok/s: {r['speedup_vs_baseline']:.3f}x",
-                "peak_mem_gb": r["peak_mem_gb"],
-            }
-        )
-    return rows
+def bench(out: Path, smoke: bool, chunked: str) -> dict:
+    path = out / f"bench_chunked_{chunked}.json"
+    args = (SMOKE_BENCH if smoke else BENCH) + [f"trainer.chunked_loss={chunked}", f"bench.out={path}"]
+    proc = cli("bench", *args, f"hydra.run.dir={out / f'bench_{chunked}'}")
+    if proc.returncode:
+        return {"part": f"bench chunked_loss={chunked}", "result": f"failed: {proc.stderr.strip()[-300:]}"}
+    r = json.loads(path.read_text())
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    return {
+        "part": f"bench {r['model']} {r['batch_size']}x{r['seq_len']} {r['precision']}"
+        + (" compile" if r["compile"] else "")
+        + f", chunked_loss={chunked}",
+        "result": f"{r['tokens_per_s']:,.0f} tok/s ({r['step_ms']:.1f} ms){mfu}; plain loop "
+        f"{r['baseline_tokens_per_s']:,.0f} tok/s: {r['speedup_vs_baseline']:.3f}x",
+        "peak_mem_gb": r["peak_mem_gb"],
+    }
 
 
 def time_to_target(name: str, args: list[str], run_dir: Path) -> dict:
@@ -99,7 +96,10 @@ def time_to_target(name: str, args: list[str], run_dir: Path) -> dict:
 def generation(out: Path, smoke: bool) -> dict:
     script = ROOT / "scripts" / "bench_generate.py"
     if not script.exists():
-        return {"part": "generation vs transformers", "result": "skipped: scripts/bench_generate.py not in this checkout"}
+        return {
+            "part": "generation vs transformers",
+            "result": "skipped: scripts/bench_generate.py not in this checkout",
+        }
     args = ["--smoke", "--device", "cpu"] if smoke else GENERATE.split()
     proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, text=True, capture_output=True)
     (out / "bench_generate.txt").write_text(proc.stdout + proc.stderr)
@@ -117,11 +117,16 @@ def main() -> None:
     out = a.out or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = bench(out, a.cpu_smoke)
+    # On the GPU one run at a time (each has the device to itself); the CPU smoke runs pairs
+    # side by side, since starting the CLI is most of its time.
+    pool = ThreadPoolExecutor(2 if a.cpu_smoke else 1)
+    rows = list(pool.map(lambda c: bench(out, a.cpu_smoke, c), ["true", "false"]))
+    runs = {}
     for name, args in SHAKESPEARE.items():
         if a.cpu_smoke:  # the experiment (and optim=muon) at tiny sizes
             args = [x for x in args if not x.startswith("trainer.")] + SMOKE_RUN
-        rows.append(time_to_target(name, args, out / name))
+        runs[name] = args
+    rows += list(pool.map(lambda kv: time_to_target(kv[0], kv[1], out / kv[0]), runs.items()))
     rows.append(generation(out, a.cpu_smoke))
     (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
 

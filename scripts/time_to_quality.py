@@ -62,8 +62,12 @@ def main() -> None:
             for name, overrides in recipes.items():
                 r = run(a.experiment, overrides.split(), seed, Path(tmp) / f"{name}-{seed}")
                 results[name].append(r)
-                print(f"{name} seed {seed}: val {r['final_val_loss']:.4f}, {r['cpu_s']:.0f} CPU s, {r['wall_s']:.0f} s wall", flush=True)
-    print(f"\n| recipe | overrides | CPU s (mean) | final val loss per seed | mean |")
+                print(
+                    f"{name} seed {seed}: val {r['final_val_loss']:.4f}, {r['cpu_s']:.0f} CPU s, "
+                    f"{r['wall_s']:.0f} s wall",
+                    flush=True,
+                )
+    print("\n| recipe | overrides | CPU s (mean) | final val loss per seed | mean |")
     print("| --- | --- | --- | --- | --- |")
     for name, rs in results.items():
         losses = [r["final_val_loss"] for r in rs]

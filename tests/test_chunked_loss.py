@@ -84,7 +84,7 @@ def test_objective_losses_match(arch, objective, monkeypatch):
     chunked, g_chunked = loss_and_grads(model, trainee, batch, True)
     torch.testing.assert_close(chunked.loss, plain.loss, **TOL)
     assert chunked.n_targets.item() == plain.n_targets.item() > 0
-    for name, (c, n) in plain.extras.items():  # mlm accuracy
+    for name, (c, _) in plain.extras.items():  # mlm accuracy
         assert chunked.extras[name][0].item() == c.item(), name
     assert g_plain.keys() == g_chunked.keys() and len(g_plain) > 3
     for k in g_plain:
