@@ -37,7 +37,7 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "prune": ("llmtrain.stages.prune", "Prune a checkpoint (checkpoint=PATH prune.method=...)."),
     "bench": ("llmtrain.stages.bench", "Benchmark the training step: tokens/s, MFU, step time, memory."),
-    "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a SentencePiece tokenizer on data.path."),
+    "tokenizer train": ("llmtrain.stages.tokenizer_train", "Train a tokenizer (sentencepiece, wordpiece, bpe)."),
     "data prepare": ("llmtrain.stages.prepare", "Tokenize a dataset into packed token shards (cached)."),
 }
 

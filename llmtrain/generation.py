@@ -182,60 +182,99 @@ def generate(
         return _result(new, time.perf_counter() - start)
 
     device = _device_of(model)
-    B = len(prompts)
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-
     if use_cache:
         # leave room for the new tokens, but keep at least half the context of each prompt
         budget = max(max_len - max_new_tokens, min(max_len // 2, max(len(p) for p in prompts)), 1)
     else:
         budget = max_len
     rows = [p[-budget:] for p in prompts]
-    L = max(len(r) for r in rows)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, L - len(r) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    padded = any(len(r) < L for r in rows)  # no padding: pass no mask (faster SDPA kernels)
-
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        cache = None
-        if use_cache and max_new_tokens > 0:
-            cache = model.new_kv_cache(B, min(max_len, L + max_new_tokens), device=device)
-        past = 0  # positions already in the cache
-        for step in range(max_new_tokens):
-            if cache is not None and ids.shape[1] > cache.max_len:
-                cache = None  # cache full: continue with the sliding window
-            if cache is not None:
-                x = ids[:, past:]
-                logits = model(
-                    x, attention_mask=mask if padded else None, position_ids=_positions(mask)[:, past:], kv_cache=cache
-                )
-                past = ids.shape[1]
-            else:
-                win_ids, win_mask = ids[:, -max_len:], mask[:, -max_len:]
-                logits = model(win_ids, attention_mask=win_mask if padded else None, position_ids=_positions(win_mask))
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            nxt_list = nxt.tolist()
-            _accept(nxt_list, new, done, eos_id, stops, stop_fn)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            # finished rows keep being fed (pad_id) so the batch stays rectangular; their
-            # outputs are ignored
-            fill = torch.tensor(
-                [pad_id if done[i] else int(nxt_list[i]) for i in range(B)], dtype=torch.long, device=device
-            )
-            ids = torch.cat([ids, fill[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        # inference_mode, not just no_grad: less bookkeeping per op, which is most of a small
+        # model's decoding step on a CPU; only token lists leave it
+        with torch.inference_mode():
+            new = _sample_decoder(
+                model, rows, max_new_tokens, max_len, eos_id, pad_id, stops, stop_fn, temperature, top_k, top_p,
+                generator, use_cache, device,
+            )  # fmt: skip
     finally:
         model.train(was_training)
     return _result(new, time.perf_counter() - start)
+
+
+def _last_logits(model, ids, mask, pos, cache) -> torch.Tensor:
+    """Logits [B, V] of the last column only: the output head runs on one position per row, not
+    on the whole prompt (at a 50k vocabulary that head is most of a long prompt's cost)."""
+    if hasattr(model, "encode") and hasattr(model, "lm_logits"):
+        h = model.encode(ids, attention_mask=mask, position_ids=pos, kv_cache=cache)
+        return model.lm_logits(h[:, -1])
+    return model(ids, attention_mask=mask, position_ids=pos, kv_cache=cache)[:, -1]
+
+
+def _sample_decoder(
+    model, rows, max_new_tokens, max_len, eos_id, pad_id, stops, stop_fn, temperature, top_k, top_p, generator,
+    use_cache, device,
+) -> list[list[int]]:  # fmt: skip
+    """generate's loop for a decoder. The token and mask buffers are allocated once for the whole
+    run (prompt + max_new_tokens columns) and filled in place; the KV cache is preallocated too.
+    The host reads the new tokens once per step only when a stopping rule has to look at them
+    (eos, stop sequences, stop_fn); otherwise they stay on the device until the end."""
+    B = len(rows)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    L = max(len(r) for r in rows)
+    total = L + max_new_tokens
+    ids = torch.full((B, total), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, total), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) : L] = torch.tensor(r, dtype=torch.long)
+        mask[i, L - len(r) :] = 1  # the new columns are real tokens (a finished row's are ignored)
+    ids, mask = ids.to(device), mask.to(device)
+    padded = any(len(r) < L for r in rows)  # no padding: pass no mask (faster SDPA kernels)
+    pos_all = _positions(mask)
+    watch = eos_id is not None or bool(stops) or stop_fn is not None
+    done_t = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.empty((B, max_new_tokens if not watch else 0), dtype=torch.long, device=device)
+    cache = None
+    if use_cache and max_new_tokens > 0:
+        cache = model.new_kv_cache(B, min(max_len, total), device=device)
+    past = 0  # positions already in the cache
+    n = 0  # tokens generated so far (columns of `out`)
+    for step in range(max_new_tokens):
+        cur = L + step  # columns filled so far
+        if cache is not None and cur > cache.max_len:
+            cache = None  # cache full: continue with the sliding window
+        if cache is not None:
+            logits = _last_logits(
+                model, ids[:, past:cur], mask[:, :cur] if padded else None, pos_all[:, past:cur], cache
+            )
+            past = cur
+        else:
+            lo = max(0, cur - max_len)
+            win_mask = mask[:, lo:cur]
+            logits = _last_logits(
+                model, ids[:, lo:cur], win_mask if padded else None, _positions(win_mask) if lo else pos_all[:, :cur],
+                None,
+            )  # fmt: skip
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        n = step + 1
+        if not watch:
+            out[:, step] = nxt
+        else:
+            _accept(nxt.tolist(), new, done, eos_id, stops, stop_fn)  # the one host sync per step
+            if all(done):
+                break
+            if any(done):
+                done_t = torch.tensor(done, device=device)
+        if step == max_new_tokens - 1:
+            break
+        # finished rows keep being fed (pad_id) so the batch stays rectangular; their outputs are ignored
+        ids[:, cur] = nxt.masked_fill(done_t, pad_id) if watch else nxt
+    if not watch:
+        new = out[:, :n].tolist()
+    return new
 
 
 def _result(new: list[list[int]], seconds: float) -> GenerationResult:

@@ -38,13 +38,14 @@ VERBS: dict[str, Verb] = {
         "Train a model from scratch with a pretraining objective (causal LM, masked LM, NSP, contrastive "
         "sentence embeddings; span corruption or denoising for the t5 encoder-decoder) on data.path; "
         "init_from=PATH starts from a checkpoint's weights and tokenizer instead.",
-        "data.path data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer model.d_model "
-        "optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every trainer.precision "
+        "data.path data.sources data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer "
+        "model.d_model optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every "
+        "trainer.precision "
         "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.chunked_loss trainer.threads "
         "objective.noise_density "
         "objective.mean_span_length objective.permute_sentences model.extra_ids init_from objective.temperature "
         "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold "
-        "optimize_metric",
+        "data.document_mask optimize_metric",
     ),
     "finetune": Verb(
         "Fine-tune a checkpoint (init_from=PATH) on a task: more causal-LM text (task=lm), classification, "
@@ -53,8 +54,8 @@ VERBS: dict[str, Verb] = {
         "checkpoint.",
         "init_from task.* finetune.lora.r finetune.lora.alpha finetune.lora.targets finetune.freeze_backbone "
         "finetune.qat finetune.qat_group_size "
-        "data.path data.seq_len data.batch_size data.val_fraction data.val_path optim.lr trainer.max_steps "
-        "trainer.eval_every eval.max_examples",
+        "data.path data.seq_len data.batch_size data.val_fraction data.val_path data.document_mask optim.lr "
+        "trainer.max_steps trainer.eval_every eval.max_examples",
     ),
     "rl": Verb(
         "Reinforcement learning with GRPO from a checkpoint (init_from=PATH): rl.group_size sampled completions "
@@ -106,9 +107,11 @@ VERBS: dict[str, Verb] = {
         "trainer.precision trainer.compile trainer.device",
     ),
     "tokenizer train": Verb(
-        "Train a SentencePiece tokenizer (BPE or unigram) on the training split of the text data.path names.",
-        "data.path data.val_fraction data.val_path tokenizer.vocab_size tokenizer.model_type "
-        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size",
+        "Train a tokenizer on the training split of the text data.path names: tokenizer=sentencepiece (BPE or "
+        "unigram), wordpiece (BERT-style) or bpe (GPT-2-style byte-level), the last two with Hugging Face tokenizers.",
+        "data.path data.val_fraction data.val_path tokenizer.path tokenizer.vocab_size tokenizer.model_type "
+        "tokenizer.character_coverage tokenizer.byte_fallback tokenizer.input_sentence_size tokenizer.lowercase "
+        "tokenizer.special_tokens",
     ),
     "quantize": Verb(
         "Quantize a checkpoint's linear layers (checkpoint=PATH): int8 per channel or int4 group-wise "
@@ -141,6 +144,8 @@ KEYS: dict[str, str] = {
     "objective.name": "clm | mlm (choose with objective=NAME)",
     "optimize_metric": "the metric a sweep optimises (returned by the run)",
     "data.path": "text file, directory, glob or hf:NAME[:CONFIG][@SPLIT]",
+    "data.sources": "a weighted mixture instead of data.path (data=mixture): [{path: A, weight: 0.7}, "
+    "{path: B, weight: 0.3, name: b}]; windows drawn by weight, val/loss/<name> per source",
     "data.seq_len": "tokens per training window",
     "data.batch_size": "windows per step (per device)",
     "data.val_fraction": "last fraction of the text by characters, cut at a document boundary when one is near "
@@ -151,6 +156,8 @@ KEYS: dict[str, str] = {
     "data.encoding_errors": "strict | replace: undecodable bytes are an error or U+FFFD",
     "data.cache_dir": "where prepared shards and tokenizers are cached (default ~/.cache/llmtrain)",
     "data.num_proc": "processes that tokenize",
+    "data.document_mask": "packed documents stay apart: block-diagonal causal attention, positions restart, "
+    "no target across a boundary (gpt2/llama; clm, or task.packing=true)",
     "model.n_layer": "transformer blocks",
     "model.d_model": "hidden size",
     "optim.lr": "peak learning rate",
@@ -181,7 +188,7 @@ KEYS: dict[str, str] = {
     "task.source_field": "summarization, seq2seq: the source field",
     "task.target_field": "summarization, seq2seq: the target field",
     "task.chat_template": "instruction: default | chatml",
-    "task.packing": "instruction: pack several examples into one window",
+    "task.packing": "instruction, summarization: pack several examples into one window (data.document_mask: apart)",
     "task.doc_stride": "extractive_qa: overlap (tokens) between windows of a long context",
     "task.max_answer_len": "extractive_qa: longest predicted answer, in tokens",
     "task.max_examples": "use at most this many records (0 = all)",
@@ -277,11 +284,14 @@ KEYS: dict[str, str] = {
     "bench.baseline": "also time a plain PyTorch loop of the same model",
     "bench.out": "results JSON (default RUN_DIR/bench.json)",
     "tokenizer.vocab_size": "vocabulary size",
-    "tokenizer.model_type": "bpe | unigram",
+    "tokenizer.model_type": "sentencepiece: bpe | unigram",
     "tokenizer.character_coverage": "fraction of characters covered",
     "tokenizer.byte_fallback": "encode unknown characters as bytes",
     "tokenizer.input_sentence_size": "sentences sampled for training",
-    "tokenizer.path": "a trained SentencePiece model file (tokenizer=sentencepiece)",
+    "tokenizer.path": "sentencepiece: a .model file; wordpiece / bpe: a tokenizer.json (trained there if missing); "
+    "hf: a Hugging Face tokenizer directory",
+    "tokenizer.lowercase": "wordpiece: lowercase and strip accents (bert-base-uncased)",
+    "tokenizer.special_tokens": "wordpiece / bpe: extra special tokens after the built-in ones",
 }
 
 USAGE = """Everything after the verb goes to Hydra unchanged:

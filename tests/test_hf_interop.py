@@ -78,6 +78,10 @@ def make_tokenizer(kind: str, tmp_path: Path):
         return CharTokenizer.train([shakespeare(20000)])
     if kind == "byte":
         return ByteTokenizer()
+    if kind in ("bpe", "wordpiece"):  # Hugging Face tokenizers, trained by llmtrain
+        from llmtrain.tokenizers.hf_train import train_hf
+
+        return train_hf([shakespeare(60000)], TokenizerConfig(name=kind, vocab_size=400, lowercase=True))
     from llmtrain.tokenizers.train import train_sentencepiece
 
     return train_sentencepiece(
@@ -85,8 +89,11 @@ def make_tokenizer(kind: str, tmp_path: Path):
     )
 
 
-# each architecture with another of our tokenizers, so all three go through a full export
-@pytest.mark.parametrize("arch,tok_kind", [("gpt2", "char"), ("llama", "sentencepiece"), ("bert", "byte")])
+# each architecture with another of our tokenizers, so all of them go through a full export
+@pytest.mark.parametrize(
+    "arch,tok_kind",
+    [("gpt2", "char"), ("llama", "sentencepiece"), ("bert", "byte"), ("gpt2", "bpe"), ("bert", "wordpiece")],
+)
 def test_export_loads_with_auto_classes(tmp_path, arch, tok_kind):
     tok = make_tokenizer(tok_kind, tmp_path)
     ck = our_checkpoint(tmp_path, arch, tok)

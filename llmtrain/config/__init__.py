@@ -76,6 +76,11 @@ def validate_config(cfg: RunConfig) -> None:
                 f"{cfg.model.name!r} is a causal decoder (use objective=clm or model=bert_*)"
             )
     tokenizer_class(cfg.tokenizer.name)
+    check_document_mask(cfg, model_cls if from_scratch else None)
+    if cfg.data.sources is not None:
+        from llmtrain.data.mixture import check_sources
+
+        check_sources(cfg, objective_class(cfg.objective.name))
     check_required_files(cfg)
     check_ranges(cfg)  # first: the size checks below divide by these
     m, d = cfg.model, cfg.data
@@ -90,6 +95,34 @@ def validate_config(cfg: RunConfig) -> None:
         raise UserError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
 
 
+def check_document_mask(cfg: RunConfig, model_cls=None) -> None:
+    """data.document_mask=true is for the windows of objective=clm (pretrain, finetune task=lm) and
+    the packed rows of instruction/summarization (task.packing=true), on a model whose encode()
+    takes document ids (`model_cls`, when the config decides it; else checked when loaded)."""
+    if not cfg.data.document_mask:
+        return
+    if cfg.stage == "pretrain":
+        fits, what = cfg.objective.name == "clm", f"objective={cfg.objective.name}"
+    elif cfg.stage == "finetune":
+        packed = cfg.task.name in ("instruction", "summarization") and cfg.task.packing
+        fits, what = cfg.task.name == "lm" or packed, f"task={cfg.task.name} task.packing={cfg.task.packing}"
+    else:
+        fits, what = False, f"llmtrain {cfg.stage.replace('_', ' ')}"
+    if not fits:
+        raise UserError(
+            "data.document_mask=true is for pretrain with objective=clm and finetune with task=lm, or "
+            f"task=instruction|summarization with task.packing=true; not {what}"
+        )
+    if model_cls is not None:
+        check_document_model(model_cls, f"model {cfg.model.name!r}")
+
+
+def check_document_model(model, what: str) -> None:
+    """Refuse data.document_mask=true for a model (or model class) without document ids (bert, t5)."""
+    if not getattr(model, "supports_document_mask", False):
+        raise UserError(f"data.document_mask=true needs a gpt2 or llama decoder; {what} is not one")
+
+
 def check_required_files(cfg: RunConfig) -> None:
     """Presets mark the user's files `???`, but OmegaConf's merge keeps the schema's None under a
     `???`, so the composed config cannot tell; check here, before Hydra creates the run directory."""
@@ -98,8 +131,9 @@ def check_required_files(cfg: RunConfig) -> None:
     )
     if cfg.stage == "distill" and not cfg.teacher:
         raise UserError("distill needs teacher=PATH (the checkpoint or run directory to distill from)")
-    if reads_data and not cfg.data.path:
-        raise UserError("data.path is required: the text to train on (e.g. data.path=FILE)")
+    if reads_data and not cfg.data.path and cfg.data.sources is None:
+        mix = ", or data=mixture data.sources='[{path: A, weight: 0.7}, ...]'" if cfg.stage == "pretrain" else ""
+        raise UserError(f"data.path is required: the text to train on (e.g. data.path=FILE{mix})")
     if cfg.stage == "rl":
         check_reward(cfg)
     if cfg.task.name == "arithmetic" or cfg.data.path == "task:arithmetic":

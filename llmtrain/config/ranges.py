@@ -59,6 +59,7 @@ RANGES: dict[str, Range] = {
     "data.batch_size": AT_LEAST_1,
     "data.val_fraction": UNIT_OPEN,
     "data.num_proc": AT_LEAST_1,
+    "tokenizer.vocab_size": AT_LEAST_1,
     "optim.lr": AT_LEAST_0,
     "optim.muon_lr": AT_LEAST_0,
     "optim.weight_decay": AT_LEAST_0,

@@ -34,8 +34,22 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (data.sources): a data.path-style source and its weight."""
+
+    path: str = ""  # file, directory, glob or hf:NAME, as data.path
+    weight: float = 1.0  # share of the training windows, relative to the other sources' (> 0)
+    name: Optional[str] = None  # in metric names (val/loss/<name>); None = from the path
+    text_field: Optional[str] = None  # this source's data.text_field / data.doc_pattern; None = data.*
+    doc_pattern: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None  # file, directory or glob (text); dataset files for tasks
+    # A weighted mixture instead of data.path (pretrain): [{path: a.txt, weight: 0.7}, ...]; each
+    # source is split, prepared and validated on its own, training windows are drawn by weight.
+    sources: Optional[list[SourceConfig]] = None
     text_field: str = "text"
     # Regex matching a line that starts a new document inside a text file (e.g. WikiText's
     # " = Title = " headings); None = one document per file (or per record).
@@ -48,17 +62,24 @@ class DataConfig:
     encoding_errors: str = "strict"  # strict | replace
     cache_dir: Optional[str] = None
     num_proc: int = 1
+    # Packed windows keep documents apart: block-diagonal causal attention, positions restarting
+    # per document, no target across a boundary (gpt2/llama; clm, or a generative task's packing)
+    document_mask: bool = False
 
 
 @dataclass
 class TokenizerConfig:
-    name: str = "char"  # char | byte | sentencepiece
-    path: Optional[str] = None  # sentencepiece model file
+    name: str = "char"  # char | byte | sentencepiece | wordpiece | bpe | hf
+    # sentencepiece: the .model file; wordpiece / bpe: the tokenizer.json (both trained when it does
+    # not exist yet); hf: a Hugging Face tokenizer directory
+    path: Optional[str] = None
     vocab_size: int = 2000
     model_type: str = "bpe"  # sentencepiece: bpe | unigram
     character_coverage: float = 1.0
     byte_fallback: bool = True
     input_sentence_size: int = 1_000_000
+    lowercase: bool = False  # wordpiece: lowercase (and strip accents), as bert-base-uncased
+    special_tokens: list[str] = field(default_factory=list)  # wordpiece / bpe: more, after the built-in ones
 
 
 @dataclass

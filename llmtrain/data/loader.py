@@ -53,25 +53,35 @@ class PackedWindows:
             self._epoch_cache = (epoch, offset, perm)
         return self._epoch_cache[1], self._epoch_cache[2]
 
+    def window_start(self, g: int) -> int:
+        """Token offset of window number g of the epoch-shuffled sequence (all ranks' windows in
+        order; a data mixture draws a source's windows by this number, llmtrain/data/mixture.py)."""
+        epoch, idx = divmod(g, self.n_windows)
+        offset, perm = self._epoch(epoch)
+        return offset + int(perm[idx]) * self.seq_len
+
     def starts(self, step: int) -> np.ndarray:
         """Token offsets of the windows of this rank's batch at `step`."""
-        B, T = self.batch_size, self.seq_len
-        first = (step * self.world_size + self.rank) * B
-        starts = np.empty(B, dtype=np.int64)
-        for i, g in enumerate(range(first, first + B)):
-            epoch, idx = divmod(g, self.n_windows)
-            offset, perm = self._epoch(epoch)
-            starts[i] = offset + int(perm[idx]) * T
-        return starts
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return np.array([self.window_start(g) for g in range(first, first + self.batch_size)], dtype=np.int64)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        # Only these B windows are read from the (memory-mapped) array, widened to int64 in place.
+        return self.read(self.starts(step))
+
+    def read(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
+        """The windows at these token offsets as input_ids / labels rows."""
+        # Only these windows are read from the (memory-mapped) array, widened to int64 in place.
         T = self.seq_len
-        rows = np.empty((self.batch_size, T + 1), dtype=np.int64)
-        for i, s in enumerate(self.starts(step)):
+        rows = np.empty((len(starts), T + 1), dtype=np.int64)
+        for i, s in enumerate(starts):
             rows[i] = self.tokens[s : s + T + 1]
-        rows = torch.from_numpy(rows)
-        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+        return window_batch(rows)
+
+
+def window_batch(rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Training windows of seq_len + 1 tokens (int64 rows) as input_ids and next-token labels."""
+    t = torch.from_numpy(rows)
+    return {"input_ids": t[:, :-1], "labels": t[:, 1:]}
 
 
 def sequential_windows(

@@ -20,9 +20,15 @@ def load_corpus(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tok
 
     The splits come from the prepared-data cache (llmtrain.data.prepare) as memory-mapped
     arrays; the corpus is only read when a tokenizer must be trained or the cache prepared.
-    Rank 0 does that first; the other ranks then find everything in the cache.
+    Rank 0 does that first; the other ranks then find everything in the cache. With data.sources
+    the splits are a mixture's, each source prepared like this (llmtrain.data.mixture).
     """
     from llmtrain.data.prepare import prepare
+
+    if getattr(cfg.data, "sources", None):
+        from llmtrain.data.mixture import load_mixture
+
+        return load_mixture(cfg, tokenizer)
 
     read = split_reader(cfg.data)
 
@@ -52,7 +58,7 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
     training split's documents, only read when one has to be trained (validation text never
     shapes the vocabulary). A sentencepiece model without tokenizer.path is trained once per
     corpus, split and settings into <cache root>/tokenizers/ and reused from there while its
-    settings JSON matches."""
+    settings JSON matches; so are wordpiece and bpe (cached_hf_tokenizer)."""
     from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint, split_key
     from llmtrain.tokenizers import build_tokenizer as build
     from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
@@ -60,6 +66,8 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
 
     docs_fn = docs if callable(docs) else (lambda: docs)
     tc = cfg.tokenizer
+    if tc.name in ("wordpiece", "bpe") and not (tc.path and Path(tc.path).exists()):
+        return cached_hf_tokenizer(cfg, docs_fn)
     if tc.name != "sentencepiece" or (tc.path and Path(tc.path).exists()):
         return build(tc, docs_fn)
     if tc.path:
@@ -80,7 +88,37 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
     train_docs = docs_fn()
     print(
         f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on the training split of "
-        f"{cfg.data.path} ({sum(map(len, train_docs)):,} characters) -> {target}",
+        f"{cfg.data.path or 'every source'} ({sum(map(len, train_docs)):,} characters) -> {target}",
         flush=True,
     )
     return train_sentencepiece(train_docs, tc, target)
+
+
+def cached_hf_tokenizer(cfg: RunConfig, docs_fn: Callable[[], list[str]]) -> Tokenizer:
+    """tokenizer=wordpiece / bpe (HF `tokenizers`) trained on the training split, cached as
+    sentencepiece is: at tokenizer.path when set, else under <cache root>/tokenizers/ keyed by
+    the corpus, its split and the settings."""
+    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint, split_key
+    from llmtrain.tokenizers.hf_train import TRAINED, hf_settings, meta_path, train_hf
+
+    tc = cfg.tokenizer
+    settings = hf_settings(tc)
+    if tc.path:
+        target = Path(tc.path)
+    else:
+        key = sha_of([source_fingerprint(cfg.data), split_key(cfg.data), settings])[:16]
+        target = cache_root(cfg.data.cache_dir) / "tokenizers" / f"{tc.name}{tc.vocab_size}-{key}.json"
+        try:
+            recorded = json.loads(meta_path(target).read_text()).get("settings")
+        except (OSError, ValueError):
+            recorded = None
+        if target.exists() and recorded == settings:
+            print(f"using {tc.name} tokenizer {target}", flush=True)
+            return TRAINED[tc.name].load(target)
+    train_docs = docs_fn()
+    print(
+        f"training {tc.name} tokenizer (vocab {tc.vocab_size}) on the training split of "
+        f"{cfg.data.path or 'every source'} ({sum(map(len, train_docs)):,} characters) -> {target}",
+        flush=True,
+    )
+    return train_hf(train_docs, tc, target)

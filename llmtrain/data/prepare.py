@@ -68,6 +68,10 @@ def source_files(path: str) -> list[Path]:
 def source_fingerprint(data: Any) -> str:
     """Identifies the documents `data` (a DataConfig) reads, data.val_path's included, without
     reading big files."""
+    if getattr(data, "sources", None):  # a mixture (its tokenizer's cache key): every source's, in order
+        from llmtrain.data.mixture import source_data
+
+        return sha_of([source_fingerprint(source_data(data, s)) for s in data.sources])[:16]
     if not data.path:
         raise UserError("data.path is not set (e.g. data=text data.path=FILE)")
     sources = [data.path] + ([data.val_path] if getattr(data, "val_path", None) else [])

@@ -4,6 +4,7 @@ ids), and the side file that lets an exported directory round-trip our tokenizer
 - char: WordLevel over the characters, a pre-tokenizer that isolates every character.
 - byte: ByteLevel (GPT-2's byte -> printable-char map, no regex split) + a BPE with no merges
   whose vocabulary is the 256 byte symbols at ids 7..262: every byte becomes one token.
+- hf, wordpiece, bpe: their own `tokenizers` pipeline, unchanged.
 - sentencepiece: the pieces and scores of the model proto as a BPE (merges ordered by piece
   score, as sentencepiece merges) or Unigram model with byte fallback; " " -> "▁" and words
   split as sentencepiece's SplitIntoWords does with allow_whitespace_only_pieces.
@@ -156,17 +157,19 @@ def to_hf_tokenizer(tok: Tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     build = PIPELINES.get(tok.name)
+    # hf (imported), wordpiece and bpe (trained with `tokenizers`) already are a HF pipeline
+    is_hf = hasattr(tok, "hf_pipeline")
     if build is None:
-        if tok.name == "hf":  # imported from HF: hand back the pipeline it came with
+        if is_hf:
             pipeline = tok.hf_pipeline()
         else:
             raise UserError(
                 f"tokenizer {tok.name!r} has no Hugging Face equivalent "
-                f"(exportable: {', '.join(sorted(PIPELINES))}, hf)"
+                f"(exportable: {', '.join(sorted(PIPELINES))}, hf, wordpiece, bpe)"
             )
     else:
         pipeline = build(tok)
-    kwargs: dict[str, Any] = _special_kwargs() if tok.name != "hf" else tok.hf_special_kwargs()
+    kwargs: dict[str, Any] = tok.hf_special_kwargs() if is_hf else _special_kwargs()
     if tok.name == "sentencepiece":
         # sentencepiece matches its user-defined [CLS]/[SEP]/[MASK] in text: its pipeline added
         # them as ordinary tokens, which HF matches too. Named as HF special tokens they would be
@@ -175,7 +178,7 @@ def to_hf_tokenizer(tok: Tokenizer):
             kwargs.pop(key)
     # Ours read "<s>", "<unk>", "<pad>", "</s>" (and char/byte "[CLS]") typed in text as
     # characters: tell HF not to match special tokens in text.
-    split = tok.name in ("char", "byte", "sentencepiece")
+    split = tok.name in ("char", "byte", "sentencepiece") or getattr(tok, "split_special_tokens", False)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=pipeline, clean_up_tokenization_spaces=False, split_special_tokens=split, **kwargs
     )

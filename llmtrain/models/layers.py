@@ -1,5 +1,6 @@
 """Building blocks shared by the architectures: attention, MLPs, norms, rotary embeddings,
-the attention-mask helper and the KV cache. Each model file only wires these together."""
+the attention-mask helpers (padding, packed documents) and the KV cache. Each model file only
+wires these together."""
 
 from __future__ import annotations
 
@@ -120,9 +121,11 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k.to(self.k.dtype)
-        self.v[layer, :, :, start:end] = v.to(self.v.dtype)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # narrow + copy_: in-place writes to the preallocated buffers, fewer ops than slice assignment
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.narrow(2, start, end - start).copy_(k)
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -155,7 +158,8 @@ def make_attn_mask(
 
     attention_mask is [B, past+T] with 1 = real token, 0 = padding."""
     S = past + T
-    if attention_mask is None and (not causal or past == 0):
+    # T == 1 (a decoding step): the one query comes last, so causal order hides nothing
+    if attention_mask is None and (not causal or past == 0 or T == 1):
         return None
     keys = None
     if attention_mask is not None:
@@ -172,6 +176,33 @@ def make_attn_mask(
         # let every query see itself. Rows of real tokens are unchanged by this.
         allowed = (allowed & keys) | (k_pos == q_pos)[None, None]
     return allowed
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document: [B, T] document ids -> [B, T] positions that
+    restart at 0 wherever the id changes (packed documents, data.document_mask)."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal SDPA mask [B, 1, T, T] (True = may attend) of packed documents: a
+    token sees the earlier tokens of its own document only. A boolean mask, not FlexAttention:
+    torch 2.13 has no FlexAttention backward on CPU, and SDPA takes this mask on every device."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
+
+
+def document_inputs(document_ids: torch.Tensor, position_ids, attention_mask, kv_cache):
+    """(attention mask, position ids) of a packed window whose tokens carry document ids. Training
+    only: padding is a document of its own, and a KV cache would need the ids of its prefix."""
+    if attention_mask is not None or kv_cache is not None:
+        raise ValueError("document_ids exclude attention_mask and kv_cache (give padding a document id)")
+    return document_mask(document_ids), document_positions(document_ids) if position_ids is None else position_ids
 
 
 class Attention(nn.Module):

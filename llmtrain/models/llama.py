@@ -17,6 +17,7 @@ from llmtrain.models.layers import (
     Rotary,
     SwiGLU,
     count_params,
+    document_inputs,
     init_weights,
     make_attn_mask,
     remap_state_dict,
@@ -48,6 +49,7 @@ class Block(nn.Module):
 @register("model", "llama")
 class Llama(nn.Module):
     is_decoder = True
+    supports_document_mask = True  # encode() takes document_ids (data.document_mask)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -66,13 +68,23 @@ class Llama(nn.Module):
     # -- interface ------------------------------------------------------------------------
 
     def encode(
-        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, kv_cache: Optional[KVCache] = None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        kv_cache: Optional[KVCache] = None,
+        document_ids=None,
     ):
+        """document_ids [B, T]: packed documents (data.document_mask), attended and positioned apart."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if document_ids is not None:
+            mask, position_ids = document_inputs(document_ids, position_ids, attention_mask, kv_cache)
+        else:
+            mask = make_attn_mask(attention_mask, T, past, causal=True, device=input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
-        mask = make_attn_mask(attention_mask, T, past, causal=True, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids))
         rope = self.rotary(position_ids, x.dtype)  # computed once, shared by all layers
         for i, block in enumerate(self.blocks):
@@ -89,8 +101,12 @@ class Llama(nn.Module):
         the chunked loss (objectives/chunked_ce.py) applies the projection a few rows at a time."""
         return hidden, self.lm_head
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, kv_cache=None):
-        return self.lm_logits(self.encode(input_ids, attention_mask, token_type_ids, position_ids, kv_cache))
+    def forward(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, kv_cache=None, document_ids=None
+    ):
+        return self.lm_logits(
+            self.encode(input_ids, attention_mask, token_type_ids, position_ids, kv_cache, document_ids)
+        )
 
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         return KVCache.for_blocks(self.blocks, batch_size, max_len, self.tok_emb.weight, device, dtype)

@@ -15,6 +15,7 @@ Batches are functions of (seed, step, rank) so runs are deterministic and resume
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -64,6 +65,7 @@ class Objective(Trainee):
     needs_encoder_decoder = False  # True: span_corruption, denoising (t5); an encoder-decoder takes only these
     token_loss = True
     chunked_loss = False  # trainer.chunked_loss, set by the Trainer: the LM head's loss in chunks
+    supports_mixture = False  # True: trains on data.sources (its windows come from data.mixture.train_windows)
 
     def __init__(
         self,
@@ -80,6 +82,26 @@ class Objective(Trainee):
 
     def train_source(self, rank: int = 0, world: int = 1) -> BatchSource:
         raise NotImplementedError
+
+    def val_sources(self) -> dict[str, Objective] | None:
+        """A data mixture's sources, each as this objective on that source's splits, for
+        val/loss/<source>; None for one source."""
+        parts = getattr(self.splits, "parts", None)
+        if parts is None:
+            return None
+        views = {}
+        for name, part in zip(self.splits.names, parts, strict=True):
+            views[name] = copy.copy(self)
+            views[name].splits = part
+        return views
+
+    def windows_by_source(self, n: int) -> dict[str, int] | None:
+        """How many of the first n training windows (all ranks) each mixture source gave; None
+        for one source. A function of n, so the counts are exact after a resume."""
+        mixed = getattr(self.splits, "train", None)
+        if not hasattr(mixed, "schedule"):
+            return None
+        return dict(zip(mixed.names, mixed.schedule(self.seed).counts(n).tolist(), strict=True))
 
     def val_batches(self, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
         raise NotImplementedError

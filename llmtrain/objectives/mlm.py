@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.data.loader import PackedWindows, sequential_windows, step_generator
+from llmtrain.data.loader import sequential_windows, step_generator
+from llmtrain.data.mixture import train_windows
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Objective
 from llmtrain.objectives.chunked_ce import head_cross_entropy
@@ -127,7 +128,7 @@ class MaskedWindows:
         check_seq_len(seq_len, 2)
         # PackedWindows yields T+1 consecutive tokens per row (input + shifted label); with
         # T = seq_len - 3 that is exactly the seq_len - 2 tokens between [CLS] and [SEP].
-        self.windows = PackedWindows(tokens, seq_len - 3, batch_size, seed, rank, world_size)
+        self.windows = train_windows(tokens, seq_len - 3, batch_size, seed, rank, world_size)
         self.seq_len, self.tok, self.masker = seq_len, tok, masker
         self.seed, self.rank = seed, rank
 
@@ -143,6 +144,7 @@ class MaskedWindows:
 class MaskedLM(Objective):
     name = "mlm"
     needs_decoder = False
+    supports_mixture = True
 
     def __init__(self, cfg, tokenizer, splits, data_cfg, seed):
         super().__init__(cfg, tokenizer, splits, data_cfg, seed)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmtrain.data.loader import PackedWindows, sequential_windows, step_generator
+from llmtrain.data.loader import sequential_windows, step_generator
+from llmtrain.data.mixture import train_windows
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import CorruptedWindows, Objective, encoder_decoder_loss, seq2seq_batch
 from llmtrain.registry import register
@@ -89,6 +90,7 @@ class SpanCorruption(Objective):
     name = "span_corruption"
     needs_decoder = None
     needs_encoder_decoder = True
+    supports_mixture = True
 
     def __init__(self, cfg, tokenizer, splits, data_cfg, seed, model_cfg=None):
         super().__init__(cfg, tokenizer, splits, data_cfg, seed, model_cfg)
@@ -119,7 +121,7 @@ class SpanCorruption(Objective):
 
     def train_source(self, rank=0, world=1):
         d = self.data_cfg
-        windows = PackedWindows(self.splits.train, self.tokens_length - 1, d.batch_size, self.seed, rank, world)
+        windows = train_windows(self.splits.train, self.tokens_length - 1, d.batch_size, self.seed, rank, world)
         return CorruptedWindows(windows, self.rows, self.seed, TRAIN_KEY, rank)
 
     def val_batches(self, max_batches=0, rank=0, world=1):

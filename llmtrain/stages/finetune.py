@@ -18,6 +18,7 @@ import torch
 from llmtrain import checkpoints
 from llmtrain.checkpoints import Loaded, checkpoint_meta
 from llmtrain.compress import finetune as compressed, prune
+from llmtrain.config import check_document_model
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import unk_report
 from llmtrain.data.pipeline import load_corpus
@@ -61,6 +62,8 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
         if isinstance(module, torch.nn.Dropout):
             module.p = model_cfg.dropout
     _check_tokenizer(cfg, loaded)
+    if cfg.data.document_mask:
+        check_document_model(backbone, f"init_from={cfg.init_from} ({loaded.model_cfg.name})")
     compressed.check_init(cfg, loaded)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the checkpoint's context ({model_cfg.max_seq_len})")

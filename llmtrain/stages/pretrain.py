@@ -18,6 +18,7 @@ import torch
 
 from llmtrain import checkpoints
 from llmtrain.checkpoints import checkpoint_meta
+from llmtrain.config import check_document_model
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import TokenSplits, token_dtype
 from llmtrain.data.pipeline import load_corpus, run_tokenizer
@@ -105,6 +106,8 @@ def start_from(cfg: RunConfig):
             f"objective={cfg.objective.name} needs {want}, but init_from={cfg.init_from} is a "
             f"{loaded.model_cfg.name} {'decoder' if is_decoder else 'encoder'}"
         )
+    if cfg.data.document_mask:
+        check_document_model(model, f"init_from={cfg.init_from} ({loaded.model_cfg.name})")
     model_cfg = loaded.model_cfg
     if any(o.lstrip("+~").split("=", 1)[0] == "model.dropout" for o in hydra_overrides()):
         model_cfg = dataclasses.replace(model_cfg, dropout=cfg.model.dropout)

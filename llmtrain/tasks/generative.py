@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from llmtrain.data.documents import document_kwargs
 from llmtrain.errors import UserError
 from llmtrain.eval.metrics import bleu, rouge
 from llmtrain.generation import generate
@@ -57,17 +58,23 @@ class GenerativeTask(Task):
         return examples
 
     def pack(self, examples: list[dict]) -> list[dict]:
-        """Concatenate consecutive short examples into rows of at most seq_len tokens. Packed
-        examples attend to earlier ones in the row (no block-diagonal mask), as in most SFT
-        recipes; labels stay on each example's response only."""
+        """Concatenate consecutive short examples into rows of at most seq_len tokens; labels
+        stay on each example's response only. Packed examples attend to earlier ones in the row,
+        as in most SFT recipes, unless data.document_mask=true: then each row carries its
+        examples' document ids ("docs"), and attention and positions stay inside each example."""
         rows: list[dict] = []
         cur: dict | None = None
+        docs = self.data_cfg.document_mask
         for e in examples:
             if cur is not None and len(cur["ids"]) + len(e["ids"]) <= self.seq_len:
                 cur["ids"] = cur["ids"] + e["ids"]
                 cur["labels"] = cur["labels"] + e["labels"]
+                if docs:
+                    cur["docs"] = cur["docs"] + [cur["docs"][-1] + 1] * len(e["ids"])
             else:
                 cur = {"ids": list(e["ids"]), "labels": list(e["labels"])}
+                if docs:
+                    cur["docs"] = [0] * len(e["ids"])
                 rows.append(cur)
         self.report["packed_rows"] = len(rows)
         return rows
@@ -77,13 +84,17 @@ class GenerativeTask(Task):
             pairs = [(torch.tensor(e["src"]), torch.tensor(e["tgt"])) for e in examples]
             return seq2seq_batch(pairs, self.tokenizer.pad_id)
         ids = pad_rows([e["ids"] for e in examples], self.tokenizer.pad_id)
-        return {"input_ids": ids, "labels": pad_rows([e["labels"] for e in examples], -100, ids.shape[1])}
+        batch = {"input_ids": ids, "labels": pad_rows([e["labels"] for e in examples], -100, ids.shape[1])}
+        if "docs" in examples[0]:  # packed rows under data.document_mask; the padding is a document of its own
+            batch["document_ids"] = pad_rows([e["docs"] for e in examples], -1, ids.shape[1])
+        return batch
 
     def loss(self, model, batch):
         if "decoder_input_ids" in batch:
             return encoder_decoder_loss(model, batch)
         # right padding under causal attention: real tokens never see the pads, no mask needed
-        loss, n = lm_loss(model, model.encode(batch["input_ids"]), batch["labels"], self.chunked_loss)
+        hidden = model.encode(batch["input_ids"], **document_kwargs(batch))
+        loss, n = lm_loss(model, hidden, batch["labels"], self.chunked_loss)
         return LossOutput(loss=loss, n_targets=n)
 
     # ------------------------------------------------------------------ evaluation

@@ -9,6 +9,7 @@ from llmtrain.tokenizers import (
     byte,  # noqa: F401  (registers)
     char,  # noqa: F401  (registers)
     hf,  # noqa: F401  (registers)
+    hf_train,  # noqa: F401  (registers wordpiece, bpe)
     sentencepiece,  # noqa: F401  (registers)
 )
 from llmtrain.tokenizers.base import SPECIAL_TOKENS, Tokenizer

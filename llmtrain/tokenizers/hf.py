@@ -9,6 +9,7 @@ serves as bos, eos, pad and unk alike) - see FALLBACKS.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import UserError
@@ -31,13 +32,17 @@ FALLBACKS = {
 class HFTokenizer(Tokenizer):
     name = "hf"
 
-    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None]):
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None], split_special_tokens: bool = False):
         from tokenizers import Tokenizer as TkTokenizer
 
         try:
             self.tk = TkTokenizer.from_str(tokenizer_json)
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on bad JSON
             raise UserError(f"tokenizer state: not a valid Hugging Face tokenizer.json ({str(e)[:200]})") from None
+        # True: special tokens typed in text are ordinary text, as transformers' split_special_tokens
+        # (not part of tokenizer.json, so kept here)
+        self.split_special_tokens = bool(split_special_tokens)
+        self.tk.encode_special_tokens = self.split_special_tokens
         self.tokenizer_json = tokenizer_json
         self.special_tokens = {k: special_tokens.get(k) for k in SPECIAL_TOKENS}
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
@@ -56,12 +61,19 @@ class HFTokenizer(Tokenizer):
         self._special = frozenset(self.special_ids)
 
     @classmethod
+    def from_dir(cls, path: str | None) -> "HFTokenizer":
+        """tokenizer=hf tokenizer.path=DIR: a local Hugging Face tokenizer directory (with a
+        tokenizer.json, e.g. one `llmtrain export` wrote) as the run's tokenizer."""
+        return cls.from_pretrained(str(check_dir(path)))
+
+    @classmethod
     def from_pretrained(cls, path: str) -> "HFTokenizer":
         """Any tokenizer transformers.AutoTokenizer loads as a fast (tokenizers-backed) one."""
         from transformers import AutoTokenizer
 
         try:
-            hf = AutoTokenizer.from_pretrained(path)
+            # a local directory only; its code never runs (no trust_remote_code)
+            hf = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - missing / corrupt files surface as many exception types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"{path}: cannot load the Hugging Face tokenizer ({first})") from None
@@ -71,7 +83,7 @@ class HFTokenizer(Tokenizer):
                 f"{path}: the Hugging Face tokenizer is not a fast (tokenizers) one; save it with a tokenizer.json"
             )
         special = {k: _token_str(getattr(hf, f"{k}_token", None)) for k in SPECIAL_TOKENS}
-        return cls(backend.to_str(), special)
+        return cls(backend.to_str(), special, split_special_tokens=bool(getattr(hf, "split_special_tokens", False)))
 
     # -- encoding --------------------------------------------------------------------------
 
@@ -92,14 +104,18 @@ class HFTokenizer(Tokenizer):
     # -- serialisation ---------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"name": self.name, "tokenizer_json": self.tokenizer_json, "special_tokens": self.special_tokens}
+        state = {"name": self.name, "tokenizer_json": self.tokenizer_json, "special_tokens": self.special_tokens}
+        if self.split_special_tokens:  # only when set: states saved before the flag keep their fingerprint
+            state["split_special_tokens"] = True
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "HFTokenizer":
         try:
-            return cls(state["tokenizer_json"], state.get("special_tokens") or {})
+            json_str = state["tokenizer_json"]
         except KeyError:
-            raise UserError("tokenizer state: missing tokenizer_json for tokenizer 'hf'") from None
+            raise UserError(f"tokenizer state: missing tokenizer_json for tokenizer {cls.name!r}") from None
+        return cls(json_str, state.get("special_tokens") or {}, bool(state.get("split_special_tokens", False)))
 
     # for export back to HF format (llmtrain.hf.tokenizer)
     def hf_pipeline(self):
@@ -114,7 +130,20 @@ class HFTokenizer(Tokenizer):
         return self.state()
 
     def __setstate__(self, d: dict[str, Any]) -> None:
-        self.__init__(d["tokenizer_json"], d["special_tokens"])  # type: ignore[misc]
+        HFTokenizer.__init__(self, d["tokenizer_json"], d["special_tokens"], d.get("split_special_tokens", False))
+
+
+def check_dir(path: str | None) -> Path:
+    """tokenizer.path for tokenizer=hf, checked before any work (UserError naming it)."""
+    if not path:
+        raise UserError("tokenizer=hf needs tokenizer.path=DIR (a Hugging Face tokenizer directory)")
+    p = Path(path)
+    if not p.is_dir():
+        what = "is a file, not a directory" if p.exists() else "does not exist"
+        raise UserError(f"tokenizer.path={path}: {what} (tokenizer=hf wants a Hugging Face tokenizer directory)")
+    if not (p / "tokenizer.json").is_file():
+        raise UserError(f"tokenizer.path={path}: no tokenizer.json in it (save one with save_pretrained)")
+    return p
 
 
 def _token_str(t: Any) -> str | None:

@@ -195,8 +195,8 @@ def build_tokenizer(
     default_path: str | Path | None = None,
 ) -> Tokenizer:
     """The tokenizer `cfg` (a TokenizerConfig) asks for. `texts_fn()` returns the training
-    documents; it is only called when a tokenizer has to be trained (char, or a sentencepiece
-    model whose file does not exist yet), so loading one never reads the corpus."""
+    documents; it is only called when a tokenizer has to be trained (char, or a sentencepiece,
+    wordpiece or bpe model whose file does not exist yet), so loading one never reads the corpus."""
     name = cfg.name
     if name == "char":
         from llmtrain.tokenizers.char import CharTokenizer
@@ -217,6 +217,19 @@ def build_tokenizer(
             raise UserError("tokenizer.path must be set for tokenizer.name=sentencepiece")
         print(f"training sentencepiece tokenizer (vocab {cfg.vocab_size}) -> {path}", file=sys.stderr, flush=True)
         return train_sentencepiece(texts_fn(), cfg, path)
+    if name == "hf":
+        from llmtrain.tokenizers.hf import HFTokenizer
+
+        return HFTokenizer.from_dir(cfg.path)
+    if name in ("wordpiece", "bpe"):
+        from llmtrain.tokenizers.hf_train import TRAINED, train_hf
+
+        if cfg.path and Path(cfg.path).exists():
+            return TRAINED[name].load(cfg.path)
+        path = cfg.path or default_path
+        where = f" -> {path}" if path else ""
+        print(f"training {name} tokenizer (vocab {cfg.vocab_size}){where}", file=sys.stderr, flush=True)
+        return train_hf(texts_fn(), cfg, path)
     # Tokenizers registered elsewhere: train() if they have it.
     from llmtrain.tokenizers import tokenizer_class
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from llmtrain.config.schema import RunConfig
-from llmtrain.data.validation import move, sum_losses
+from llmtrain.data.validation import LossSums, move, sum_losses
 from llmtrain.distributed import all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier, max_across_ranks
 from llmtrain.distributed.wrap import resolve_strategy, wrap_model
 from llmtrain.errors import Interrupted, UserError
@@ -254,14 +254,33 @@ class Trainer:
             finally:
                 self.loss_module.train()
         self.loss_module.eval()
-        batches = list(self.trainee.val_batches(self.tc.eval_batches, self.dist.rank, self.dist.world_size))
+        try:
+            views = getattr(self.trainee, "val_sources", lambda: None)()
+            if views is None:
+                return self._val_metrics(self._val_sums(self.trainee))
+            # A data mixture: each source on its own (val/loss/<source>) and all targets together.
+            per_source = {name: self._val_sums(view) for name, view in views.items()}
+            sums = list(per_source.values())
+            keys = sorted({k for s in sums for k in s.extras})
+            extras = {k: sum(s.extras[k] for s in sums if k in s.extras) for k in keys}
+            total = LossSums(sum(s.total for s in sums), sum(s.count for s in sums), extras)
+            out = self._val_metrics(total)
+            for name, s in per_source.items():
+                out.update({f"{k}/{name}": v for k, v in self._val_metrics(s).items()})
+            return out
+        finally:
+            self.loss_module.train()
+
+    def _val_sums(self, trainee: Trainee) -> LossSums:
+        """The validation loss sums of `trainee`'s val_batches, over every rank."""
+        batches = list(trainee.val_batches(self.tc.eval_batches, self.dist.rank, self.dist.world_size))
         weights = [1.0] * len(batches)
         # Under FSDP every forward is a collective, so ranks with fewer batches run extra forwards
         # with weight 0 until all ranks have done the same number.
         if self.strategy == "fsdp":
             n_max = int(all_reduce_max(torch.tensor([len(batches)], device=self.device)).item())
             if len(batches) < n_max:
-                filler = batches[0] if batches else next(iter(self.trainee.val_batches(1, 0, 1)))
+                filler = batches[0] if batches else next(iter(trainee.val_batches(1, 0, 1)))
                 weights += [0.0] * (n_max - len(batches))
                 batches += [filler] * (n_max - len(batches))
 
@@ -269,8 +288,9 @@ class Trainer:
             with autocast(self.device, self.precision):
                 return LossOutput(*self.loss_module(batch))
 
-        sums = sum_losses(loss, batches, self.device, weights).all_reduce()
-        self.loss_module.train()
+        return sum_losses(loss, batches, self.device, weights).all_reduce()
+
+    def _val_metrics(self, sums: LossSums) -> dict[str, float]:
         if sums.count.item() == 0:
             return {}
         val_loss = (sums.total / sums.count).item()
@@ -352,6 +372,11 @@ class Trainer:
                         "train/tokens": self.step * self.tokens_per_step,
                         "train/step_time_ms": 1000 * elapsed / steps_since,
                     }
+                    by_source = getattr(self.trainee, "windows_by_source", lambda n: None)(
+                        self.step * self.tc.grad_accum * self.dist.world_size * self.cfg.data.batch_size
+                    )
+                    for name, windows in (by_source or {}).items():  # a data mixture's sources
+                        metrics[f"train/tokens/{name}"] = windows * self.cfg.data.seq_len
                     for k, acc in self.train_extras.items():
                         num, den = all_reduce_sum(acc).tolist()
                         metrics[f"train/{k}"] = num / max(den, 1.0)
