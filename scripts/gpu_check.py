@@ -117,17 +117,16 @@ def main() -> None:
     out = a.out or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    # On the GPU one run at a time (each has the device to itself); the CPU smoke runs pairs
+    # On the GPU one part at a time (each has the device to itself); the CPU smoke runs them all
     # side by side, since starting the CLI is most of its time.
-    pool = ThreadPoolExecutor(2 if a.cpu_smoke else 1)
-    rows = list(pool.map(lambda c: bench(out, a.cpu_smoke, c), ["true", "false"]))
-    runs = {}
+    parts = [lambda c=c: bench(out, a.cpu_smoke, c) for c in ("true", "false")]
     for name, args in SHAKESPEARE.items():
         if a.cpu_smoke:  # the experiment (and optim=muon) at tiny sizes
             args = [x for x in args if not x.startswith("trainer.")] + SMOKE_RUN
-        runs[name] = args
-    rows += list(pool.map(lambda kv: time_to_target(kv[0], kv[1], out / kv[0]), runs.items()))
-    rows.append(generation(out, a.cpu_smoke))
+        parts.append(lambda name=name, args=args: time_to_target(name, args, out / name))
+    parts.append(lambda: generation(out, a.cpu_smoke))
+    with ThreadPoolExecutor(len(parts) if a.cpu_smoke else 1) as pool:
+        rows = list(pool.map(lambda part: part(), parts))
     (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
 
     import torch
