@@ -174,18 +174,28 @@ class GRPO:
         self.stops = [self.tok.encode(s) for s in self.stop_strings]
         self.gen = step_generator(seed, 0x6A1, 0)
         self.rollouts: dict[int, dict[str, torch.Tensor]] = {}
+        self.sampled_tokens = 0  # completion tokens of this rank's rollouts: the trainer's train/tokens_per_s
         self._rank, self._world = 0, 1
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """What resume needs besides the step: the sampling generator and the rollout in use."""
-        return {"generator": self.gen.get_state(), "rollouts": dict(self.rollouts)}
+        return {
+            "generator": self.gen.get_state(),
+            "rollouts": dict(self.rollouts),
+            "sampled_tokens": self.sampled_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])
+        self.sampled_tokens = int(state.get("sampled_tokens", 0))
         self.rollouts = {int(k): dict(b) for k, b in state["rollouts"].items()}
 
     # -------------------------------------------------------------------- Trainee
+    def tokens_done(self) -> int:
+        """The trainer's token count (train/tokens, train/tokens_per_s): tokens sampled, not windows."""
+        return self.sampled_tokens
+
     def train_source(self, rank: int = 0, world: int = 1) -> GRPO:
         self._rank, self._world = rank, world
         self.gen = step_generator(self.seed, 0x6A1, rank)  # a fresh run's; resume replaces its state
@@ -241,6 +251,7 @@ class GRPO:
         prompts = [ids for ids, _ in picked for _ in range(G)]
         texts = [text for _, text in picked for _ in range(G)]
         completions = self.sample(prompts, self.cfg.temperature, self.gen)
+        self.sampled_tokens += sum(len(c) for c in completions)
         rewards = score(self.reward_fn, texts, self.responses_text(completions))
         rows = [p + c for p, c in zip(prompts, completions)]
         T = max(len(r) for r in rows)

@@ -92,7 +92,7 @@ VERBS: dict[str, Verb] = {
     ),
     "chat": Verb(
         "Chat with an instruction-tuned checkpoint (checkpoint=PATH): stdin lines are user turns, replies go "
-        "to stdout.",
+        "to stdout (a t5 checkpoint: each line alone is the encoder input).",
         "checkpoint chat.template chat.max_new_tokens chat.temperature chat.top_k chat.top_p trainer.seed "
         "trainer.device",
     ),
@@ -101,8 +101,8 @@ VERBS: dict[str, Verb] = {
         "checkpoint export.out export.format",
     ),
     "bench": Verb(
-        "Benchmark the training step of a preset on synthetic tokens: tokens/s, MFU, step time, memory, "
-        "against a plain PyTorch loop.",
+        "Benchmark the training step of a preset on synthetic tokens (CLM; span corruption for t5): tokens/s, "
+        "MFU, step time, memory, against a plain PyTorch loop.",
         "bench.steps bench.warmup bench.rounds bench.baseline bench.out data.seq_len data.batch_size "
         "trainer.precision trainer.compile trainer.device",
     ),
@@ -219,6 +219,8 @@ KEYS: dict[str, str] = {
     "task.loss": "preference: dpo | ipo | simpo",
     "task.beta": "preference: strength of the pull to the reference (SimPO: reward scale)",
     "task.gamma": "preference, loss simpo: target reward margin",
+    "task.rpo_alpha": "preference: weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = none)",
+    "task.pairs": "reward, preference: file (task.train_path) | arithmetic (generated right vs wrong answers)",
     "finetune.lora.r": "LoRA rank (0 = train all weights)",
     "finetune.lora.alpha": "LoRA scale numerator",
     "finetune.lora.targets": "module-name substrings that get adapters",

@@ -215,7 +215,7 @@ def test_quantize_then_evaluate_and_export_refuses(pretrained, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_prune_then_recovery_finetune_keeps_zeros(pretrained, tmp_path):
+def test_prune_then_recovery_finetune_under_fsdp_keeps_zeros(pretrained, tmp_path):
     pruned, rec = tmp_path / "pruned", tmp_path / "rec"
     proc = run_cli(
         "prune", f"checkpoint={pretrained}", "prune.sparsity=0.5", "trainer.eval_batches=2", f"hydra.run.dir={pruned}"
@@ -228,7 +228,13 @@ def test_prune_then_recovery_finetune_keeps_zeros(pretrained, tmp_path):
         "trainer.max_steps=4",
         "trainer.eval_batches=2",
         "trainer.eval_every=4",
+        # under FSDP (2 gloo ranks): each rank masks its shard of the weights (the single-process
+        # path is test_masks_hold_through_optimizer_steps_and_save_load)
+        "trainer.devices=2",
+        "trainer.strategy=fsdp",
+        "trainer.device=cpu",
         f"hydra.run.dir={rec}",
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pruning masks on" in proc.stdout

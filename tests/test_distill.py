@@ -203,3 +203,33 @@ def test_distill_needs_a_teacher_and_checks_its_keys():
 def test_distill_presets_fit_distill_only():
     assert experiments_for("distill") == ["distill_shakespeare", "distill_sst2"]
     assert not {"distill_shakespeare", "distill_sst2"} & set(experiments_for("pretrain") + experiments_for("finetune"))
+
+
+def test_distill_under_fsdp_resumes_under_ddp(pretrained, tmp_path):
+    # 2 gloo ranks: FSDP for 4 steps, then the same run resumed from its step-2 checkpoint under
+    # DDP; the checkpoint is consolidated, so both strategies continue the same computation.
+    args = [
+        "distill", f"teacher={pretrained}", *[a for a in STUDENT if not a.startswith("distill.hidden_weight")],
+        "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1", "data.batch_size=4",
+        "model.dropout=0.0", "trainer.device=cpu", "trainer.devices=2",
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1"}
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    proc = run_cli(*args, "trainer.strategy=fsdp", f"hydra.run.dir={fsdp}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "student against teacher" in proc.stdout
+    shutil.copytree(fsdp, ddp)
+    shutil.rmtree(ddp / "checkpoints" / "step_0000004")
+    proc = run_cli(*args, "trainer.strategy=ddp", "trainer.resume=auto", f"hydra.run.dir={ddp}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+
+    def logged(run):
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["train/loss"], r["train/kd_loss"]) for r in recs if "train/loss" in r}
+
+    a, b = logged(fsdp), logged(ddp)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and a[4][0] < a[1][0]
+    assert all(abs(x - y) < 1e-5 for s in a for x, y in zip(a[s], b[s])), (a, b)
+    wa, wb = (load_file(r / "checkpoints" / "step_0000004" / "model.safetensors") for r in (fsdp, ddp))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

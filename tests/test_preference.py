@@ -384,3 +384,102 @@ def test_ipo_and_simpo_tasks(tmp_path):
     assert simpo.loss(model, batch).loss.item() == pytest.approx(expect.item(), abs=1e-4)
     with pytest.raises(UserError, match="task.loss"):
         _task("preference", path, loss="kto")
+
+
+# ----------------------------------------------------------------------------- arithmetic pairs, FSDP
+def _byte_lm(tmp_path: Path) -> Path:
+    """A tiny byte-level GPT (random weights) saved as a pretrain checkpoint: enough for the plumbing."""
+    from llmtrain.checkpoints import checkpoint_meta
+    from llmtrain.config.schema import RunConfig
+    from llmtrain.models import build_model, resolve_model_config
+    from llmtrain.tokenizers.byte import ByteTokenizer
+    from llmtrain.train.checkpoint import save_checkpoint
+
+    tok = ByteTokenizer()
+    mc = resolve_model_config(ModelConfig(name="gpt2", n_layer=2, n_head=2, d_model=16, max_seq_len=32), tok)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "lm" / "checkpoints", 1, build_model(mc), checkpoint_meta(RunConfig(model=mc), mc, tok))
+    return tmp_path / "lm"
+
+
+def test_dpo_arithmetic_preset_single_and_fsdp_agree(tmp_path):
+    from llmtrain import checkpoints
+    from llmtrain.config.schema import RunConfig
+    from llmtrain.eval.suite import EvalContext, arithmetic_task
+
+    lm = _byte_lm(tmp_path)
+    args = [
+        "finetune", "+experiment=dpo_arithmetic", f"init_from={lm}", "task.num_train=8", "task.num_val=4",
+        "data.seq_len=32", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.log_every=1",
+        "trainer.progress=false", "model.dropout=0.0", "trainer.device=cpu", "eval.max_examples=4", "optim.lr=1e-2",
+    ]  # fmt: skip
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    proc = run_cli(*args, "data.batch_size=4", f"hydra.run.dir={single}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(single)
+    for k in ("pref_accuracy", "reward_margin", "chosen_logp", "rejected_logp"):
+        assert any(f"train/{k}" in r for r in rows) and any(f"val/{k}" in r for r in rows), k
+    assert any(r.get("val/examples") == 4 for r in rows)  # the generated held-out pairs
+    # FSDP, 2 gloo ranks x 2 pairs: the same reference log-probs (sharded, gathered), losses and weights
+    proc = run_cli(
+        *args, "data.batch_size=2", "trainer.devices=2", "trainer.strategy=fsdp", f"hydra.run.dir={fsdp}",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = [load_file(r / "reference_logps.safetensors") for r in (single, fsdp)]
+    assert ref[0]["train"].shape == (8, 2) and ref[0]["val"].shape == (4, 2)
+    assert all(torch.allclose(ref[0][k], ref[1][k], atol=1e-5) for k in ("train", "val"))
+    losses = [{r["step"]: r["train/loss"] for r in _rows(d) if "train/loss" in r} for d in (single, fsdp)]
+    assert losses[0].keys() == losses[1].keys() == {1, 2}
+    assert all(abs(losses[0][s] - losses[1][s]) < 1e-5 for s in losses[0]), losses
+    assert losses[0][2] < losses[0][1]  # it trained
+    w = [load_file(d / "checkpoints" / "step_0000002" / "model.safetensors") for d in (single, fsdp)]
+    assert w[0].keys() == w[1].keys() and all(torch.allclose(w[0][k], w[1][k], atol=1e-5) for k in w[0])
+    # evaluate's arithmetic task reads the DPO run's own problems (4 held out), greedy answers
+    ctx = EvalContext(RunConfig(), torch.device("cpu"), "fp32", tmp_path, lambda: checkpoints.load(fsdp))
+    res = arithmetic_task(ctx).metrics
+    assert res["arithmetic/examples"] == 4 and 0 <= res["arithmetic/exact_match"] <= 1
+
+
+def test_generated_pairs_need_no_file_and_a_bad_source_is_refused():
+    from llmtrain.config import compose, register_configs
+
+    register_configs()
+    with compose.hydra_session("finetune"):
+        cfg = compose.validate(compose.compose_run("finetune", ["+experiment=dpo_arithmetic", "init_from=RUN"]))
+        assert cfg.task.pairs == "arithmetic" and cfg.task.train_path is None
+        with pytest.raises(UserError, match="task.pairs must be one of file, arithmetic"):
+            compose.validate(compose.compose_run("finetune", ["+experiment=dpo_arithmetic", "task.pairs=csv"]))
+        with pytest.raises(UserError, match="task.train_path is required"):
+            compose.validate(compose.compose_run("finetune", ["+experiment=dpo_arithmetic", "task.pairs=file"]))
+    # the pairs are the arithmetic task's problems (train and held out disjoint), as its SFT saw them
+    from llmtrain.tasks import build_task
+    from llmtrain.tokenizers.byte import ByteTokenizer
+
+    tok = ByteTokenizer()
+    mc = ModelConfig(name="gpt2", n_layer=1, n_head=2, d_model=16, vocab_size=tok.vocab_size, max_seq_len=32)
+    task = build_task(
+        TaskConfig(name="preference", pairs="arithmetic", num_train=20, num_val=5), tok, mc, DataConfig(seq_len=32)
+    )
+    train, val = task.train_examples(), task.val_examples()
+    assert len(train) == 20 and len(val) == 5
+    assert not {tuple(e["prompt"]) for e in train} & {tuple(e["prompt"]) for e in val}
+    from llmtrain.tasks.arithmetic import answer_of
+
+    for e in train + val:
+        prompt = tok.decode(e["prompt"])
+        assert prompt.endswith("=") and e["chosen"][-1] == e["rejected"][-1] == tok.eos_id
+        assert tok.decode(e["chosen"][:-1]) == answer_of(prompt) != tok.decode(e["rejected"][:-1])
+
+
+def test_rpo_alpha_adds_the_chosen_replies_per_token_nll(tmp_path):
+    path = _write(tmp_path / "pairs.json", PAIRS)
+    plain, _, mc = _task("preference", path, beta=0.5)
+    rpo, _, _ = _task("preference", path, beta=0.5, rpo_alpha=0.7)
+    model = _model(mc)
+    for t in (plain, rpo):
+        t.prepare(model, torch.device("cpu"), tmp_path)
+    batch = rpo.collate(rpo.train_examples())
+    nll = [-_frozen_logps(model, e)[0] / len(e["chosen"]) for e in rpo.train_examples()]
+    expect = plain.loss(model, batch).loss.item() + 0.7 * sum(nll) / len(nll)
+    assert rpo.loss(model, batch).loss.item() == pytest.approx(expect, abs=1e-4)

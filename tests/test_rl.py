@@ -136,6 +136,7 @@ def test_rollout_batch_holds_groups_with_masks_on_the_completions():
     assert batch["input_ids"].shape[0] == 8 and batch["mask"].shape == batch["ref_logp"].shape
     lens = batch["mask"].sum(1)
     assert torch.equal(lens, batch["response_len"]) and (lens >= 1).all() and (lens <= 5).all()
+    assert trainee.tokens_done() == lens.sum().item()  # the trainer's train/tokens: tokens sampled
     assert group_advantages(batch["reward"], 4).allclose(batch["advantages"])
     out = trainee.loss(policy, batch)
     assert torch.isfinite(out.loss) and out.extras["kl"][0].abs() < 1e-5  # policy == reference
@@ -143,8 +144,10 @@ def test_rollout_batch_holds_groups_with_masks_on_the_completions():
     state = copy.deepcopy(trainee.state_dict())
     nxt = source.batch(1)
     trainee.load_state_dict(state)
+    assert trainee.tokens_done() == lens.sum().item()
     again = source.batch(1)
     assert all(torch.equal(nxt[k], again[k]) for k in nxt)
+    assert trainee.tokens_done() == lens.sum().item() + again["response_len"].sum().item()
 
 
 def test_bad_reward_spec_and_missing_reward_model_are_one_line_errors():

@@ -75,6 +75,9 @@ def test_grpo_arithmetic_recipe_resume_after_kill_9_and_rlhf_demo(tmp_path):
         assert all(key in r for r in train), key
     assert 1 <= train[0]["train/response_len"] <= 6  # rl.max_new_tokens of the preset
     assert train[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)  # the first policy is the reference
+    # train/tokens counts the sampled completion tokens (2 prompts x 4 a step), not context windows
+    sampled = [sum(r["train/response_len"] * 8 for r in train[: i + 1]) for i in range(len(train))]
+    assert [r["train/tokens"] for r in train] == pytest.approx(sampled)
     val = [r for r in recs if "val/reward" in r]
     assert [r["step"] for r in val] == [0, 8, 16, 24] and all("val/exact_match" in r for r in val)
     samples = records(rl_run, "samples.jsonl")

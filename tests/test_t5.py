@@ -379,3 +379,45 @@ def test_span_corruption_resume_is_bit_exact(t5_run, tmp_path):
     a = load_file(run / "checkpoints" / "step_0000006" / "model.safetensors")
     b = load_file(ref / "checkpoints" / "step_0000006" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chat_answers_each_line_of_a_t5_checkpoint_from_its_encoder(t5_run, tmp_path, monkeypatch, capsys):
+    """chat on an encoder-decoder: every line alone is the encoder input (no history), and the
+    reply is the same greedy decoding as generate() from that input."""
+    import io
+
+    from llmtrain.checkpoints import load
+    from llmtrain.stages import chat
+
+    monkeypatch.chdir(tmp_path)
+    turns = ["ROMEO:", "Good morrow, cousin.", "ROMEO:"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join([*turns, "/exit", "never answered"]) + "\n"))
+    cfg = RunConfig(stage="chat", checkpoint=str(t5_run))
+    cfg.chat.temperature, cfg.chat.max_new_tokens, cfg.trainer.threads = 0.0, 8, torch.get_num_threads()
+    chat.run(cfg)
+    out, err = capsys.readouterr()
+    assert "encoder-decoder: each line is the encoder input" in err
+
+    loaded = load(str(t5_run))
+    tok = loaded.tokenizer
+    want = []
+    for text in turns:
+        res = generate(loaded.model, [tok.encode(text) + [tok.eos_id]], max_new_tokens=8, temperature=0.0,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id or 0)  # fmt: skip
+        want.append(tok.decode(res.tokens[0]).strip() + "\n")
+    assert out.splitlines(keepends=True) == want and want[0] == want[2]
+
+
+def test_bench_times_the_t5_span_corruption_step(tmp_path, monkeypatch):
+    from llmtrain.stages import bench
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(stage="bench")
+    cfg.model, cfg.trainer.threads = tiny_cfg(vocab_size=0, extra_ids=8), torch.get_num_threads()
+    cfg.data.seq_len, cfg.data.batch_size = 32, 2
+    cfg.bench.steps, cfg.bench.warmup, cfg.bench.rounds, cfg.bench.out = 2, 0, 1, str(tmp_path / "b.json")
+    tokens_per_s = bench.run(cfg)
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["model"] == "t5" and r["seq_len"] == 32 and r["tokens_per_s"] == pytest.approx(tokens_per_s)
+    assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1000))
+    assert r["baseline_tokens_per_s"] == pytest.approx(2 * 32 / (r["baseline_step_ms"] / 1000))

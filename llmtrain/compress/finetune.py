@@ -15,7 +15,7 @@ from llmtrain.errors import UserError
 
 def check_init(cfg, loaded) -> None:
     """Refuse what cannot be fine-tuned: a quantized checkpoint (no trainable weights), masks
-    under FSDP (sharded weights), QAT with LoRA or FSDP, an unknown finetune.qat."""
+    with LoRA, QAT with LoRA or FSDP, an unknown finetune.qat."""
     ft = cfg.finetune
     if "quant" in compression_of(loaded.meta):
         raise UserError(
@@ -30,10 +30,10 @@ def check_init(cfg, loaded) -> None:
             raise UserError("finetune.qat cannot be combined with finetune.lora.r > 0 or trainer.strategy=fsdp")
         if ft.qat == "int4" and ft.qat_group_size % 2:
             raise UserError(f"finetune.qat_group_size={ft.qat_group_size} must be even")
-    if prune.masks_of(loaded.model) and (cfg.trainer.strategy == "fsdp" or ft.lora.r > 0):
+    if prune.masks_of(loaded.model) and ft.lora.r > 0:
         raise UserError(
             f"init_from={loaded.path} has pruning masks: recover it with full fine-tuning "
-            "(LoRA's merged update and FSDP's sharded weights cannot keep the pruned weights at zero)"
+            "(LoRA's merged update cannot keep the pruned weights at zero)"
         )
 
 

@@ -63,7 +63,18 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def apply_masks(model: nn.Module) -> None:
     for n, mask in masks_of(model).items():
-        model.get_submodule(n).weight.mul_(mask)
+        weight = model.get_submodule(n).weight
+        if hasattr(weight, "device_mesh"):  # FSDP: a sharded DTensor; the mask (a buffer) is whole
+            weight.to_local().mul_(local_shard(mask, weight))
+        else:
+            weight.mul_(mask)
+
+
+def local_shard(mask: torch.Tensor, weight) -> torch.Tensor:
+    """This rank's part of a whole mask, cut as the DTensor `weight` is sharded (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
 
 
 def is_mask_key(key: str) -> bool:

@@ -24,6 +24,7 @@ def _find_conf_dir() -> Path:
 
 
 CONF_DIR = _find_conf_dir()
+PAIR_SOURCES = ("file", "arithmetic")  # task.pairs of task=reward / task=preference
 
 
 def asset_path(name: str) -> str:
@@ -136,7 +137,10 @@ def check_required_files(cfg: RunConfig) -> None:
         raise UserError(f"data.path is required: the text to train on (e.g. data.path=FILE{mix})")
     if cfg.stage == "rl":
         check_reward(cfg)
-    if cfg.task.name == "arithmetic" or cfg.data.path == "task:arithmetic":
+    if cfg.task.pairs not in PAIR_SOURCES:
+        raise UserError(f"task.pairs must be one of {', '.join(PAIR_SOURCES)}, got {cfg.task.pairs!r}")
+    generated_pairs = cfg.task.name in ("reward", "preference") and cfg.task.pairs == "arithmetic"
+    if cfg.task.name == "arithmetic" or cfg.data.path == "task:arithmetic" or generated_pairs:
         from llmtrain.tasks.arithmetic import check_ops  # a bad operator: refused before any work
 
         check_ops(list(cfg.task.ops))
@@ -146,7 +150,8 @@ def check_required_files(cfg: RunConfig) -> None:
         )
     if cfg.eval.split not in (None, "all", "val"):
         raise UserError(f"eval.split must be all or val, got {cfg.eval.split!r}")
-    if cfg.stage in ("finetune", "distill") and cfg.task.name not in ("lm", "arithmetic") and not cfg.task.train_path:
+    needs_file = cfg.task.name not in ("lm", "arithmetic") and not generated_pairs
+    if cfg.stage in ("finetune", "distill") and needs_file and not cfg.task.train_path:
         raise UserError(
             f"task.train_path is required for task={cfg.task.name}: the training file (e.g. task.train_path=FILE)"
         )

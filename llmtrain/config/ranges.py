@@ -114,6 +114,7 @@ RANGES: dict[str, Range] = {
     "embed.batch_size": AT_LEAST_1,
     "task.beta": Range(0, low_open=True),
     "task.gamma": AT_LEAST_0,
+    "task.rpo_alpha": AT_LEAST_0,
 }
 
 

@@ -217,8 +217,14 @@ class TaskConfig:
     # preference: the DPO-family loss, its beta (strength of the pull to the reference) and
     # SimPO's target margin gamma
     loss: str = "dpo"  # dpo | ipo | simpo
+    # reward / preference: where the pairs come from: file (train_path / val_path) or arithmetic
+    # (generated: chosen = the right answer, rejected = a wrong one, from the arithmetic fields)
+    pairs: str = "file"
     beta: float = 0.1
     gamma: float = 0.5
+    # preference: + rpo_alpha x the chosen reply's per-token NLL (RPO, Pang et al. 2024; TRL's rpo_alpha),
+    # which keeps DPO from lowering the chosen replies' likelihood with the rejected ones'
+    rpo_alpha: float = 0.0
 
 
 @dataclass

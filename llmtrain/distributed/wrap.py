@@ -12,6 +12,8 @@ Order follows torchtitan: activation checkpointing -> compile -> DDP / FSDP2.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from llmtrain.config.schema import TrainerConfig
@@ -99,3 +101,19 @@ def is_fsdp(module: torch.nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def root_unsharded(module: torch.nn.Module):
+    """Run the model inside an FSDP loss module directly (generation, a task's evaluation): the
+    root group's parameters (embeddings, head, final norm) are gathered for the duration, the
+    blocks gather their own in their forward hooks. Every rank must run the same forwards (each
+    gather is a collective). Anything else: nothing to do."""
+    if not is_fsdp(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()

@@ -385,7 +385,7 @@ def read_references(path: str, task: TaskConfig, max_examples: int = 0) -> list[
 def chat_template_name(meta: dict[str, Any]) -> str | None:
     """The chat template of an instruction- or preference-tuned checkpoint (None: a plain LM)."""
     task = task_config_of(meta)
-    if task.get("name") not in ("instruction", "preference"):
+    if task.get("name") not in ("instruction", "preference") or task.get("pairs") == "arithmetic":
         return None
     return task.get("chat_template") or "default"
 
@@ -632,7 +632,8 @@ def arithmetic_task(ctx: EvalContext) -> TaskResult:
     if not getattr(ctx.model, "is_decoder", True):
         raise UserError("eval task arithmetic needs a decoder checkpoint")
     own = task_config_of(ctx.meta)
-    base = known_fields(TaskConfig, own) if own.get("name") == "arithmetic" else {}
+    generated = own.get("name") == "arithmetic" or own.get("pairs") == "arithmetic"  # SFT, or DPO on its pairs
+    base = known_fields(TaskConfig, own) if generated else {}
     given = task_overrides(ctx.cfg.task) if ctx.cfg.task.name == "arithmetic" else {}
     tcfg = TaskConfig(**{**base, **given, "name": "arithmetic"})
     info = ctx.load()
@@ -687,9 +688,13 @@ def _pair_task(ctx: EvalContext):
     from llmtrain.tasks import build_task
 
     given = task_overrides(ctx.cfg.task)
-    if not (given.get("train_path") or given.get("val_path")):
-        raise UserError("eval task preference needs pairs: pass task.val_path=FILE (or task.train_path=FILE)")
-    given.setdefault("train_path", given.get("val_path"))
+    if not (given.get("train_path") or given.get("val_path") or given.get("pairs") == "arithmetic"):
+        raise UserError(
+            "eval task preference needs pairs: pass task.val_path=FILE "
+            "(or task.train_path=FILE, or task.pairs=arithmetic)"
+        )
+    if given.get("pairs") != "arithmetic":
+        given.setdefault("train_path", given.get("val_path"))
     own = task_config_of(ctx.meta).get("chat_template")
     if own and "chat_template" not in given:
         given["chat_template"] = own

@@ -7,7 +7,9 @@ Synthetic tokens (uniform over the vocabulary) so data loading is not measured. 
 `Trainer.train_step` — the step `pretrain` runs — after `bench.warmup` steps (compilation,
 allocator warm-up), synchronising the device around each timed round, and, when
 `bench.baseline=true`, a plain PyTorch loop of the same model and batch for comparison; the
-two take turns over `bench.rounds` rounds and each reports its best round.
+two take turns over `bench.rounds` rounds and each reports its best round. The step is each
+family's pretraining step: CLM for a decoder, span corruption for an encoder-decoder (t5;
+data.seq_len is then the encoder input).
 """
 
 from __future__ import annotations
@@ -92,14 +94,20 @@ def run(cfg: RunConfig) -> float:
     rt = setup_runtime(cfg)
     tokenizer = ByteTokenizer()  # only its vocabulary size matters for synthetic tokens
     model_cfg = resolve_model_config(cfg.model, tokenizer)
-    if getattr(model_class(model_cfg.name), "is_encoder_decoder", False):
-        raise UserError(f"bench times the causal-LM step; model {model_cfg.name!r} is an encoder-decoder")
+    enc_dec = bool(getattr(model_class(model_cfg.name), "is_encoder_decoder", False))
     total = (b.steps + b.warmup + 1) * cfg.data.batch_size * cfg.trainer.grad_accum * (cfg.data.seq_len + 1)
     rng = np.random.default_rng(cfg.trainer.seed)
-    tokens = rng.integers(0, min(model_cfg.vocab_size, 2**16), size=max(total, 4 * cfg.data.seq_len), dtype=np.uint16)
-    splits = TokenSplits(train=tokens, val=tokens[: 2 * cfg.data.seq_len + 2], n_docs=1, val_bytes=1)
+    if enc_dec:  # span corruption reads longer raw windows than its input (T5's length rule)
+        total *= 2
+    tokens = rng.integers(0, min(tokenizer.vocab_size, 2**16), size=max(total, 4 * cfg.data.seq_len), dtype=np.uint16)
+    splits = TokenSplits(train=tokens, val=tokens[: 4 * cfg.data.seq_len + 2], n_docs=1, val_bytes=1)
     objective = build_objective(
-        dataclasses.replace(cfg.objective, name="clm"), tokenizer, splits, cfg.data, cfg.trainer.seed
+        dataclasses.replace(cfg.objective, name="span_corruption" if enc_dec else "clm"),
+        tokenizer,
+        splits,
+        cfg.data,
+        cfg.trainer.seed,
+        model_cfg,
     )
 
     torch.manual_seed(cfg.trainer.seed)
@@ -118,7 +126,7 @@ def run(cfg: RunConfig) -> float:
     peak_mem = _peak_mem_gb(rt.device)
     fns = {"llmtrain": trainer.train_step}
     if b.baseline:
-        fns["baseline"], baseline_tokens = _baseline(cfg, model_cfg, tokens, rt)
+        fns["baseline"], baseline_tokens = _baseline(cfg, model_cfg, tokens, rt, objective if enc_dec else None)
     warning = cpu_warning(rt.device.type, first_step_s, (b.steps + b.warmup) * len(fns))
     if warning and rt.is_main:
         print(warning, flush=True)
@@ -162,9 +170,10 @@ def run(cfg: RunConfig) -> float:
     return results["tokens_per_s"]
 
 
-def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt):
+def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt, enc_dec_objective=None):
     """(The textbook loop's step: forward, cross-entropy, backward, AdamW; its tokens per step),
-    same model, batch and precision."""
+    same model, batch and precision. An encoder-decoder's batch is its objective's first one
+    (B x grad_accum rows), fed as (input, decoder input) -> labels."""
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(model_cfg).to(rt.device)
     cuda = rt.device.type == "cuda"
@@ -173,13 +182,32 @@ def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt):
     if cfg.trainer.compile:
         model = torch.compile(model)
     B, T = cfg.data.batch_size * cfg.trainer.grad_accum, cfg.data.seq_len
-    data = torch.from_numpy(tokens[: B * (T + 1)].astype(np.int64)).view(B, T + 1)
-    batch = move({"x": data[:, :-1], "y": data[:, 1:]}, rt.device)
+    if enc_dec_objective is not None:
+        source = enc_dec_objective.train_source()
+        parts = [source.batch(i) for i in range(cfg.trainer.grad_accum)]
+        batch = move(
+            {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "decoder_input_ids", "labels")}, rt.device
+        )
+
+        def forward() -> torch.Tensor:
+            return model(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"])
+
+        target = batch["labels"]
+    else:
+        data = torch.from_numpy(tokens[: B * (T + 1)].astype(np.int64)).view(B, T + 1)
+        batch = move({"x": data[:, :-1], "y": data[:, 1:]}, rt.device)
+
+        def forward() -> torch.Tensor:
+            return model(batch["x"])
+
+        target = batch["y"]
 
     def step() -> None:
         with autocast(rt.device, rt.precision):
-            logits = model(batch["x"])
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["y"].reshape(-1))
+            logits = forward()
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100
+        )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

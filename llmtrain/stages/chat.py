@@ -1,6 +1,8 @@
 """chat: talk to an instruction-tuned checkpoint. Each stdin line is a user turn; the reply is
 generated from the whole conversation rendered with the chat template used in fine-tuning, and
-stops at eos or where the template would start the next turn.
+stops at eos or where the template would start the next turn. An encoder-decoder (a t5
+seq2seq or summarization checkpoint) has no chat template: each line is its own encoder input
+(cut to the model's max_seq_len, with </s>), and there is no history to carry.
 
     /reset   forget the conversation        /exit (or end of input)   quit
 """
@@ -35,16 +37,19 @@ def run(cfg: RunConfig) -> None:
     rt = setup_runtime(cfg)
     loaded = checkpoints.load(cfg.checkpoint, rt.device)
     model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
-    if not getattr(model, "is_decoder", True):
-        kind = "an encoder-decoder" if getattr(model, "is_encoder_decoder", False) else "an encoder"
-        raise UserError(f"checkpoint {cfg.checkpoint} is {kind}; chat needs a decoder")
-    template = template_of(meta, cfg.chat.template)
-    get_template(template, "chat.template")  # unknown name -> UserError before reading input
-    stops = stop_strings(template)
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    if not getattr(model, "is_decoder", True) and not enc_dec:
+        raise UserError(f"checkpoint {cfg.checkpoint} is an encoder; chat needs a decoder or an encoder-decoder")
+    if enc_dec:
+        stops, mode = [], "encoder-decoder: each line is the encoder input"
+    else:
+        template = template_of(meta, cfg.chat.template)
+        get_template(template, "chat.template")  # unknown name -> UserError before reading input
+        stops, mode = stop_strings(template), f"template {template}"
     gen = torch.Generator(device=rt.device).manual_seed(cfg.trainer.seed)
     interactive = sys.stdin.isatty()
     print(
-        f"chat: {cfg.checkpoint} (template {template}); /reset clears the conversation, /exit quits",
+        f"chat: {cfg.checkpoint} ({mode}); /reset clears the conversation, /exit quits",
         file=sys.stderr,
         flush=True,
     )
@@ -65,8 +70,11 @@ def run(cfg: RunConfig) -> None:
             continue
         if not command:
             continue
-        history.append({"role": "user", "content": text})
-        ids = encode_chat(history, template, tok, add_generation_prompt=True)[0]
+        if enc_dec:  # one turn: the message alone, as a seq2seq source
+            ids = tok.encode(text)[: model.config.max_seq_len - 1] + [tok.eos_id]
+        else:
+            history.append({"role": "user", "content": text})
+            ids = encode_chat(history, template, tok, add_generation_prompt=True)[0]
         c = cfg.chat
         texts, _ = generate_texts(
             model,
@@ -80,5 +88,6 @@ def run(cfg: RunConfig) -> None:
             generator=gen,
         )
         reply = texts[0].strip()
-        history.append({"role": "assistant", "content": reply})
+        if not enc_dec:
+            history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)

@@ -22,6 +22,7 @@ from llmtrain.config import check_document_model
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.corpus import unk_report
 from llmtrain.data.pipeline import load_corpus
+from llmtrain.distributed.wrap import root_unsharded
 from llmtrain.errors import UserError
 from llmtrain.models.lora import apply_lora, lora_state_dict, merge_lora
 from llmtrain.run_dir import RunDir, claim
@@ -136,11 +137,16 @@ def _finetune(cfg: RunConfig, rt, run_dir: RunDir) -> float | None:
             _save_merged(trainer, model, meta, result.metrics)  # collective: every rank
         if cfg.finetune.qat:
             result.checkpoint = compressed.finish_qat(cfg, trainer, model, meta, result.metrics) or result.checkpoint
-        if not rt.is_main:
+        # Under FSDP every forward is a collective: every rank runs the same evaluation, rank 0 logs it.
+        sharded = trainer.strategy == "fsdp"
+        if not rt.is_main and not sharded:
             return result.metrics.get(cfg.optimize_metric)
         if rt.is_main:
             print(f"finetune: evaluating the {cfg.task.name} task on the validation set", flush=True)
-        task_metrics = task.evaluate(model, rt.device, cfg.eval.max_examples)
+        with root_unsharded(trainer.loss_module):
+            task_metrics = task.evaluate(model, rt.device, cfg.eval.max_examples)
+        if not rt.is_main:
+            return result.metrics.get(cfg.optimize_metric)
         # One value per name at a step: what the trainer's validation pass logged at this step
         # (e.g. val/accuracy) is not logged again.
         metrics = {f"val/{k}": v for k, v in task_metrics.items() if f"val/{k}" not in result.metrics}

@@ -44,7 +44,7 @@ def prompts_of(task, split: str) -> list[tuple[list[int], Any]]:
     as the task renders them), and the prompt the reward reads: the text for arithmetic and other
     generative tasks, the chat messages of preference pairs (task=preference / reward), which a
     reward model renders with its own template."""
-    if hasattr(task, "prompt_ids"):  # preference pairs: each distinct prompt once
+    if hasattr(task, "prompt_ids") and task.cfg.pairs == "file":  # preference pairs: each distinct prompt once
         from llmtrain.tasks.preference_data import record_pair
 
         train, val, train_file, val_file = train_val_records(task.cfg, task.data_cfg)

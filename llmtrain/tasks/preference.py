@@ -7,6 +7,10 @@ h = [log pi(y_c|x) - log ref(y_c|x)] - [log pi(y_r|x) - log ref(y_r|x)] (summed 
     simpo  -log sigmoid(beta/|y_c| log pi(y_c|x) - beta/|y_r| log pi(y_r|x) - gamma)
                                                  Meng et al. 2024, eq. 6 (no reference)
 
+task.rpo_alpha > 0 adds rpo_alpha * (-log pi(y_c|x) / |y_c|), the chosen reply's per-token NLL
+(RPO, Pang et al. 2024, eq. 3; TRL's rpo_alpha): plain DPO may lower the chosen replies' likelihood
+along with the rejected ones', which costs a verifiable task its greedy answers.
+
 The reference is the frozen init_from (with LoRA: the base with the adapters off). Its
 log-probs are computed once, before training, in float32 without dropout, and cached in the run
 directory (reference_logps.safetensors, keyed by a hash of the weights and the tokenized pairs),
@@ -155,6 +159,8 @@ class Preference(PairTask):
             fn = dpo_loss if self.cfg.loss == "dpo" else ipo_loss
             per_pair = fn(pc, pr, rc, rr, beta)
             reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+        if self.cfg.rpo_alpha > 0:
+            per_pair = per_pair + self.cfg.rpo_alpha * (-pc / nc)
         margin = (reward_c - reward_r).detach()
         count = torch.tensor(half, device=lp.device)
         return LossOutput(

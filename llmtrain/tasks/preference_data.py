@@ -117,8 +117,21 @@ class PairTask(Task):
         get_template(cfg.chat_template)  # unknown template: error before any work
 
     def load(self):
+        if self.cfg.pairs == "arithmetic":
+            return self._arithmetic("train", self.cfg.num_train), self._arithmetic("val", self.cfg.num_val)
         train, val, train_file, val_file = train_val_records(self.cfg, self.data_cfg)
         return self._encode_all(train, train_file), self._encode_all(val, val_file)
+
+    def _arithmetic(self, split: str, n: int) -> list[dict]:
+        """task.pairs=arithmetic: the arithmetic task's problems of `split`, chosen = the right answer,
+        rejected = a wrong one, tokenized as task=arithmetic's SFT saw them (prompt_ids / response_ids:
+        the raw prompt "37+58=", the answer then eos; no chat template)."""
+        from llmtrain.tasks.arithmetic import check_ops, preference_pairs
+
+        c = self.cfg
+        check_ops(list(c.ops))
+        pairs = preference_pairs(n, digits=c.digits, ops=list(c.ops), seed=c.problem_seed, split=split)
+        return self._encode_all(list(enumerate(pairs, 1)), f"task.pairs=arithmetic ({split})")
 
     def _encode_all(self, records, path) -> list[dict]:
         out = []
@@ -128,11 +141,16 @@ class PairTask(Task):
         return out
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
+        if self.cfg.pairs == "arithmetic":  # the raw problem text, as task=arithmetic's SFT saw it
+            return self.tokenizer.encode("".join(m["content"] for m in messages))
         ids, _ = encode_chat(messages, self.cfg.chat_template, self.tokenizer, add_generation_prompt=True)
         return ids
 
     def response_ids(self, text: str) -> list[int]:
-        ids = encode_response(text, self.cfg.chat_template, self.tokenizer)
+        if self.cfg.pairs == "arithmetic":  # the answer, then eos
+            ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+        else:
+            ids = encode_response(text, self.cfg.chat_template, self.tokenizer)
         self.count("tokens", len(ids))
         self.count("unk_tokens", sum(1 for i in ids if i == self.tokenizer.unk_id))
         return ids

@@ -29,7 +29,15 @@ from tqdm import tqdm
 
 from llmtrain.config.schema import RunConfig
 from llmtrain.data.validation import LossSums, move, sum_losses
-from llmtrain.distributed import all_gather_object, all_reduce_max, all_reduce_sum, any_rank, barrier, max_across_ranks
+from llmtrain.distributed import (
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    max_across_ranks,
+    sum_across_ranks,
+)
 from llmtrain.distributed.wrap import resolve_strategy, wrap_model
 from llmtrain.errors import Interrupted, UserError
 from llmtrain.objectives import LossOutput, Trainee
@@ -324,6 +332,14 @@ class Trainer:
         self.step += 1
         return loss_step
 
+    def tokens_done(self) -> float:
+        """Tokens trained on so far, all ranks: the context windows of every step, or the trainee's
+        own count where it keeps one (RL: the tokens it sampled). Collective for such a trainee."""
+        counted = getattr(self.trainee, "tokens_done", None)
+        if counted is None:
+            return float(self.step * self.tokens_per_step)
+        return sum_across_ranks([float(counted())])[0]
+
     def fit(self) -> TrainResult:
         tc = self.tc
         main = self.dist.rank == 0
@@ -340,6 +356,7 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         last_val: dict[str, float] = {}
         t_last, steps_since = time.perf_counter(), 0
+        tokens_last = self.tokens_done()
         self._last_save_time = time.monotonic()
         save_every_s = tc.ckpt_every_minutes * 60.0
         interrupted = False
@@ -363,13 +380,14 @@ class Trainer:
                     all_reduce_sum(loss_acc)
                     mean_loss = loss_acc.item() / (steps_since * self.dist.world_size)
                     elapsed = time.perf_counter() - t_last
-                    tps = steps_since * self.tokens_per_step / max(elapsed, 1e-9)
+                    tokens = self.tokens_done()
+                    tps, tokens_last = (tokens - tokens_last) / max(elapsed, 1e-9), tokens
                     metrics = {
                         "train/loss": mean_loss,
                         "train/lr": self.scheduler.get_last_lr()[0],
                         "train/grad_norm": self.grad_norm.item(),
                         "train/tokens_per_s": tps,
-                        "train/tokens": self.step * self.tokens_per_step,
+                        "train/tokens": tokens,
                         "train/step_time_ms": 1000 * elapsed / steps_since,
                     }
                     by_source = getattr(self.trainee, "windows_by_source", lambda n: None)(
