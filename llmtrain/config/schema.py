@@ -150,6 +150,11 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | single | ddp | fsdp
     devices: int = 1
     activation_checkpointing: bool = False
+    # The LM head's cross-entropy (clm, mlm, lm and instruction tasks) in chunks of rows, logits
+    # recomputed in backward: never the whole [tokens, vocab] fp32 logits (objectives/chunked_ce.py).
+    # None = auto: on for CPU runs (measured: less memory, same step time), off on GPUs until
+    # scripts/gpu_check.sh has measured it there
+    chunked_loss: Optional[bool] = None
     max_bad_steps: int = 5
     eval_on_stop: bool = True  # SIGTERM/SIGINT: after the checkpoint, run the validation pass too
     progress: bool = True

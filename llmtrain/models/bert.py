@@ -82,7 +82,12 @@ class Bert(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits [..., V] for hidden states [..., D] (the objectives pass the masked positions only)."""
-        return self.mlm_decoder(self.mlm_norm(F.gelu(self.mlm_dense(hidden))))
+        features, head = self.lm_head_parts(hidden)
+        return head(features)
+
+    def lm_head_parts(self, hidden: torch.Tensor):
+        """(the MLM transform's output, the vocabulary projection); see gpt2.GPT2.lm_head_parts."""
+        return self.mlm_norm(F.gelu(self.mlm_dense(hidden))), self.mlm_decoder
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.pooler(hidden[:, 0]))

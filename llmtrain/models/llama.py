@@ -96,6 +96,11 @@ class Llama(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def lm_head_parts(self, hidden: torch.Tensor):
+        """(what the output projection sees, the projection): lm_logits is their composition, and
+        the chunked loss (objectives/chunked_ce.py) applies the projection a few rows at a time."""
+        return hidden, self.lm_head
+
     def forward(
         self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, kv_cache=None, document_ids=None
     ):

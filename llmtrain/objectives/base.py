@@ -64,6 +64,7 @@ class Objective(Trainee):
     needs_decoder: bool | None = None
     needs_encoder_decoder = False  # True: span_corruption, denoising (t5); an encoder-decoder takes only these
     token_loss = True
+    chunked_loss = False  # trainer.chunked_loss, set by the Trainer: the LM head's loss in chunks
     supports_mixture = False  # True: trains on data.sources (its windows come from data.mixture.train_windows)
 
     def __init__(

@@ -7,7 +7,8 @@ from llmtrain.data.documents import DocumentWindows, document_kwargs, mark_docum
 from llmtrain.data.loader import sequential_windows
 from llmtrain.data.mixture import train_windows
 from llmtrain.data.streaming import StreamWindows, TokenStream
-from llmtrain.objectives.base import LossOutput, Objective, token_cross_entropy
+from llmtrain.objectives.base import LossOutput, Objective
+from llmtrain.objectives.chunked_ce import lm_loss
 from llmtrain.registry import register
 
 
@@ -33,6 +34,6 @@ class CausalLM(Objective):
         return batches
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], **document_kwargs(batch))
-        loss, n = token_cross_entropy(logits, batch["labels"])
+        hidden = model.encode(batch["input_ids"], **document_kwargs(batch))
+        loss, n = lm_loss(model, hidden, batch["labels"], self.chunked_loss)
         return LossOutput(loss=loss, n_targets=n)

@@ -11,12 +11,12 @@ the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llmtrain.data.loader import sequential_windows, step_generator
 from llmtrain.data.mixture import train_windows
 from llmtrain.errors import UserError
 from llmtrain.objectives.base import LossOutput, Objective
+from llmtrain.objectives.chunked_ce import head_cross_entropy
 from llmtrain.registry import register
 from llmtrain.tokenizers import Tokenizer
 
@@ -88,7 +88,7 @@ def check_seq_len(seq_len: int, specials: int) -> None:
         )
 
 
-def masked_lm_terms(model, hidden: torch.Tensor, batch: dict[str, torch.Tensor]):
+def masked_lm_terms(model, hidden: torch.Tensor, batch: dict[str, torch.Tensor], chunked: bool = False):
     """(sum of cross-entropy, correct predictions, number of targets) over the selected tokens.
 
     Only the selected positions (batch["mlm_positions"], from Masker.apply) go through the MLM
@@ -97,9 +97,8 @@ def masked_lm_terms(model, hidden: torch.Tensor, batch: dict[str, torch.Tensor])
     """
     pos = batch["mlm_positions"]
     target = batch["labels"].reshape(-1).index_select(0, pos)
-    logits = model.lm_logits(hidden.reshape(-1, hidden.size(-1)).index_select(0, pos))
-    ce = F.cross_entropy(logits.float(), target, reduction="sum")
-    correct = (logits.argmax(-1) == target).sum()
+    features, head = model.lm_head_parts(hidden.reshape(-1, hidden.size(-1)).index_select(0, pos))
+    ce, correct, _ = head_cross_entropy(features, head, target, chunked)
     return ce, correct, torch.full((), pos.numel(), device=pos.device)
 
 
@@ -178,6 +177,6 @@ class MaskedLM(Objective):
 
     def loss(self, model, batch):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        ce, correct, n = masked_lm_terms(model, hidden, batch)
+        ce, correct, n = masked_lm_terms(model, hidden, batch, self.chunked_loss)
         loss = keep_params_in_graph(model, hidden, ce / n.clamp(min=1), "nsp")
         return LossOutput(loss=loss, n_targets=n, extras={"mlm_accuracy": (correct.detach(), n)})

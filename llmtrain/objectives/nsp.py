@@ -189,7 +189,7 @@ class MaskedLMNextSentence(NextSentence):
 
     def loss(self, model, batch):
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        mlm_ce, mlm_correct, n_mlm = masked_lm_terms(model, hidden, batch)
+        mlm_ce, mlm_correct, n_mlm = masked_lm_terms(model, hidden, batch, self.chunked_loss)
         nsp_ce, nsp_correct, n_pairs = nsp_terms(model.nsp_logits(hidden), batch["next_sentence_label"])
         loss = mlm_ce / n_mlm.clamp(min=1) + nsp_ce / n_pairs
         extras = {  # (sum, count): the trainer reports sum / count over the whole validation set

@@ -176,7 +176,11 @@ def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt, enc_dec_objecti
     (B x grad_accum rows), fed as (input, decoder input) -> labels."""
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(model_cfg).to(rt.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    cuda = rt.device.type == "cuda"
+    # as nanoGPT writes it: fused AdamW on CUDA, the model compiled when trainer.compile is
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=cuda)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
     B, T = cfg.data.batch_size * cfg.trainer.grad_accum, cfg.data.seq_len
     if enc_dec_objective is not None:
         source = enc_dec_objective.train_source()

@@ -62,6 +62,7 @@ class Task(Trainee):
     needs_decoder: bool | None = None  # True: generative (gpt2/llama); False: encoder only; None: any
     supports_encoder_decoder = False  # True: also trains an encoder-decoder (t5), source -> target
     token_loss = False  # see Trainee; generative and LM tasks set it
+    chunked_loss = False  # trainer.chunked_loss, set by the Trainer (instruction, lm: the LM head's loss)
 
     def __init__(
         self,
@@ -226,10 +227,9 @@ def sequential_batches(
 def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
     """Right-pad lists of ids into a [B, max_len] tensor."""
     T = length or max(len(r) for r in rows)
-    out = torch.full((len(rows), T), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r[:T], dtype=torch.long)
-    return out
+    # one tensor built from padded Python lists: a torch.tensor per row cost more than the model
+    # at evaluation batch sizes
+    return torch.tensor([r[:T] + [value] * (T - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), T)
 
 
 def model_device(model: nn.Module) -> torch.device:

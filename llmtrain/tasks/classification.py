@@ -136,19 +136,20 @@ class Classification(Task):
         return LossOutput(loss=loss, n_targets=n, extras={"accuracy": (correct, n)})
 
     @torch.no_grad()
-    def predict(self, model, examples, device=None) -> list[int]:
+    def predict(self, model, examples, device=None, batch_size: int = 0) -> list[int]:
+        """Predicted label ids, in batches of batch_size (0: data.batch_size); one host sync at the end."""
         device = device or model_device(model)
         was = model.training
         model.eval()
-        preds: list[int] = []
+        preds: list[torch.Tensor] = []
         try:
-            for batch in sequential_batches(examples, self.data_cfg.batch_size, self.collate):
+            for batch in sequential_batches(examples, batch_size or self.data_cfg.batch_size, self.collate):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                preds += logits.argmax(-1).tolist()
+                preds.append(logits.argmax(-1))
         finally:
             model.train(was)
-        return preds
+        return torch.cat(preds).tolist() if preds else []
 
     def evaluate(self, model, device=None, max_examples=0):
         examples = self.val_examples()

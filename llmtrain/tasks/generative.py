@@ -12,7 +12,8 @@ from llmtrain.data.documents import document_kwargs
 from llmtrain.errors import UserError
 from llmtrain.eval.metrics import bleu, rouge
 from llmtrain.generation import generate
-from llmtrain.objectives.base import LossOutput, encoder_decoder_loss, seq2seq_batch, token_cross_entropy
+from llmtrain.objectives.base import LossOutput, encoder_decoder_loss, seq2seq_batch
+from llmtrain.objectives.chunked_ce import lm_loss
 from llmtrain.tasks.base import Task, model_device, pad_rows
 
 
@@ -92,7 +93,8 @@ class GenerativeTask(Task):
         if "decoder_input_ids" in batch:
             return encoder_decoder_loss(model, batch)
         # right padding under causal attention: real tokens never see the pads, no mask needed
-        loss, n = token_cross_entropy(model(batch["input_ids"], **document_kwargs(batch)), batch["labels"])
+        hidden = model.encode(batch["input_ids"], **document_kwargs(batch))
+        loss, n = lm_loss(model, hidden, batch["labels"], self.chunked_loss)
         return LossOutput(loss=loss, n_targets=n)
 
     # ------------------------------------------------------------------ evaluation

@@ -46,6 +46,7 @@ class LanguageModeling(Task):
         return self.objective.val_batches(max_batches, rank, world)
 
     def loss(self, model, batch):
+        self.objective.chunked_loss = self.chunked_loss
         return self.objective.loss(model, batch)
 
     def train_examples(self):

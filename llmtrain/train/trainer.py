@@ -116,6 +116,9 @@ class Trainer:
         if self.resumed_from is not None:
             ckpt.load_meta(self.resumed_from)
             ckpt.load_model_state(model, ckpt.load_weights(self.resumed_from), self.resumed_from)
+        if hasattr(trainee, "chunked_loss"):  # objectives and tasks whose loss is the LM head's
+            chunked = self.tc.chunked_loss
+            trainee.chunked_loss = device.type == "cpu" if chunked is None else chunked
         self.loss_module = wrap_model(LossModule(model, trainee), cfg.trainer, device, precision, dist)
         self.optimizer = build_optimizer(model, cfg.optim, device.type)
         self.extra = trainee_extra(trainee)
