@@ -151,6 +151,7 @@ def plan_split(data: Any) -> Plan:
     memo = sha_of([source_fingerprint(data), split_key(data)])
     if memo in _plans:
         return _plans[memo]
+    bound_malloc_if_large(data)
     lengths = array("q")
     n = nbytes = 0
     for piece, ends in _pieces_of(data, data.path):
@@ -425,10 +426,19 @@ def _bound_malloc() -> None:
         pass
 
 
+def bound_malloc_if_large(data: Any) -> None:
+    """_bound_malloc before the first read of a large source (a hub dataset counts as large)."""
+    paths = [p for p in (data.path, getattr(data, "val_path", None)) if p]
+    files = [f for p in paths for f in source_files(p)]
+    if not files or sum(f.stat().st_size for f in files) >= BOUND_MALLOC_BYTES:
+        _bound_malloc()
+
+
 def _build(
     data: Any, tok: Tokenizer, work: Path, source_fp: str, split_fn: Callable[[], DocSplit] | None, key: str
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    bound_malloc_if_large(data)
     dtype = np.dtype(token_dtype(tok.vocab_size))
     manifest = None
     try:
@@ -453,8 +463,6 @@ def _build(
     for leftover in work.glob(f"*{TMP_MARK}*"):  # a shard a killed prepare was writing
         leftover.unlink()
     plan = Plan(**manifest["plan"])
-    if plan.bytes >= BOUND_MALLOC_BYTES:
-        _bound_malloc()
     if manifest["from_docsplit"]:
         ds = split_fn() if split_fn is not None else None
         stream = _docsplit_stream(ds) if ds is not None else split_stream(data, plan)
