@@ -108,7 +108,6 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
     shapes the vocabulary). A sentencepiece model without tokenizer.path is trained once per
     corpus, split and settings into <cache root>/tokenizers/ and reused from there while its
     settings JSON matches; so are wordpiece and bpe (cached_hf_tokenizer)."""
-    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint, split_key
     from llmtrain.tokenizers import build_tokenizer as build
     from llmtrain.tokenizers.sentencepiece import SentencePieceTokenizer
     from llmtrain.tokenizers.train import recorded_settings, train_sentencepiece
@@ -119,55 +118,74 @@ def run_tokenizer(cfg: RunConfig, docs: list[str] | Callable[[], list[str]]) -> 
         return cached_hf_tokenizer(cfg, docs_fn)
     if tc.name != "sentencepiece" or (tc.path and Path(tc.path).exists()):
         return build(tc, docs_fn)
-    if tc.path:
-        target = Path(tc.path)
-    else:
-        # The settings as train_sentencepiece records them in the model's JSON sidecar.
-        settings = recorded_settings(tc)
-        # The split is part of the key: the tokenizer is trained on the training side only.
-        key = sha_of([source_fingerprint(cfg.data), split_key(cfg.data), settings])[:16]
-        target = cache_root(cfg.data.cache_dir) / "tokenizers" / f"sp-{tc.model_type}{tc.vocab_size}-{key}.model"
-        try:
-            recorded = json.loads(target.with_suffix(".json").read_text()).get("settings")
-        except (OSError, ValueError):
-            recorded = None
-        if target.exists() and recorded == settings:
-            print(f"using sentencepiece tokenizer {target}", flush=True)
-            return SentencePieceTokenizer.load(target)
-    train_docs = docs_fn()
-    print(
-        f"training sentencepiece tokenizer ({tc.model_type}, vocab {tc.vocab_size}) on the training split of "
-        f"{cfg.data.path or 'every source'} ({sum(map(len, train_docs)):,} characters) -> {target}",
-        flush=True,
+    # The settings as train_sentencepiece records them in the model's JSON sidecar.
+    return _trained_once(
+        cfg,
+        docs_fn,
+        recorded_settings(tc),
+        lambda key: f"sp-{tc.model_type}{tc.vocab_size}-{key}.model",
+        lambda target: target.with_suffix(".json"),
+        SentencePieceTokenizer.load,
+        lambda docs, target: train_sentencepiece(docs, tc, target),
+        "sentencepiece",
+        f"{tc.model_type}, vocab {tc.vocab_size}",
     )
-    return train_sentencepiece(train_docs, tc, target)
 
 
 def cached_hf_tokenizer(cfg: RunConfig, docs_fn: Callable[[], list[str]]) -> Tokenizer:
     """tokenizer=wordpiece / bpe (HF `tokenizers`) trained on the training split, cached as
     sentencepiece is: at tokenizer.path when set, else under <cache root>/tokenizers/ keyed by
     the corpus, its split and the settings."""
-    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint, split_key
     from llmtrain.tokenizers.hf_train import TRAINED, hf_settings, meta_path, train_hf
 
     tc = cfg.tokenizer
-    settings = hf_settings(tc)
+    return _trained_once(
+        cfg,
+        docs_fn,
+        hf_settings(tc),
+        lambda key: f"{tc.name}{tc.vocab_size}-{key}.json",
+        meta_path,
+        TRAINED[tc.name].load,
+        lambda docs, target: train_hf(docs, tc, target),
+        tc.name,
+        f"vocab {tc.vocab_size}",
+    )
+
+
+def _trained_once(
+    cfg: RunConfig,
+    docs_fn: Callable[[], list[str]],
+    settings: object,
+    filename: Callable[[str], str],
+    sidecar: Callable[[Path], Path],
+    load: Callable[[Path], Tokenizer],
+    train: Callable[[list[str], Path], Tokenizer],
+    what: str,
+    shape: str,
+) -> Tokenizer:
+    """A tokenizer trained on the training split: at tokenizer.path when set, else under
+    <cache root>/tokenizers/ keyed by the corpus, its split and the settings, and reused from
+    there while its JSON sidecar records the same settings (every trained kind caches alike)."""
+    from llmtrain.data.prepare import cache_root, sha_of, source_fingerprint, split_key
+
+    tc = cfg.tokenizer
     if tc.path:
         target = Path(tc.path)
     else:
+        # The split is part of the key: the tokenizer is trained on the training side only.
         key = sha_of([source_fingerprint(cfg.data), split_key(cfg.data), settings])[:16]
-        target = cache_root(cfg.data.cache_dir) / "tokenizers" / f"{tc.name}{tc.vocab_size}-{key}.json"
+        target = cache_root(cfg.data.cache_dir) / "tokenizers" / filename(key)
         try:
-            recorded = json.loads(meta_path(target).read_text()).get("settings")
+            recorded = json.loads(sidecar(target).read_text()).get("settings")
         except (OSError, ValueError):
             recorded = None
         if target.exists() and recorded == settings:
-            print(f"using {tc.name} tokenizer {target}", flush=True)
-            return TRAINED[tc.name].load(target)
+            print(f"using {what} tokenizer {target}", flush=True)
+            return load(target)
     train_docs = docs_fn()
     print(
-        f"training {tc.name} tokenizer (vocab {tc.vocab_size}) on the training split of "
+        f"training {what} tokenizer ({shape}) on the training split of "
         f"{cfg.data.path or 'every source'} ({sum(map(len, train_docs)):,} characters) -> {target}",
         flush=True,
     )
-    return train_hf(train_docs, tc, target)
+    return train(train_docs, target)
