@@ -82,11 +82,15 @@ def test_single_document_char_split_unchanged(tmp_path):
     assert p.meta["dtype"] == "uint16" and p.meta["train"]["tokens"] == cut
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
-def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monkeypatch, num_proc):
+@pytest.mark.parametrize("num_proc,bounded", [(1, False), (2, False), (2, True)])
+def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monkeypatch, num_proc, bounded):
     """Documents cut at newlines and tokenized in worker processes give the same ids as encoding
-    each document whole (the reference), split where split_documents puts the cut."""
+    each document whole (the reference), split where split_documents puts the cut. bounded: as
+    for a large source (the malloc bound, with its heap trims every few tasks)."""
     monkeypatch.setattr(prep, "CHUNK_CHARS", 2000)  # many pieces per document
+    monkeypatch.setattr(prep, "HEAP_TRIM", {"every": 0, "count": 0})
+    if bounded:
+        monkeypatch.setattr(prep, "BOUND_MALLOC_BYTES", 0)
     data = _data(tmp_path, _wiki_small(tmp_path), doc_pattern=WIKI_DOCS, num_proc=num_proc)
     docs = read_documents(data.path, doc_pattern=WIKI_DOCS)
     assert len(docs) > 3 and max(map(len, docs)) > 3 * 2000
@@ -103,6 +107,8 @@ def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monk
     assert np.array_equal(splits.train, ref(ds.train, ds.cut_inside))
     assert np.array_equal(splits.val, ref(ds.val, False))
     assert splits.val_bytes == sum(len(d.encode()) for d in ds.val)
+    # the heap is trimmed (every few encoded tasks) only under the bound
+    assert (prep.HEAP_TRIM["every"] > 0) == bounded and (prep.HEAP_TRIM["count"] > 0) == bounded
 
 
 def test_word_cache_encoding_is_exact(sp, tmp_path):

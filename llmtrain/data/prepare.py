@@ -311,6 +311,7 @@ def encode_task(task: Task, tok: Tokenizer | None = None) -> np.ndarray:
     """-> the token ids of the task's pieces, with eos after each finished document."""
     tok = tok or _worker_tok
     assert tok is not None
+    _trim_heap()
     _, mode, pieces = task
     dtype = token_dtype(tok.vocab_size)
     eos = np.array([tok.eos_id], dtype=dtype)
@@ -338,11 +339,13 @@ def _progress(total_bytes: int, what: str, initial: int = 0):
 
 
 def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool) -> Iterator[np.ndarray]:
-    """The tokens of each task, in order. The main process encodes every num_proc-th task itself
-    while num_proc - 1 workers encode the others: num_proc busy processes on num_proc cores, not
-    one more (2 workers + the main process on 2 cores: 1.50x over one process at 100 MB; this: 1.95x). At
-    most two tasks per worker are in flight, so memory does not grow with the corpus (Pool.imap
-    would read the whole input ahead)."""
+    """The tokens of each task, in order, from num_proc - 1 workers and the main process: the
+    main process hands each task to the workers while fewer than two per worker are queued, and
+    otherwise encodes it itself, so num_proc processes stay busy on num_proc cores and the main
+    process's own work (reading, writing the shards) is balanced against the workers' instead of
+    a fixed share (a fixed 1-in-num_proc share left the worker idle: 1.31x at 1 GB). At most
+    4 * num_proc tasks are in flight, so memory does not grow with the corpus (Pool.imap would
+    read the whole input ahead)."""
     if num_proc <= 1 or not parallel:
         for t in tasks:
             yield encode_task(t, tok)
@@ -356,13 +359,19 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
         tok.encode_threads = max(1, usable_cores() // num_proc)
     try:
         with mp.get_context(method).Pool(num_proc - 1, _init_worker, (tok.state(), num_proc)) as pool:
-            pending: deque = deque()
-            for i, t in enumerate(tasks):
-                if i % num_proc == num_proc - 1:  # the main process's share
-                    pending.append(encode_task(t, tok))
-                else:
+            pending: deque = deque()  # in task order: arrays encoded here, AsyncResults of the workers
+
+            def queued() -> int:
+                return sum(1 for p in pending if not isinstance(p, np.ndarray) and not p.ready())
+
+            for t in tasks:
+                if queued() < 2 * (num_proc - 1):
                     pending.append(pool.apply_async(encode_task, (t,)))
-                while len(pending) >= 2 * num_proc:
+                else:  # the workers have enough to do: encode this one here rather than wait
+                    pending.append(encode_task(t, tok))
+                while pending and (
+                    isinstance(pending[0], np.ndarray) or pending[0].ready() or len(pending) >= 4 * num_proc
+                ):
                     done = pending.popleft()
                     yield done if isinstance(done, np.ndarray) else done.get()
             while pending:
@@ -423,22 +432,44 @@ class _ShardWriter:
         self.file, self.n, self.eos, self.unk = None, 0, 0, 0
 
 
-BOUND_MALLOC_BYTES = 256 << 20  # below this the heap's growth is small, and the page faults cost
+BOUND_MALLOC_BYTES = 256 << 20  # below this the heap's growth is small: malloc is left alone
+# glibc's mmap and trim thresholds while a large source is prepared, and how many tasks each
+# process encodes between two malloc_trim calls (about 8 MB of text).
+MALLOC_THRESHOLD = 64 << 20
+TRIM_EVERY = 8
+HEAP_TRIM = {"every": 0, "count": 0}  # every = 0: not bounded, never trim; count: encode_task calls
 
 
 def _bound_malloc() -> None:
-    """glibc raises its mmap threshold each time a large block is freed, after which the ~MB
-    pieces a prepare allocates and frees by the thousand come from a heap that fragments and grows
-    with the corpus (measured: +330 MB RSS at 1 GB). A fixed threshold (which also turns that
-    adjustment off) hands such blocks back to the system as soon as they are freed. It is set for
-    large corpora only: it holds for the rest of the process (the training after pretrain's
-    prepare), and every block above it costs fresh page faults (a third of the CPU at 50 MB)."""
+    """Keep a large prepare's heap from growing with the corpus, without page faults per task.
+    The ~MB temporaries of each task (text, numpy word arrays) come from glibc's heap, whose free
+    space fragments and grows slowly (measured: +330 MB RSS at 1 GB). Fixed thresholds of 64 MB
+    keep them on the heap (a 128 KB mmap threshold instead mapped and faulted every block
+    afresh: 2.9M page faults and 40% of the CPU at 300 MB), and a malloc_trim every TRIM_EVERY
+    tasks (encode_task, in every process) hands the free pages back. The thresholds hold for the
+    rest of the process (pretrain trains after preparing); 64 MB is near glibc's own dynamic
+    maximum (32 MB), so training allocates much as it would otherwise."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD, glibc's default value
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, MALLOC_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
+        libc.mallopt(-1, MALLOC_THRESHOLD)  # M_TRIM_THRESHOLD
+        libc.malloc_trim  # noqa: B018 - not glibc: AttributeError, nothing is bounded
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return
+    HEAP_TRIM["every"] = TRIM_EVERY
+
+
+def _trim_heap() -> None:
+    """malloc_trim every TRIM_EVERY calls once _bound_malloc has run in this process (or its parent)."""
+    if not HEAP_TRIM["every"]:
+        return
+    HEAP_TRIM["count"] += 1
+    if HEAP_TRIM["count"] % HEAP_TRIM["every"] == 0:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def bound_malloc_if_large(data: Any) -> None:
