@@ -260,6 +260,15 @@ def test_resume_from_checkpoint_is_bit_exact_with_per_source_metrics(tmp_path):
         assert tok["train/tokens/a"] + tok["train/tokens/wiki"] == tok["train/tokens"]
     assert abs(last["train/tokens/a"] / last["train/tokens"] - 0.7) < 0.15
 
+    # evaluate on the checkpoint alone scores each source's validation split as training did
+    ev = tmp_path / "ev"
+    proc = run_cli("evaluate", f"checkpoint={ref}", "trainer.eval_batches=2", f"hydra.run.dir={ev}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads((ev / "eval.json").read_text())
+    for key in ("val/loss", "val/loss/a", "val/loss/wiki", "val/ppl/wiki"):
+        assert scored[key] == pytest.approx(last[key], rel=1e-4), key
+    assert scored["val/tokens"] == scored["val/tokens/a"] + scored["val/tokens/wiki"] > 0
+
     # A run that starts from the reference's step-4 checkpoint continues exactly as it did.
     run = tmp_path / "resumed"
     (run / "checkpoints").mkdir(parents=True)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from llmtrain.config.moved_keys import known_fields
-from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, TaskConfig
+from llmtrain.config.schema import DataConfig, ObjectiveConfig, RunConfig, SourceConfig, TaskConfig
 from llmtrain.data.validation import shard, sum_losses
 from llmtrain.distributed import barrier, gather_indexed, sum_across_ranks, world
 from llmtrain.errors import UserError
@@ -124,11 +124,36 @@ def _data_config(ctx: EvalContext) -> tuple[DataConfig, str]:
     if not given:
         saved = ctx.run_config("data")
         if not saved.get("path"):
+            if saved.get("sources"):
+                raise UserError(
+                    "evaluate: the checkpoint was trained on data.sources (a mixture); this task scores "
+                    "one source: pass data=text data.path=FILE"
+                )
             raise UserError("evaluate: no data to score; pass data=text data.path=FILE")
         data = DataConfig(**known_fields(DataConfig, saved))
     split = ctx.cfg.eval.split or ("all" if given else "val")
+    return _fit_context(ctx, data), split
+
+
+def _fit_context(ctx: EvalContext, data: DataConfig) -> DataConfig:
     max_len = int(getattr(getattr(ctx.model, "config", None), "max_seq_len", data.seq_len))
-    return DataConfig(**{**data.__dict__, "seq_len": min(data.seq_len, max_len)}), split
+    return DataConfig(**{**data.__dict__, "seq_len": min(data.seq_len, max_len)})
+
+
+def _mixture_sources(ctx: EvalContext) -> list[tuple[str, DataConfig]]:
+    """[(name, data of the source)] of a checkpoint trained on a mixture (data.sources) when no data
+    is given on the command line and eval.split is not all: each source is scored on its own
+    validation split, as training validated it (val/loss/<name>). [] otherwise."""
+    if ctx.cfg.data.path or ctx.cfg.data.val_path or ctx.cfg.eval.split == "all":
+        return []
+    saved = ctx.run_config("data")
+    if saved.get("path") or not saved.get("sources"):
+        return []
+    from llmtrain.data.mixture import source_data, source_names
+
+    sources = [SourceConfig(**known_fields(SourceConfig, s)) for s in saved["sources"]]
+    base = _fit_context(ctx, DataConfig(**{**known_fields(DataConfig, saved), "sources": None}))
+    return [(name, source_data(base, s)) for name, s in zip(source_names(sources), sources)]
 
 
 @dataclass
@@ -243,26 +268,43 @@ def lm_task(ctx: EvalContext) -> TaskResult:
         )
     if not getattr(ctx.model, "is_decoder", True):
         raise UserError("eval task lm needs a decoder checkpoint; use eval.tasks=[mlm] for encoders")
+    sources = _mixture_sources(ctx)
+    if sources:  # a mixture: each source's validation split, then all of them together
+        out: dict[str, float | int] = {}
+        parts, details = [], []
+        for name, data in sources:
+            scored = _scored_tokens(ctx, data, "val")
+            _report_unk(scored, ctx.tokenizer)
+            parts.append(_lm_sums(ctx, scored, data))
+            out.update({f"{k}/{name}": v for k, v in _lm_metrics("val", *parts[-1]).items()})
+            details.append({"name": name, **_data_details(scored, ctx.tokenizer)})
+        total, count, n_bytes = (sum(p[i] for p in parts) for i in range(3))
+        return TaskResult({**_lm_metrics("val", total, count, n_bytes), **out}, {"data": {"sources": details}})
     data, split = _data_config(ctx)
     scored = _scored_tokens(ctx, data, split)
     _report_unk(scored, ctx.tokenizer)
+    sums = _lm_sums(ctx, scored, data)
+    return TaskResult(_lm_metrics(scored.prefix, *sums), {"data": _data_details(scored, ctx.tokenizer)})
+
+
+def _lm_sums(ctx: EvalContext, scored: Scored, data: DataConfig) -> tuple[float, float, int]:
+    """(summed NLL, targets, UTF-8 bytes of the targets) of the clm loss over scored's tokens."""
     splits = scored.splits
     total, count, _ = score_objective(ctx, _objective(ctx, "clm", splits, data))
     if count == 0:
         raise UserError(f"data {scored.path}: no tokens to score")
     # The windows are scored in order, so the scored targets are val[1 : 1 + count].
     n_bytes = metrics.utf8_num_bytes(ctx.tokenizer.decode(splits.val[1 : 1 + int(count)].tolist()))
-    loss = total / count
-    p = scored.prefix
-    return TaskResult(
-        {
-            f"{p}/loss": loss,
-            f"{p}/ppl": metrics.perplexity(total, int(count)),
-            f"{p}/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
-            f"{p}/tokens": int(count),
-        },
-        {"data": _data_details(scored, ctx.tokenizer)},
-    )
+    return total, count, n_bytes
+
+
+def _lm_metrics(prefix: str, total: float, count: float, n_bytes: int) -> dict[str, float | int]:
+    return {
+        f"{prefix}/loss": total / count,
+        f"{prefix}/ppl": metrics.perplexity(total, int(count)),
+        f"{prefix}/bits_per_byte": metrics.bits_per_byte(total, max(n_bytes, 1)),
+        f"{prefix}/tokens": int(count),
+    }
 
 
 def _encoder_task(ctx: EvalContext, want: str) -> TaskResult:

@@ -60,7 +60,11 @@ def _compression_report(cfg: RunConfig, path, meta: dict, run_dir) -> None:
 
 def _files_read(cfg: RunConfig, details: dict) -> list[str | None]:
     """The data sources the evaluation read: the text it scored, the task files it was given."""
-    paths = [d["data"]["path"] for d in details.values() if isinstance(d.get("data"), dict)]
+    datas = [d["data"] for d in details.values() if isinstance(d.get("data"), dict)]
+    # a mixture's lm task records each of its sources
+    paths = [
+        p for data in datas for p in ([s["path"] for s in data["sources"]] if "sources" in data else [data["path"]])
+    ]
     return list(dict.fromkeys([*paths, cfg.task.val_path, cfg.task.train_path]))
 
 
@@ -93,13 +97,13 @@ def run(cfg: RunConfig) -> float | None:
         write_run_files(rt.run_dir, cfg, _files_read(cfg, details))
         write_reports(rt.run_dir, results)
         print(f"evaluate: {path} ({', '.join(tasks)})")
-        if scored:
-            d = scored[0]
+        for d in scored[0]["sources"] if scored and "sources" in scored[0] else scored[:1]:
             whole = d["split"] == "all" or d["key"] == "data.val_path"
             prefix = "eval" if d["split"] == "all" else "val"
             part = f"{'all of it' if whole else 'its last data.val_fraction'} ({d['key']}, metrics {prefix}/*)"
             docs = f"{d['documents']:,} document{'s' if d['documents'] != 1 else ''}"
-            print(f"scored {d['path']}: {part}, {docs}, {d['tokens']:,} tokens")
+            name = f" (source {d['name']})" if "name" in d else ""
+            print(f"scored {d['path']}{name}: {part}, {docs}, {d['tokens']:,} tokens")
         print_table({k: v for k, v in results.items() if "/" in k})
         print(f"wrote {rt.run_dir / 'eval.json'} and eval.md", flush=True)
         _compression_report(cfg, path, meta, rt.run_dir)
