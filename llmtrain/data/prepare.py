@@ -155,6 +155,7 @@ def plan_split(data: Any) -> Plan:
     lengths = array("q")
     n = nbytes = 0
     for piece, ends in _pieces_of(data, data.path):
+        _trim_heap()  # the counting pass's blocks fragment the heap as the encoding's do
         n += len(piece)
         nbytes += len(piece.encode("utf-8", "surrogatepass"))
         if ends:
@@ -462,7 +463,8 @@ def _bound_malloc() -> None:
 
 
 def _trim_heap() -> None:
-    """malloc_trim every TRIM_EVERY calls once _bound_malloc has run in this process (or its parent)."""
+    """malloc_trim every TRIM_EVERY calls (pieces counted, tasks encoded) once _bound_malloc has run
+    in this process (or its parent)."""
     if not HEAP_TRIM["every"]:
         return
     HEAP_TRIM["count"] += 1
