@@ -114,7 +114,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    fused: Optional[bool] = None  # None = fused on CUDA
+    fused: Optional[bool] = None  # None = fused on CUDA and CPU (where torch has the CPU kernel)
     # optim=muon: Muon on the blocks' weight matrices (lr muon_lr), AdamW (lr) on everything else
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
