@@ -174,7 +174,7 @@ KEYS: dict[str, str] = {
     "trainer.strategy": "auto | single | ddp | fsdp",
     "trainer.resume": "never | auto (continue from the run directory's last checkpoint)",
     "trainer.compile": "torch.compile the model",
-    "trainer.chunked_loss": "LM-head cross-entropy a few rows at a time, logits recomputed in backward: "
+    "trainer.chunked_loss": "LM-head cross-entropy a few rows at a time, gradients formed in forward: "
     "never the whole [tokens, vocab] logits (same loss; false = the plain full-logits path; "
     "unset = on for CPU runs, off on GPUs)",
     "trainer.device": "auto | cpu | cuda | cuda:N | mps",

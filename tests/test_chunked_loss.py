@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmtrain.config.schema import DataConfig, ModelConfig, ObjectiveConfig
 from llmtrain.data.corpus import TokenSplits
@@ -28,7 +29,7 @@ def test_op_matches_cross_entropy(bias):
     labels = torch.randint(v, (n,), generator=g)
     labels[::7] = -100  # ignored rows, inside several chunks
     upstream = 0.37  # a scale other than 1 reaches every gradient
-    loss, correct = ChunkedCrossEntropy.apply(hidden, weight, b, labels, 8)  # 7 chunks, the last short
+    loss, correct = ChunkedCrossEntropy.apply(hidden, weight, b, labels, 8, True)  # 7 chunks, the last short
     (loss * upstream).backward()
     got = [hidden.grad, weight.grad] + ([b.grad] if bias else [])
     for t in [hidden, weight] + ([b] if bias else []):
@@ -41,6 +42,33 @@ def test_op_matches_cross_entropy(bias):
     assert correct.item() == ((logits.argmax(-1) == labels) & (labels != -100)).sum().item()
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, **TOL)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_logits_recomputed_and_no_gradients_under_no_grad():
+    """Forward + backward cost the plain path's three head matmuls per chunk (the gradients come
+    from the forward pass); under no_grad (evaluation) forward is the loss's one matmul alone."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=g, requires_grad=True)
+    weight = torch.randn(97, 16, generator=g, requires_grad=True)
+    labels = torch.randint(97, (50,), generator=g)
+    with torch.no_grad(), CountMatmuls() as count:
+        ChunkedCrossEntropy.apply(hidden, weight, None, labels, 8, torch.is_grad_enabled())
+    assert count.calls == 7  # 7 chunks
+    with CountMatmuls() as count:
+        loss, _ = ChunkedCrossEntropy.apply(hidden, weight, None, labels, 8, torch.is_grad_enabled())
+        loss.backward()
+    assert count.calls == 3 * 7
+    assert hidden.grad is not None and weight.grad is not None
 
 
 TOK = CharTokenizer("".join(chr(0x4E00 + i) for i in range(300)))

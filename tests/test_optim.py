@@ -1,5 +1,6 @@
 """Optimizers: Muon's orthogonalisation, MuonAdamW against torch's AdamW, the on-device skip of
-non-finite steps, and a Muon run that trains and resumes exactly through the CLI."""
+non-finite steps, fused AdamW by default on CPU, and a Muon run that trains and resumes exactly
+through the CLI."""
 
 from __future__ import annotations
 
@@ -112,6 +113,26 @@ def test_found_inf_skips_the_step_on_device():
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     for p, s in opt.state.items():
         assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
+
+
+def test_adamw_is_fused_on_cpu_and_takes_the_foreach_steps():
+    """optim.fused unset: torch's fused AdamW on CPU too (one pass, no temporary the size of a
+    parameter group); it follows the foreach AdamW it replaced to float rounding."""
+    model, ref = _tiny_model(), _tiny_model()
+    opt = build_optimizer(model, OptimConfig(), "cpu")
+    old = build_optimizer(ref, OptimConfig(fused=False), "cpu")
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]
+    assert old.defaults["foreach"] and not old.defaults["fused"]
+    x = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for m, o in ((model, opt), (ref, old)):
+            o.zero_grad(set_to_none=True)
+            _loss(m, x).backward()
+            o.step()
+    moved = max((a - b).abs().max() for a, b in zip(model.parameters(), _tiny_model().parameters()))
+    assert moved > 1e-3  # the steps were taken
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_optimizer_is_a_user_error():

@@ -114,7 +114,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    fused: Optional[bool] = None  # None = fused on CUDA
+    fused: Optional[bool] = None  # None = fused on CUDA and CPU (where torch has the CPU kernel)
     # optim=muon: Muon on the blocks' weight matrices (lr muon_lr), AdamW (lr) on everything else
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
@@ -150,8 +150,8 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | single | ddp | fsdp
     devices: int = 1
     activation_checkpointing: bool = False
-    # The LM head's cross-entropy (clm, mlm, lm and instruction tasks) in chunks of rows, logits
-    # recomputed in backward: never the whole [tokens, vocab] fp32 logits (objectives/chunked_ce.py).
+    # The LM head's cross-entropy (clm, mlm, lm and instruction tasks) in chunks of rows, gradients
+    # formed in forward: never the whole [tokens, vocab] fp32 logits (objectives/chunked_ce.py).
     # None = auto: on for CPU runs (measured: less memory, same step time), off on GPUs until
     # scripts/gpu_check.sh has measured it there
     chunked_loss: Optional[bool] = None
