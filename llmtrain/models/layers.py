@@ -252,8 +252,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_heads
         # heads first, then split: the same [B, heads, T, hd] views as splitting q|k|v and
-        # viewing each, in 3 ops instead of 7 (a decoding step is mostly per-op overhead)
-        q, k, v = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)
+        # viewing each, in 3 ops instead of 7 (a decoding step of a small model is mostly per-op
+        # overhead; split_with_sizes skips Tensor.split's Python wrapper)
+        q, k, v = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split_with_sizes([nh, nkv, nkv], 1)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
