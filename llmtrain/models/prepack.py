@@ -14,8 +14,8 @@ weight is fp32 on the CPU a forward that uses such a copy while the block lasts:
     small model's decoding step.
 
 The parameters, the state dict and checkpoints are untouched; the copies (one more copy of the
-weights in memory while decoding) are dropped on exit. CUDA, other dtypes and autocast keep
-the plain forward.
+weights in memory while decoding) are dropped on exit. CUDA, other dtypes, autocast and
+torch.compile'd models keep the plain forward.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
     copy of their weight (prepared for `rows` rows at a time, correct for any). Weights must not
     change inside the block (call it under inference_mode)."""
     patched: list[nn.Module] = []
-    if torch.is_autocast_enabled("cpu"):
+    # autocast picks the matmul dtype in F.linear; a torch.compile'd model runs the graph it traced
+    if torch.is_autocast_enabled("cpu") or hasattr(model, "_orig_mod"):
         yield
         return
     shared: dict[tuple[int, int], Callable] = {}  # tied weights: one copy per (weight, bias)
