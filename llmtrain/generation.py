@@ -26,6 +26,7 @@ num_beams > 1: beam search (`beam_search`) for both families, through the same s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -33,6 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.models.prepack import MIN_NEW_TOKENS, prepacked
 
 __all__ = [
     "GenerationResult",
@@ -194,7 +196,9 @@ def generate(
     try:
         # inference_mode, not just no_grad: less bookkeeping per op, which is most of a small
         # model's decoding step on a CPU; only token lists leave it
-        with torch.inference_mode():
+        # and the linear layers multiply by decoding-friendly copies of their weights (CPU only)
+        fast = max_new_tokens >= MIN_NEW_TOKENS
+        with torch.inference_mode(), prepacked(model, len(rows)) if fast else contextlib.nullcontext():
             new = _sample_decoder(
                 model, rows, max_new_tokens, max_len, eos_id, pad_id, stops, stop_fn, temperature, top_k, top_p,
                 generator, use_cache, device,

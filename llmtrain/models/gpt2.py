@@ -16,6 +16,7 @@ from llmtrain.models.layers import (
     KVCache,
     count_params,
     document_inputs,
+    dropout,
     init_weights,
     layer_norm,
     make_attn_mask,
@@ -78,7 +79,7 @@ class GPT2(nn.Module):
             mask = make_attn_mask(attention_mask, T, past, causal=True, device=input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        x = dropout(self.drop, self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.blocks):
             x = block(x, mask, kv_cache, i)
         if kv_cache is not None:

@@ -18,6 +18,7 @@ from llmtrain.models.layers import (
     SwiGLU,
     count_params,
     document_inputs,
+    dropout,
     init_weights,
     make_attn_mask,
     remap_state_dict,
@@ -85,7 +86,7 @@ class Llama(nn.Module):
             mask = make_attn_mask(attention_mask, T, past, causal=True, device=input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
-        x = self.drop(self.tok_emb(input_ids))
+        x = dropout(self.drop, self.tok_emb(input_ids))
         rope = self.rotary(position_ids, x.dtype)  # computed once, shared by all layers
         for i, block in enumerate(self.blocks):
             x = block(x, mask, rope, kv_cache, i)

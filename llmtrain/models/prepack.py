@@ -1,0 +1,85 @@
+"""Decoding-time copies of the linear layers' weights in the layout the CPU GEMM reads fastest.
+
+A decoding step multiplies a few rows (the batch) by every weight matrix. nn.Linear keeps its
+weight as [out, in], and MKL's kernel for x @ W.T at a handful of rows runs well below the speed
+of the same product on a [in, out] matrix, or on a oneDNN-reordered one (docs/benchmarks.md,
+"Generation against transformers"). `prepacked(model, rows)` gives every plain nn.Linear whose
+weight is fp32 on the CPU a forward that uses such a copy while the block lasts:
+
+  * large weights at more than one row: oneDNN's reordered weight (`torch.ops.mkldnn`, the ops
+    Inductor's CPU freezing uses), about 1.4x faster at 8 rows at 124M parameters; at one row
+    they keep the plain forward (a matrix-vector product at memory bandwidth either way);
+  * small weights: a transposed contiguous copy, so F.linear runs the [in, out] kernel (what HF
+    GPT-2's Conv1D runs, bit for bit): about 1.7x faster per small layer, whose matmuls are a
+    small model's decoding step.
+
+The parameters, the state dict and checkpoints are untouched; the copies (one more copy of the
+weights in memory while decoding) are dropped on exit. CUDA, other dtypes, autocast and
+torch.compile'd models keep the plain forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Below this many weight elements the matrix stays in cache and the transposed copy is the
+# faster of the two (gpt_small's 128 x 512 layers: oneDNN's kernel was 1.3x slower there).
+ONEDNN_MIN_NUMEL = 1 << 18
+# Preparing the copies costs about as much as a few decoding steps of a 124M model; shorter
+# generations keep the plain forward.
+MIN_NEW_TOKENS = 16
+
+
+def _onednn_linear(w: torch.Tensor, bias, rows: int) -> Callable | None:
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):  # a build without oneDNN's linear ops
+        return None
+    return lambda x: op(x, packed, bias, "none", [], "")
+
+
+def _fast_forward(w: torch.Tensor, bias, rows: int) -> Callable | None:
+    if w.numel() >= ONEDNN_MIN_NUMEL:
+        # one row of a large matrix is a matrix-vector product at memory bandwidth whatever the
+        # layout: no copy is worth making (it cost more than it saved at 124M and 32 tokens)
+        if rows == 1 or not torch.backends.mkldnn.is_available():
+            return None
+        return _onednn_linear(w, bias, rows)
+    w_t = w.t().contiguous().t()  # the same [out, in] matrix, stored [in, out]
+    return lambda x: F.linear(x, w_t, bias)
+
+
+@contextmanager
+def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
+    """Within the block, model's plain fp32 CPU nn.Linear layers multiply by a decoding-friendly
+    copy of their weight (prepared for `rows` rows at a time, correct for any). Weights must not
+    change inside the block (call it under inference_mode)."""
+    patched: list[nn.Module] = []
+    # autocast picks the matmul dtype in F.linear; a torch.compile'd model runs the graph it traced
+    if torch.is_autocast_enabled("cpu") or hasattr(model, "_orig_mod"):
+        yield
+        return
+    shared: dict[tuple[int, int], Callable] = {}  # tied weights: one copy per (weight, bias)
+    try:
+        for m in model.modules():
+            if type(m) is not nn.Linear or "forward" in m.__dict__:
+                continue
+            w = m.weight
+            if w.device.type != "cpu" or w.dtype != torch.float32:
+                continue
+            key = (id(w), id(m.bias))
+            if key not in shared:
+                shared[key] = _fast_forward(w.detach(), None if m.bias is None else m.bias.detach(), rows)
+            if shared[key] is not None:
+                m.forward = shared[key]  # an instance attribute: nn.Module.__call__ (hooks included) calls it
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward

@@ -1,0 +1,55 @@
+"""llmtrain.models.prepack: decoding-time weight copies change neither the model nor its results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmtrain.config.schema import ModelConfig
+from llmtrain.generation import generate
+from llmtrain.models import build_model, prepack
+
+
+def _model(name: str):
+    kw = dict(name=name, n_layer=2, n_head=4, d_model=64, max_seq_len=64, vocab_size=97)
+    if name == "llama":
+        kw["n_kv_heads"] = 2
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**kw)).eval()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("onednn", [False, True])
+def test_prepacked_keeps_logits_tokens_and_state(name, onednn, monkeypatch):
+    if onednn:
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("no oneDNN in this torch build")
+        monkeypatch.setattr(prepack, "ONEDNN_MIN_NUMEL", 0)  # tiny weights take the oneDNN path too
+    model = _model(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
+    prompts = ids.tolist()
+    with torch.inference_mode():
+        plain = model(ids)
+        with prepack.prepacked(model, rows=3):
+            assert any("forward" in m.__dict__ for m in model.modules())  # it did take over
+            fast = model(ids)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    # generate (which prepacks for >= MIN_NEW_TOKENS) gives the plain model's greedy tokens
+    n = prepack.MIN_NEW_TOKENS + 4
+    with_pack = generate(model, prompts, max_new_tokens=n, temperature=0.0).tokens
+    monkeypatch.setattr(prepack, "MIN_NEW_TOKENS", 10**9)
+    monkeypatch.setattr("llmtrain.generation.MIN_NEW_TOKENS", 10**9)
+    without = generate(model, prompts, max_new_tokens=n, temperature=0.0).tokens
+    assert with_pack == without
+    # nothing is left behind: class forwards, same state-dict keys and values
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_prepacked_leaves_autocast_alone():
+    model = _model("gpt2")
+    with torch.autocast("cpu", dtype=torch.bfloat16), prepack.prepacked(model, rows=2):
+        assert not any("forward" in m.__dict__ for m in model.modules())
