@@ -53,3 +53,15 @@ def test_prepacked_leaves_autocast_alone():
     model = _model("gpt2")
     with torch.autocast("cpu", dtype=torch.bfloat16), prepack.prepacked(model, rows=2):
         assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_no_copies_when_they_would_not_fit_in_memory(monkeypatch):
+    """A model whose weights exceed COPY_MEMORY_SHARE of the available memory keeps the plain forward."""
+    model = _model("gpt2")
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is torch.nn.Linear)
+    monkeypatch.setattr(prepack, "available_memory", lambda: int(weights / prepack.COPY_MEMORY_SHARE) - 4)
+    with torch.inference_mode(), prepack.prepacked(model, rows=2):
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(prepack, "available_memory", lambda: int(weights / prepack.COPY_MEMORY_SHARE) + 4096)
+    with torch.inference_mode(), prepack.prepacked(model, rows=2):
+        assert any("forward" in m.__dict__ for m in model.modules())

@@ -33,6 +33,21 @@ ONEDNN_MIN_NUMEL = 1 << 18
 # Preparing the copies costs about as much as a few decoding steps of a 124M model; shorter
 # generations keep the plain forward.
 MIN_NEW_TOKENS = 16
+# The copies hold the weights a second time while decoding: only when they take at most this
+# share of the memory still available (a model near the machine's memory keeps the plain forward).
+COPY_MEMORY_SHARE = 0.25
+
+
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable); unknown: 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _onednn_linear(w: torch.Tensor, bias, rows: int) -> Callable | None:
@@ -66,13 +81,21 @@ def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
         yield
         return
     shared: dict[tuple[int, int], Callable] = {}  # tied weights: one copy per (weight, bias)
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear
+        and "forward" not in m.__dict__
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.float32
+    ]
+    copied = sum({id(m.weight): m.weight.numel() * 4 for m in linears}.values())
+    if copied > COPY_MEMORY_SHARE * available_memory():  # a large model: no second copy of it
+        yield
+        return
     try:
-        for m in model.modules():
-            if type(m) is not nn.Linear or "forward" in m.__dict__:
-                continue
+        for m in linears:
             w = m.weight
-            if w.device.type != "cpu" or w.dtype != torch.float32:
-                continue
             key = (id(w), id(m.bias))
             if key not in shared:
                 shared[key] = _fast_forward(w.detach(), None if m.bias is None else m.bias.detach(), rows)
