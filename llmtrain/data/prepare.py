@@ -434,11 +434,11 @@ class _ShardWriter:
 
 
 BOUND_MALLOC_BYTES = 256 << 20  # below this the heap's growth is small: malloc is left alone
-# glibc's mmap and trim thresholds while a large source is prepared, and how many tasks each
-# process encodes between two malloc_trim calls (about 8 MB of text).
+# glibc's mmap and trim thresholds while a large source is prepared, and how many pieces counted
+# or tasks encoded (about 8 MB of text) each process goes through between two malloc_trim calls.
 MALLOC_THRESHOLD = 64 << 20
 TRIM_EVERY = 8
-HEAP_TRIM = {"every": 0, "count": 0}  # every = 0: not bounded, never trim; count: encode_task calls
+HEAP_TRIM = {"every": 0, "count": 0}  # every = 0: not bounded, never trim; count: _trim_heap calls
 
 
 def _bound_malloc() -> None:
@@ -447,9 +447,9 @@ def _bound_malloc() -> None:
     space fragments and grows slowly (measured: +330 MB RSS at 1 GB). Fixed thresholds of 64 MB
     keep them on the heap (a 128 KB mmap threshold instead mapped and faulted every block
     afresh: 2.9M page faults and 40% of the CPU at 300 MB), and a malloc_trim every TRIM_EVERY
-    tasks (encode_task, in every process) hands the free pages back. The thresholds hold for the
-    rest of the process (pretrain trains after preparing); 64 MB is near glibc's own dynamic
-    maximum (32 MB), so training allocates much as it would otherwise."""
+    pieces of the counting pass and tasks encoded (in every process) hands the free pages back.
+    The thresholds hold for the rest of the process (pretrain trains after preparing); 64 MB is
+    near glibc's own dynamic maximum (32 MB), so training allocates much as it would otherwise."""
     try:
         import ctypes
 

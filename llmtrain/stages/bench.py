@@ -31,7 +31,7 @@ from llmtrain.objectives import build_objective
 from llmtrain.runtime import setup_runtime
 from llmtrain.tokenizers.byte import ByteTokenizer
 from llmtrain.train.device import autocast, peak_flops
-from llmtrain.train.optim import fused_by_default
+from llmtrain.train.optim import adamw_fused
 from llmtrain.train.tracking import MetricsLogger
 from llmtrain.train.trainer import Trainer, move
 
@@ -179,7 +179,7 @@ def _baseline(cfg: RunConfig, model_cfg, tokens: np.ndarray, rt, enc_dec_objecti
     model = build_model(model_cfg).to(rt.device)
     # as nanoGPT writes it, the model compiled when trainer.compile is; AdamW fused as the trainer's
     # is (on CUDA, and on CPU where torch has the kernel), so the ratio compares loops, not kernels
-    fused = cfg.optim.fused if cfg.optim.fused is not None else fused_by_default(rt.device.type)
+    fused = adamw_fused(cfg.optim, rt.device.type)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused)
     if cfg.trainer.compile:
         model = torch.compile(model)

@@ -58,12 +58,15 @@ def _compression_report(cfg: RunConfig, path, meta: dict, run_dir) -> None:
     print(f"wrote {run_dir / 'compression.json'} and compression.md", flush=True)
 
 
+def _scored_parts(data: dict) -> list[dict]:
+    """The sources a task's data record describes: a mixture's lm task records each of its sources."""
+    return data["sources"] if "sources" in data else [data]
+
+
 def _files_read(cfg: RunConfig, details: dict) -> list[str | None]:
     """The data sources the evaluation read: the text it scored, the task files it was given."""
-    datas = [d["data"] for d in details.values() if isinstance(d.get("data"), dict)]
-    # a mixture's lm task records each of its sources
     paths = [
-        p for data in datas for p in ([s["path"] for s in data["sources"]] if "sources" in data else [data["path"]])
+        part["path"] for d in details.values() if isinstance(d.get("data"), dict) for part in _scored_parts(d["data"])
     ]
     return list(dict.fromkeys([*paths, cfg.task.val_path, cfg.task.train_path]))
 
@@ -97,7 +100,7 @@ def run(cfg: RunConfig) -> float | None:
         write_run_files(rt.run_dir, cfg, _files_read(cfg, details))
         write_reports(rt.run_dir, results)
         print(f"evaluate: {path} ({', '.join(tasks)})")
-        for d in scored[0]["sources"] if scored and "sources" in scored[0] else scored[:1]:
+        for d in _scored_parts(scored[0]) if scored else []:
             whole = d["split"] == "all" or d["key"] == "data.val_path"
             prefix = "eval" if d["split"] == "all" else "val"
             part = f"{'all of it' if whole else 'its last data.val_fraction'} ({d['key']}, metrics {prefix}/*)"
