@@ -65,3 +65,42 @@ def test_no_copies_when_they_would_not_fit_in_memory(monkeypatch):
     monkeypatch.setattr(prepack, "available_memory", lambda: int(weights / prepack.COPY_MEMORY_SHARE) + 4096)
     with torch.inference_mode(), prepack.prepacked(model, rows=2):
         assert any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_direct_calls_keep_results_hooks_and_classes():
+    """Modules without hooks are called directly inside the block; a hooked one keeps its hook,
+    the output is bit for bit the same, and every class and instance dict is restored on exit,
+    an exception included."""
+    model = _model("llama")
+    classes = {name: type(m) for name, m in model.named_modules()}
+    dicts = {name: set(m.__dict__) for name, m in model.named_modules()}
+    seen = []
+    model.blocks[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        plain = model(ids)
+        with prepack.direct_calls(model):
+            attn = model.blocks[1].attn
+            assert type(attn) is not classes["blocks.1.attn"] and isinstance(attn, classes["blocks.1.attn"])
+            assert "qkv" in attn.__dict__  # found without Module.__getattr__
+            assert type(model.blocks[0].mlp) is classes["blocks.0.mlp"]  # hooked: called the usual way
+            fast = model(ids)
+        assert torch.equal(fast, plain)
+        assert len(seen) == 2  # the hook ran inside the block too
+        with pytest.raises(RuntimeError, match="boom"), prepack.direct_calls(model):
+            raise RuntimeError("boom")
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert {name: set(m.__dict__) for name, m in model.named_modules()} == dicts
+
+
+def test_rms_norm_fast_path_is_the_formula():
+    """RMSNorm's fp32 path (torch's rms_norm) gives the HF formula's values bit for bit."""
+    from llmtrain.models.layers import RMSNorm
+
+    torch.manual_seed(3)
+    for d, rows in ((64, 1), (768, 5), (100, 33)):
+        norm = RMSNorm(d, 1e-5)
+        norm.weight.data.normal_()
+        x = torch.randn(rows, d) * 3
+        formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+        assert torch.equal(norm(x), formula)

@@ -27,6 +27,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # torch's kernel: the same value bit for bit in one op instead of six (a decoding step
+            # of a 124M Llama spent 5% of its time here)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -254,10 +258,12 @@ class Attention(nn.Module):
         # heads first, then split: the same [B, heads, T, hd] views as splitting q|k|v and
         # viewing each, in 3 ops instead of 7 (a decoding step of a small model is mostly per-op
         # overhead; split_with_sizes skips Tensor.split's Python wrapper)
-        q, k, v = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split_with_sizes([nh, nkv, nkv], 1)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)
+        if rope is None:
+            q, k, v = heads.split_with_sizes([nh, nkv, nkv], 1)
+        else:  # q and k rotated together: half the elementwise ops, the same values
+            qk, v = heads.split_with_sizes([nh + nkv, nkv], 1)
+            q, k = apply_rotary(qk, *rope).split_with_sizes([nh, nkv], 1)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:

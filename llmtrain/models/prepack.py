@@ -16,6 +16,13 @@ weight is fp32 on the CPU a forward that uses such a copy while the block lasts:
 The parameters, the state dict and checkpoints are untouched; the copies (one more copy of the
 weights in memory while decoding) are dropped on exit. CUDA, other dtypes, autocast and
 torch.compile'd models keep the plain forward.
+
+Within the block every module without hooks is also called directly: nn.Module.__call__ (hook
+checks, tracing state) and Module.__getattr__ (submodules and parameters live in dicts it
+searches) cost about 2.5 us per module per step, which was a quarter of a small model's decoding
+step (gpt_small: 0.47 -> 0.36 ms). Each such module's class is swapped for a cached subclass whose
+__call__ is its forward, and its submodules, parameters and buffers are mirrored into its
+instance dict; both are undone on exit. The same ops run, so results are bit for bit the same.
 """
 
 from __future__ import annotations
@@ -70,14 +77,85 @@ def _fast_forward(w: torch.Tensor, bias, rows: int) -> Callable | None:
     return lambda x: F.linear(x, w_t, bias)
 
 
+def _call_forward(self, *args, **kwargs):
+    return self.forward(*args, **kwargs)
+
+
+_direct_classes: dict[type, type] = {}
+
+
+def _direct_class(cls: type) -> type:
+    """cls with a __call__ that is its forward (the same name, so reprs and errors read the same)."""
+    if cls not in _direct_classes:
+        attrs = {"__call__": _call_forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _direct_classes[cls] = type(cls.__name__, (cls,), attrs)
+    return _direct_classes[cls]
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
+
+
+@contextmanager
+def direct_calls(model: nn.Module) -> Iterator[None]:
+    """Within the block, model's modules without hooks are called without nn.Module.__call__ and
+    find their submodules, parameters and buffers without Module.__getattr__ (module docstring).
+    The module tree must not change inside the block."""
+    swapped: list[tuple[nn.Module, type, list[str]]] = []
+    if _global_hooks():
+        yield
+        return
+    try:
+        for m in dict.fromkeys(model.modules()):  # a shared module once
+            cls = type(m)
+            if _has_hooks(m) or cls.__call__ is not nn.Module.__call__:
+                continue
+            mirrored = []
+            for table in (m._modules, m._parameters, m._buffers):
+                for name, value in table.items():
+                    if value is not None and name not in m.__dict__:
+                        object.__setattr__(m, name, value)  # nn.Module.__setattr__ would file it in the table
+                        mirrored.append(name)
+            m.__class__ = _direct_class(cls)
+            swapped.append((m, cls, mirrored))
+        yield
+    finally:
+        for m, cls, mirrored in reversed(swapped):
+            m.__class__ = cls
+            for name in mirrored:
+                m.__dict__.pop(name, None)
+
+
 @contextmanager
 def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
     """Within the block, model's plain fp32 CPU nn.Linear layers multiply by a decoding-friendly
-    copy of their weight (prepared for `rows` rows at a time, correct for any). Weights must not
-    change inside the block (call it under inference_mode)."""
+    copy of their weight (prepared for `rows` rows at a time, correct for any), and its modules are
+    called directly (direct_calls). Weights must not change inside the block (call it under
+    inference_mode)."""
+    # a torch.compile'd model runs the graph it traced
+    if hasattr(model, "_orig_mod"):
+        yield
+        return
+    with _weight_copies(model, rows), direct_calls(model):
+        yield
+
+
+@contextmanager
+def _weight_copies(model: nn.Module, rows: int) -> Iterator[None]:
     patched: list[nn.Module] = []
-    # autocast picks the matmul dtype in F.linear; a torch.compile'd model runs the graph it traced
-    if torch.is_autocast_enabled("cpu") or hasattr(model, "_orig_mod"):
+    # autocast picks the matmul dtype in F.linear
+    if torch.is_autocast_enabled("cpu"):
         yield
         return
     shared: dict[tuple[int, int], Callable] = {}  # tied weights: one copy per (weight, bias)
