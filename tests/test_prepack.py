@@ -104,3 +104,19 @@ def test_rms_norm_fast_path_is_the_formula():
         x = torch.randn(rows, d) * 3
         formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
         assert torch.equal(norm(x), formula)
+
+
+def test_rotary_roll_is_hf_rotate_half():
+    """apply_rotary with Rotary's signed sin is HF's x * cos + rotate_half(x) * sin bit for bit."""
+    from llmtrain.models.layers import Rotary, apply_rotary
+
+    rotary = Rotary(64)
+    pos = torch.arange(5, 12)[None].expand(2, 7)
+    cos, signed_sin = rotary(pos, torch.float32)
+    freqs = pos[..., None].float() * rotary.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    x = torch.randn(2, 6, 7, 64, generator=torch.Generator().manual_seed(4))
+    x1, x2 = x.chunk(2, dim=-1)
+    hf = x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
+    assert torch.equal(cos, emb.cos())
+    assert torch.equal(apply_rotary(x, cos, signed_sin), hf)

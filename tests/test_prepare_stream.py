@@ -74,6 +74,39 @@ def test_streamed_pieces_are_the_documents(tmp_path, monkeypatch):
         list(iter_pieces(str(tmp_path / "d")))
 
 
+def test_counting_on_bytes_equals_counting_decoded_text(tmp_path, monkeypatch):
+    """Plain text files are counted on their bytes (sources.count_text_file); the plan is the one
+    decoding every piece gives, on files that make the count hard, and the errors are the same."""
+    d = tmp_path / "d"
+    d.mkdir()
+    files = {
+        "a.txt": "ünï 😀 ∑ text\n" * 50,
+        "b.txt": "\n\n   leading whitespace, then text\n",
+        "c.txt": "  \n\t\n",  # whitespace only: no document
+        "d.txt": "\u3000\u00a0\n\u2028",  # unicode whitespace only: no document either
+        "e.txt": "\u3000 then text\r\nwith CRLF\r\n",
+        "f.txt": "\ufeffa byte-order mark",
+        "g.md": "x" * 5000,
+    }
+    for name, text in files.items():
+        (d / name).write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(sources, "COUNT_BLOCK_BYTES", 7)  # blocks cut inside characters
+    for frac, val in ((0.2, None), (0.0, str(d / "a.txt"))):
+        data = _data(tmp_path, d, val_fraction=frac, val_path=val)
+        prep._plans.clear()
+        fast = prep.plan_split(data)
+        with monkeypatch.context() as m:
+            m.setattr(prep, "plain_text_counts", lambda *a: None)
+            prep._plans.clear()
+            slow = prep.plan_split(data)
+        assert fast == slow
+        assert fast.n_docs == 5 + (val is not None)
+    (d / "h.txt").write_bytes(b"text\n\x00binary")
+    prep._plans.clear()
+    with pytest.raises(prep.UserError, match="NUL byte at offset 5"):
+        prep.plan_split(_data(tmp_path, d))
+
+
 def test_split_point_matches_split_documents():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from llmtrain.data.corpus import DocSplit, TokenSplits, encode_mode, encode_texts, split_point, token_dtype, unk_count
-from llmtrain.data.sources import HF_PREFIX, iter_pieces, parse_hf_spec, resolve_files
+from llmtrain.data.sources import HF_PREFIX, iter_pieces, parse_hf_spec, plain_text_counts, resolve_files
 from llmtrain.data.tokens import ShardedTokens, open_shard
 from llmtrain.errors import UserError
 from llmtrain.files import TMP_MARK, atomic_replace, atomic_write, fsync_dir, fsync_tree, tmp_name
@@ -146,6 +146,19 @@ def _pieces_of(data: Any, path: str, key: str = "data.path") -> Iterator[tuple[s
     return iter_pieces(path, data.text_field, data.encoding_errors, data.doc_pattern, key)
 
 
+def _piece_counts(data: Any, path: str, key: str) -> Iterator[tuple[int, int, bool]]:
+    """(characters, UTF-8 bytes, ends_document) of each piece of `path`: a whole document at a
+    time for plain text files, counted on their bytes without decoding (sources.count_text_file)."""
+    counted = plain_text_counts(path, data.text_field, data.encoding_errors, data.doc_pattern)
+    if counted is not None:
+        for chars, nbytes in counted:
+            yield chars, nbytes, True
+        return
+    for piece, ends in _pieces_of(data, path, key):
+        _trim_heap()  # the counting pass's blocks fragment the heap as the encoding's do
+        yield len(piece), len(piece.encode("utf-8", "surrogatepass")), ends
+
+
 def plan_split(data: Any) -> Plan:
     """The counting pass: each document's length in characters, without holding any text."""
     memo = sha_of([source_fingerprint(data), split_key(data)])
@@ -154,10 +167,9 @@ def plan_split(data: Any) -> Plan:
     bound_malloc_if_large(data)
     lengths = array("q")
     n = nbytes = 0
-    for piece, ends in _pieces_of(data, data.path):
-        _trim_heap()  # the counting pass's blocks fragment the heap as the encoding's do
-        n += len(piece)
-        nbytes += len(piece.encode("utf-8", "surrogatepass"))
+    for piece_chars, piece_bytes, ends in _piece_counts(data, data.path, "data.path"):
+        n += piece_chars
+        nbytes += piece_bytes
         if ends:
             lengths.append(n)
             n = 0
@@ -165,9 +177,9 @@ def plan_split(data: Any) -> Plan:
     n_docs = len(lengths)
     if getattr(data, "val_path", None):
         k, offset, by = len(lengths), 0, "val_path"
-        for piece, ends in _pieces_of(data, data.val_path, "data.val_path"):
-            chars += len(piece)
-            nbytes += len(piece.encode("utf-8", "surrogatepass"))
+        for piece_chars, piece_bytes, ends in _piece_counts(data, data.val_path, "data.val_path"):
+            chars += piece_chars
+            nbytes += piece_bytes
             n_docs += ends
     else:
         k, offset, by = split_point(lengths, data.val_fraction)

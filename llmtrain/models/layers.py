@@ -77,8 +77,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate(x)
-        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
-        return dropout(self.dropout, self.proj(g * self.up(x)))
+        inplace = not torch.is_grad_enabled()  # nothing is kept for backward: two fewer allocations
+        g = F.silu(g, inplace=inplace) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        h = g.mul_(self.up(x)) if inplace else g * self.up(x)
+        return dropout(self.dropout, self.proj(h))
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -95,15 +97,20 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """position_ids [B,T] -> (cos, sin), each [B,1,T,head_dim], broadcast over heads."""
+        """position_ids [B,T] -> (cos, sin), each [B,1,T,head_dim], broadcast over heads. The first
+        half of sin is negated (rotate_half's sign), for apply_rotary."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # fp32 for long positions
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        return emb.cos().to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """HF's x * cos + rotate_half(x) * sin, bit for bit: with rotate_half's sign already in `sin`
+    (Rotary), rotate_half(x) * sin is a roll of x times sin (per layer: one op instead of neg and
+    cat; the sign flip is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 # ----------------------------------------------------------------------------- KV cache
