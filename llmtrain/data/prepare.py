@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 import time
 from array import array
 from collections import deque
@@ -351,14 +352,42 @@ def _progress(total_bytes: int, what: str, initial: int = 0):
     )
 
 
+# Tasks queued per worker before the main process considers encoding one itself, and tasks in
+# flight per process before it waits for the oldest (memory stays bounded whatever the corpus).
+WORKER_QUEUE = 2
+IN_FLIGHT = 4
+
+
+def _worker_encode(task: Task, out_dir: str) -> tuple[str, str]:
+    """encode_task in a worker: (a file in out_dir holding the tokens, their dtype). A file rather
+    than the pipe: a worker sending its tokens waits until the main process's result thread reads
+    them, which needs the GIL the main thread holds while it encodes (about 10 ms lost per task, a
+    fifth of the worker's time at 1 GB)."""
+    arr = encode_task(task)
+    fd, path = tempfile.mkstemp(dir=out_dir, suffix=".tokens")
+    with os.fdopen(fd, "wb") as f:
+        f.write(arr.data)
+    return path, arr.dtype.str
+
+
+def _collect(result: tuple[str, str]) -> np.ndarray:
+    path, dtype = result
+    try:
+        return np.fromfile(path, dtype=np.dtype(dtype))
+    finally:
+        os.unlink(path)
+
+
 def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool) -> Iterator[np.ndarray]:
     """The tokens of each task, in order, from num_proc - 1 workers and the main process: the
-    main process hands each task to the workers while fewer than two per worker are queued, and
-    otherwise encodes it itself, so num_proc processes stay busy on num_proc cores and the main
-    process's own work (reading, writing the shards) is balanced against the workers' instead of
-    a fixed share (a fixed 1-in-num_proc share left the worker idle: 1.31x at 1 GB). At most
-    4 * num_proc tasks are in flight, so memory does not grow with the corpus (Pool.imap would
-    read the whole input ahead)."""
+    main process hands each task to the workers while fewer than WORKER_QUEUE per worker are
+    queued, and otherwise encodes it itself, so num_proc processes stay busy on num_proc cores
+    and the main process's own work (reading, writing the shards) is balanced against the
+    workers' instead of a fixed share (a fixed 1-in-num_proc share left the worker idle: 1.31x at
+    1 GB; balancing on CPU seconds instead left both processes waiting on each other). The
+    workers hand their tokens back in files (_worker_encode). At most IN_FLIGHT * num_proc tasks
+    are in flight, so memory does not grow with the corpus (Pool.imap would read the whole input
+    ahead)."""
     if num_proc <= 1 or not parallel:
         for t in tasks:
             yield encode_task(t, tok)
@@ -370,29 +399,32 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
     threads = getattr(tok, "encode_threads", None)
     if hasattr(tok, "encode_threads"):
         tok.encode_threads = max(1, usable_cores() // num_proc)
+    workers = num_proc - 1
+    out_dir = tempfile.mkdtemp(prefix="llmtrain-encoded-")  # the workers' tokens, until written
     try:
-        with mp.get_context(method).Pool(num_proc - 1, _init_worker, (tok.state(), num_proc)) as pool:
+        with mp.get_context(method).Pool(workers, _init_worker, (tok.state(), num_proc)) as pool:
             pending: deque = deque()  # in task order: arrays encoded here, AsyncResults of the workers
 
             def queued() -> int:
                 return sum(1 for p in pending if not isinstance(p, np.ndarray) and not p.ready())
 
             for t in tasks:
-                if queued() < 2 * (num_proc - 1):
-                    pending.append(pool.apply_async(encode_task, (t,)))
+                if queued() < WORKER_QUEUE * workers:
+                    pending.append(pool.apply_async(_worker_encode, (t, out_dir)))
                 else:  # the workers have enough to do: encode this one here rather than wait
                     pending.append(encode_task(t, tok))
                 while pending and (
-                    isinstance(pending[0], np.ndarray) or pending[0].ready() or len(pending) >= 4 * num_proc
+                    isinstance(pending[0], np.ndarray) or pending[0].ready() or len(pending) >= IN_FLIGHT * num_proc
                 ):
                     done = pending.popleft()
-                    yield done if isinstance(done, np.ndarray) else done.get()
+                    yield done if isinstance(done, np.ndarray) else _collect(done.get())
             while pending:
                 done = pending.popleft()
-                yield done if isinstance(done, np.ndarray) else done.get()
+                yield done if isinstance(done, np.ndarray) else _collect(done.get())
     finally:
         if hasattr(tok, "encode_threads"):
             tok.encode_threads = threads
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 class _ShardWriter:
@@ -447,9 +479,10 @@ class _ShardWriter:
 
 BOUND_MALLOC_BYTES = 256 << 20  # below this the heap's growth is small: malloc is left alone
 # glibc's mmap and trim thresholds while a large source is prepared, and how many pieces counted
-# or tasks encoded (about 8 MB of text) each process goes through between two malloc_trim calls.
+# or tasks encoded (about 32 MB of text) each process goes through between two malloc_trim calls
+# (each call walks the heap: every 8 tasks cost a tenth of the run).
 MALLOC_THRESHOLD = 64 << 20
-TRIM_EVERY = 8
+TRIM_EVERY = 32
 HEAP_TRIM = {"every": 0, "count": 0}  # every = 0: not bounded, never trim; count: _trim_heap calls
 
 
