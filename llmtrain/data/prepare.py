@@ -393,9 +393,14 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
             yield encode_task(t, tok)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    # Encoding once here imports what the encoder needs (pyarrow pulls in pandas: ~2 s) before the
-    # fork, so the workers inherit it instead of each paying for it.
-    encode_task(("train", encode_mode(tok), [("warm up\n", False)]), tok)
+    # The first task is encoded here before the fork: the workers inherit what the encoder
+    # imports (pyarrow pulls in pandas: ~2 s) and the words it has encoded (sentencepiece's
+    # share of a 100 MB corpus, otherwise paid again by every worker).
+    tasks = iter(tasks)
+    first = next(tasks, None)
+    if first is None:
+        return
+    first_ids = encode_task(first, tok)
     threads = getattr(tok, "encode_threads", None)
     if hasattr(tok, "encode_threads"):
         tok.encode_threads = max(1, usable_cores() // num_proc)
@@ -403,7 +408,7 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
     out_dir = tempfile.mkdtemp(prefix="llmtrain-encoded-")  # the workers' tokens, until written
     try:
         with mp.get_context(method).Pool(workers, _init_worker, (tok.state(), num_proc)) as pool:
-            pending: deque = deque()  # in task order: arrays encoded here, AsyncResults of the workers
+            pending: deque = deque([first_ids])  # in task order: arrays encoded here, AsyncResults of the workers
 
             def queued() -> int:
                 return sum(1 for p in pending if not isinstance(p, np.ndarray) and not p.ready())
