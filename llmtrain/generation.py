@@ -35,6 +35,7 @@ import torch
 
 from llmtrain.errors import UserError
 from llmtrain.models.prepack import MIN_NEW_TOKENS, prepacked
+from llmtrain.threads import threads_for_decoding
 
 __all__ = [
     "GenerationResult",
@@ -247,36 +248,40 @@ def _sample_decoder(
         cache = model.new_kv_cache(B, min(max_len, total), device=device)
     past = 0  # positions already in the cache
     n = 0  # tokens generated so far (columns of `out`)
-    for step in range(max_new_tokens):
-        cur = L + step  # columns filled so far
-        if cache is not None and cur > cache.max_len:
-            cache = None  # cache full: continue with the sliding window
-        if cache is not None:
-            logits = _last_logits(
-                model, ids[:, past:cur], mask[:, :cur] if padded else None, pos_all[:, past:cur], cache
-            )
-            past = cur
-        else:
-            lo = max(0, cur - max_len)
-            win_mask = mask[:, lo:cur]
-            logits = _last_logits(
-                model, ids[:, lo:cur], win_mask if padded else None, _positions(win_mask) if lo else pos_all[:, :cur],
-                None,
-            )  # fmt: skip
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        n = step + 1
-        if not watch:
-            out[:, step] = nxt
-        else:
-            _accept(nxt.tolist(), new, done, eos_id, stops, stop_fn)  # the one host sync per step
-            if all(done):
+    with contextlib.ExitStack() as stack:
+        for step in range(max_new_tokens):
+            if step == 1 and device.type == "cpu" and cache is not None:
+                # one-token steps: fewer threads while other processes keep cores busy (the same
+                # tokens: a one-row step's products do not depend on the thread count)
+                stack.enter_context(threads_for_decoding())
+            cur = L + step  # columns filled so far
+            if cache is not None and cur > cache.max_len:
+                cache = None  # cache full: continue with the sliding window
+                stack.close()  # whole windows again: the caller's thread count
+            if cache is not None:
+                logits = _last_logits(
+                    model, ids[:, past:cur], mask[:, :cur] if padded else None, pos_all[:, past:cur], cache
+                )
+                past = cur
+            else:
+                lo = max(0, cur - max_len)
+                win_mask = mask[:, lo:cur]
+                win_pos = _positions(win_mask) if lo else pos_all[:, :cur]
+                logits = _last_logits(model, ids[:, lo:cur], win_mask if padded else None, win_pos, None)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            n = step + 1
+            if not watch:
+                out[:, step] = nxt
+            else:
+                _accept(nxt.tolist(), new, done, eos_id, stops, stop_fn)  # the one host sync per step
+                if all(done):
+                    break
+                if any(done):
+                    done_t = torch.tensor(done, device=device)
+            if step == max_new_tokens - 1:
                 break
-            if any(done):
-                done_t = torch.tensor(done, device=device)
-        if step == max_new_tokens - 1:
-            break
-        # finished rows keep being fed (pad_id) so the batch stays rectangular; their outputs are ignored
-        ids[:, cur] = nxt.masked_fill(done_t, pad_id) if watch else nxt
+            # finished rows keep being fed (pad_id) so the batch stays rectangular; their outputs are ignored
+            ids[:, cur] = nxt.masked_fill(done_t, pad_id) if watch else nxt
     if not watch:
         new = out[:, :n].tolist()
     return new

@@ -357,3 +357,48 @@ def test_bench_generate_smoke_writes_identical_rows(tmp_path):
     ]
     assert all(r["identical"] and r["llmtrain_tok_s"] > 0 and r["transformers_tok_s"] > 0 for r in rows)
     assert bench.main(["--smoke", "--models", "nope"]) == 2
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_busy_cores_decode_with_fewer_threads_and_the_same_tokens(name, monkeypatch):
+    """While other processes keep the cores busy, the one-token steps run on fewer threads (the
+    prompt's step and the caller's count are untouched), and the tokens, greedy and sampled, are
+    those of an idle machine."""
+    from llmtrain import threads
+
+    if threads.usable_cores() < 2:
+        pytest.skip("needs 2 usable cores")
+    model = tiny_model(name, d_model=64, n_layer=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+
+    def run(**kw):
+        return generate(
+            model, PROMPTS, max_new_tokens=12, stop_fn=lambda _r, _n: seen.append(torch.get_num_threads()), **kw
+        ).tokens
+
+    try:
+        idle_greedy = run(temperature=0.0)
+        idle_sampled = run(temperature=1.0, generator=torch.Generator().manual_seed(3))
+        assert set(seen) == {2}
+        seen.clear()
+        monkeypatch.setattr(threads, "other_runnable", lambda: threads.usable_cores() - 1)  # all cores but one busy
+        assert threads.decoding_threads(2) == 1
+        assert run(temperature=0.0) == idle_greedy
+        rows = len(PROMPTS)  # stop_fn runs once per row and step
+        assert set(seen[:rows]) == {2} and set(seen[rows:]) == {1}  # the prompt's step on 2, the rest on 1
+        assert run(temperature=1.0, generator=torch.Generator().manual_seed(3)) == idle_sampled
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_runnable_reads_the_run_queue():
+    from llmtrain import threads
+
+    n = threads.other_runnable()
+    if n is None:
+        pytest.skip("no /proc here")
+    assert 0 <= n < 10_000
+    assert threads.decoding_threads(1) == 1  # one thread is never fewer
