@@ -123,6 +123,7 @@ def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
     Arrow's exact hash table over zero-copy views of those bytes: no Python object per word.
     """
     import pyarrow as pa  # a dependency of `datasets`; imported here to keep start-up light
+    import pyarrow.compute as pc
 
     if _word_cache_owner[0] != tok.fingerprint() or len(_word_cache) > _WORD_CACHE_MAX:
         _word_cache.clear()
@@ -146,7 +147,9 @@ def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
         )
     else:
         words = pa.LargeStringArray.from_buffers(len(word_starts), pa.py_buffer(offsets), pa.py_buffer(data))
-    grouped = words.dictionary_encode()
+    # the system allocator, not pyarrow's mimalloc: its pages are glibc's, which prepare's heap
+    # trimming hands back (mimalloc's kept a 1 GB prepare's peak RSS 60 MB higher than at 100 MB)
+    grouped = pc.dictionary_encode(words, memory_pool=pa.system_memory_pool())
     codes = grouped.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     uniques = grouped.dictionary.to_pylist()
     cache = _word_cache
