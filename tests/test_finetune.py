@@ -304,6 +304,28 @@ def test_classification_lora_end_to_end(pretrained, tmp_path):
         f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
     assert final["val/macro_f1"] == pytest.approx(sum(f1s) / 2)
 
+    # resuming the finished run: the checkpoint resume would take is the merged final one, even
+    # behind a newer corrupt one (which resume skips, so it must not be what is checked)
+    corrupt = run / "checkpoints" / "step_9999999"
+    corrupt.mkdir()
+    (corrupt / "meta.json").write_text("{not json")
+    (corrupt / "model.safetensors").write_bytes(b"x")
+    again = run_cli(
+        "finetune",
+        "+experiment=finetune_sst2",
+        f"init_from={pretrained}",
+        *FAST,
+        f"task.train_path={SHARED / 'sst2' / 'train.tsv'}",
+        f"task.val_path={SHARED / 'sst2' / 'dev.tsv'}",
+        "data.seq_len=48",
+        "task.max_examples=64",
+        "trainer.max_steps=4",
+        "finetune.lora.r=4",
+        "trainer.resume=auto",
+        f"hydra.run.dir={run}",
+    )
+    assert_user_error(again, "merged final checkpoint", "nothing to resume")
+
 
 def test_bert_qa_and_pair_classification(bert_ckpt, tmp_path):
     run = tmp_path / "qa"

@@ -213,10 +213,14 @@ def _setup_method(cfg: RunConfig, model, backbone, heads) -> str:
 
 
 def _check_resumable(cfg: RunConfig, run_dir) -> None:
-    found = ckpt.list_checkpoints(run_dir / "checkpoints") if cfg.trainer.resume == "auto" else []
-    if found and (ckpt.load_meta(found[-1]).get("lora") or {}).get("merged"):
+    # the checkpoint resume would take (the newest that verifies), not merely the newest: a
+    # corrupt newer one is skipped there, so it must not stop the run here
+    if cfg.trainer.resume != "auto":
+        return
+    last = ckpt.newest_intact(run_dir / "checkpoints", main=False)
+    if last is not None and (ckpt.load_meta(last).get("lora") or {}).get("merged"):
         raise UserError(
-            f"{found[-1]} is the merged final checkpoint of a finished LoRA run; "
+            f"{last} is the merged final checkpoint of a finished LoRA run; "
             "nothing to resume (start a new run with init_from=it)"
         )
 
