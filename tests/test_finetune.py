@@ -244,7 +244,7 @@ def test_label_outside_declared_set(tmp_path):
 # ----------------------------------------------------------------------------- end to end (CLI)
 def test_classification_lora_end_to_end(pretrained, tmp_path):
     run = tmp_path / "sst2"
-    proc = run_cli(
+    args = [
         "finetune",
         "+experiment=finetune_sst2",
         f"init_from={pretrained}",
@@ -258,7 +258,8 @@ def test_classification_lora_end_to_end(pretrained, tmp_path):
         "finetune.lora.r=4",
         "optim.lr=1e-2",
         f"hydra.run.dir={run}",
-    )
+    ]
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "new heads (randomly initialised): head.weight [2, 64], head.bias [2]" in proc.stdout
     assert "LoRA r=4" in proc.stdout and "trainable of" in proc.stdout
@@ -310,20 +311,7 @@ def test_classification_lora_end_to_end(pretrained, tmp_path):
     corrupt.mkdir()
     (corrupt / "meta.json").write_text("{not json")
     (corrupt / "model.safetensors").write_bytes(b"x")
-    again = run_cli(
-        "finetune",
-        "+experiment=finetune_sst2",
-        f"init_from={pretrained}",
-        *FAST,
-        f"task.train_path={SHARED / 'sst2' / 'train.tsv'}",
-        f"task.val_path={SHARED / 'sst2' / 'dev.tsv'}",
-        "data.seq_len=48",
-        "task.max_examples=64",
-        "trainer.max_steps=4",
-        "finetune.lora.r=4",
-        "trainer.resume=auto",
-        f"hydra.run.dir={run}",
-    )
+    again = run_cli(*args, "trainer.resume=auto")
     assert_user_error(again, "merged final checkpoint", "nothing to resume")
 
 
