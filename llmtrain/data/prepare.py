@@ -394,7 +394,7 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     # The first task is encoded here before the fork: the workers inherit what the encoder
-    # imports (pyarrow pulls in pandas: ~2 s) and the words it has encoded (sentencepiece's
+    # imports (pyarrow: ~0.1 s) and the words it has encoded (sentencepiece's
     # share of a 100 MB corpus, otherwise paid again by every worker).
     tasks = iter(tasks)
     first = next(tasks, None)
