@@ -68,14 +68,12 @@ def test_no_copies_when_they_would_not_fit_in_memory(monkeypatch):
 
 
 def test_direct_calls_keep_results_hooks_and_classes():
-    """Modules without hooks are called directly inside the block; a hooked one keeps its hook,
-    the output is bit for bit the same, and every class and instance dict is restored on exit,
-    an exception included."""
+    """The modules are called directly inside the block, the output is bit for bit the same, and
+    every class and instance dict is restored on exit, an exception included. A model with a hook
+    anywhere is left alone (a hook may swap parameters, as FSDP2's do), and its hook runs."""
     model = _model("llama")
     classes = {name: type(m) for name, m in model.named_modules()}
     dicts = {name: set(m.__dict__) for name, m in model.named_modules()}
-    seen = []
-    model.blocks[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         plain = model(ids)
@@ -83,14 +81,18 @@ def test_direct_calls_keep_results_hooks_and_classes():
             attn = model.blocks[1].attn
             assert type(attn) is not classes["blocks.1.attn"] and isinstance(attn, classes["blocks.1.attn"])
             assert "qkv" in attn.__dict__  # found without Module.__getattr__
-            assert type(model.blocks[0].mlp) is classes["blocks.0.mlp"]  # hooked: called the usual way
             fast = model(ids)
         assert torch.equal(fast, plain)
-        assert len(seen) == 2  # the hook ran inside the block too
         with pytest.raises(RuntimeError, match="boom"), prepack.direct_calls(model):
             raise RuntimeError("boom")
-    assert {name: type(m) for name, m in model.named_modules()} == classes
-    assert {name: set(m.__dict__) for name, m in model.named_modules()} == dicts
+        assert {name: type(m) for name, m in model.named_modules()} == classes
+        assert {name: set(m.__dict__) for name, m in model.named_modules()} == dicts
+        seen = []
+        model.blocks[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        with prepack.direct_calls(model):
+            assert {name: type(m) for name, m in model.named_modules()} == classes  # left alone
+            assert torch.equal(model(ids), plain)
+        assert len(seen) == 1
 
 
 def test_rms_norm_fast_path_is_the_formula():
