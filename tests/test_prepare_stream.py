@@ -107,6 +107,34 @@ def test_counting_on_bytes_equals_counting_decoded_text(tmp_path, monkeypatch):
         prep.plan_split(_data(tmp_path, d))
 
 
+def test_csv_and_parquet_stream_the_same_documents(tmp_path, monkeypatch):
+    """CSV/TSV rows and Parquet values are read a piece at a time (the whole file is never read),
+    and they are the documents a whole-file read gives: quoted fields across lines and blocks,
+    CRLF, a unicode line separator."""
+    import csv
+    import io
+
+    rows = [{"text": f"row {i} ünï\nsecond line {'x' * (i % 13)}\u2028end", "label": str(i % 2)} for i in range(300)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["text", "label"], lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (tmp_path / "d.csv").write_text(buf.getvalue(), encoding="utf-8", newline="")
+    whole = [r["text"] or "" for r in csv.DictReader(buf.getvalue().splitlines())]  # how it was read
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 97)  # blocks end inside rows, fields and characters
+    monkeypatch.setattr(sources, "read_text", lambda *a, **k: pytest.fail("read whole"))
+    assert list(sources.iter_documents(tmp_path / "d.csv")) == whole
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [r["text"] for r in rows], "n": list(range(300))}), tmp_path / "d.parquet")
+    monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 7)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read whole"))
+    assert list(sources.iter_documents(tmp_path / "d.parquet")) == [r["text"] for r in rows]
+    with pytest.raises(prep.UserError, match="no column 'body'"):
+        list(sources.iter_documents(tmp_path / "d.parquet", text_field="body"))
+
+
 def test_split_point_matches_split_documents():
     rng = np.random.default_rng(0)
     for _ in range(200):

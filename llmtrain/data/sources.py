@@ -123,8 +123,12 @@ def _field(record: object, field: str, path: Path, where: str, errors: str = "st
     return valid_text(str(value), path, where, errors)
 
 
+PARQUET_BATCH_ROWS = 4096
+
+
 def iter_documents(path: Path, text_field: str = "text", errors: str = "strict") -> Iterator[str]:
-    """Yield the documents of one file. A plain text file is one document."""
+    """Yield the documents of one file. A plain text file is one document. CSV/TSV and Parquet
+    are read a piece at a time; a .json file (one JSON value) is read whole."""
     kind = _stem_suffix(path)
     if kind == ".jsonl":
         for i, line in enumerate(read_text(path, errors).splitlines(), start=1):
@@ -143,8 +147,10 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "strict")
         for i, record in enumerate(records):
             yield _field(record, text_field, path, f"record {i}", errors)
     elif kind in (".csv", ".tsv"):
-        text = read_text(path, errors)
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if kind == ".tsv" else ",")
+        # streamed: the lines of each ~1 MB piece (pieces end after a newline, so these are the
+        # whole text's splitlines()), a row at a time, so a CSV larger than memory can be prepared
+        lines = (line for piece in iter_text_pieces(path, errors) for line in piece.splitlines())
+        reader = csv.DictReader(lines, delimiter="\t" if kind == ".tsv" else ",")
         if reader.fieldnames is None or text_field not in reader.fieldnames:
             raise UserError(f"{path}: no column {text_field!r} (set data.text_field)")
         for row in reader:
@@ -154,11 +160,12 @@ def iter_documents(path: Path, text_field: str = "text", errors: str = "strict")
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path)
-        if text_field not in table.column_names:
+        table = pq.ParquetFile(path)
+        if text_field not in table.schema_arrow.names:
             raise UserError(f"{path}: no column {text_field!r} (set data.text_field)")
-        for value in table.column(text_field).to_pylist():
-            yield "" if value is None else str(value)
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):  # streamed too
+            for value in batch.column(0).to_pylist():
+                yield "" if value is None else str(value)
     else:
         yield read_text(path, errors)
 
