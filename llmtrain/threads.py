@@ -12,6 +12,7 @@ sets counts as the user's.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -95,8 +96,6 @@ def decoding_threads(current: int, looks: int = 3) -> int:
     count). A decoding step is a chain of small ops; each parallel region waits for every
     thread, and a thread that shares its core with a busy process makes each wait a time slice
     (124M, batch 1, one busy neighbour: 96 ms a step with 2 threads against ~45 ms with 1)."""
-    import time
-
     if current <= 1:
         return current
     busy = None

@@ -73,11 +73,20 @@ def binary_reason(raw: bytes) -> str | None:
     return None
 
 
-def read_text(path: Path, errors: str = "strict") -> str:
-    raw = _read_bytes(path)
-    why = binary_reason(raw)
+def refuse_binary(path: Path, raw: bytes | bytearray, offset: int = 0) -> None:
+    """binary_reason's checks on one block of `path` that starts `offset` bytes in: a NUL byte
+    anywhere in it; the share of invalid UTF-8 in the file's first bytes (the block at 0)."""
+    nul = raw.find(b"\x00")
+    why = f"a NUL byte at offset {offset + nul}" if nul >= 0 else None
+    if why is None and offset == 0:
+        why = binary_reason(raw[:_SNIFF_BYTES])
     if why:
         raise UserError(f"data file {path} is a binary file, not text ({why}); point at a text file")
+
+
+def read_text(path: Path, errors: str = "strict") -> str:
+    raw = _read_bytes(path)
+    refuse_binary(path, raw)
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
@@ -290,12 +299,7 @@ def iter_text_pieces(path: Path, errors: str = "strict") -> Iterator[str]:
                 if path.suffix == ".gz":
                     raise UserError(f"data file {path} is not valid gzip: {e}") from None
                 raise UserError(f"cannot read data file {path}: {e}") from None
-            why = binary_reason(raw) if offset == 0 else None
-            nul = raw.find(b"\x00") if why is None else -1
-            if nul >= 0:
-                why = f"a NUL byte at offset {offset + nul}"
-            if why:
-                raise UserError(f"data file {path} is a binary file, not text ({why}); point at a text file")
+            refuse_binary(path, raw, offset)
             pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
             try:
                 text = carry + decoder.decode(raw, final=not raw)
@@ -359,12 +363,7 @@ def count_text_file(path: Path, errors: str) -> tuple[int, int] | None:
                 raw = f.read(COUNT_BLOCK_BYTES)
                 if not raw:
                     break
-                why = binary_reason(raw[: 1 << 16]) if offset == 0 else None
-                nul = raw.find(b"\x00") if why is None else -1
-                if nul >= 0:
-                    why = f"a NUL byte at offset {offset + nul}"
-                if why:
-                    raise UserError(f"data file {path} is a binary file, not text ({why}); point at a text file")
+                refuse_binary(path, raw, offset)
                 signed = np.frombuffer(raw, dtype=np.int8)  # continuation bytes are -128..-65
                 chars += len(raw) - int(np.count_nonzero(signed < -64))
                 offset += len(raw)

@@ -17,10 +17,10 @@ The parameters, the state dict and checkpoints are untouched; the copies (one mo
 weights in memory while decoding) are dropped on exit. CUDA, other dtypes, autocast and
 torch.compile'd models keep the plain forward.
 
-Within the block the modules of a model without hooks are also called directly: nn.Module.__call__ (hook
-checks, tracing state) and Module.__getattr__ (submodules and parameters live in dicts it
-searches) cost about 2.5 us per module per step, which was a quarter of a small model's decoding
-step (gpt_small: 0.47 -> 0.36 ms). Each such module's class is swapped for a cached subclass whose
+Within the block the modules of a model without hooks are also called directly:
+nn.Module.__call__ (hook checks, tracing state) and Module.__getattr__ (submodules and parameters
+live in dicts it searches) cost about 2.5 us per module per step, which was a quarter of a small
+model's decoding step (gpt_small: 0.47 -> 0.36 ms). Each such module's class is swapped for a cached subclass whose
 __call__ is its forward, and its submodules, parameters and buffers are mirrored into its
 instance dict; both are undone on exit. The same ops run, so results are bit for bit the same.
 """
