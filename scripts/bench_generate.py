@@ -16,7 +16,8 @@ exactly --new-tokens tokens (no eos), so tokens/s = batch * new tokens / seconds
 two libraries' greedy tokens must be identical (the script exits 1 otherwise); in bf16 the
 kernels differ, so the share of identical tokens is reported instead. At batch 1 on the CPU it
 also prints the memory floor of a decoding step, measured in the same process: the time to read
-every weight matrix once (a plain sum) and to multiply one row by all of them.
+every weight matrix once (a plain sum) and to multiply one row by all of them (by F.linear, and
+split over the threads as llmtrain's decoding does).
 """
 
 from __future__ import annotations
@@ -82,13 +83,18 @@ def _timed(fn, device, clock=time.perf_counter) -> tuple[float, object]:
     return clock() - t, out
 
 
-def weight_floor(model, clock=time.perf_counter, passes: int = 3) -> tuple[float, float, int]:
+def weight_floor(model, clock=time.perf_counter, passes: int = 3) -> tuple[float, float, float, int]:
     """(seconds to read every weight matrix once with a plain sum, seconds of one-row products
-    with all of them, bytes): the memory floor of a batch-1 decoding step, measured in process.
-    A step of either library cannot beat the first, and both run the second's kernels."""
+    with all of them by F.linear (transformers' kernel), the same products split over the threads
+    (llmtrain's, prepack.split_rows_linear), bytes): the memory floor of a batch-1 decoding step,
+    measured in process. A step of either library cannot beat the first."""
+    from llmtrain.models.prepack import split_rows_linear
+
     mats = list({id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
     xs = [torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats]
-    best_sum = best_mv = float("inf")
+    parts = torch.get_num_threads()
+    split = [split_rows_linear(w, None, parts) if parts > 1 else None for w in mats]
+    best_sum = best_mv = best_split = float("inf")
     with torch.inference_mode():
         for _ in range(passes):
             t = clock()
@@ -99,7 +105,11 @@ def weight_floor(model, clock=time.perf_counter, passes: int = 3) -> tuple[float
             for x, w in zip(xs, mats):
                 torch.nn.functional.linear(x, w)
             best_mv = min(best_mv, clock() - t)
-    return best_sum, best_mv, sum(w.numel() * w.element_size() for w in mats)
+            t = clock()
+            for x, w, f in zip(xs, mats, split):
+                f(x) if f is not None else torch.nn.functional.linear(x, w)
+            best_split = min(best_split, clock() - t)
+    return best_sum, best_mv, best_split, sum(w.numel() * w.element_size() for w in mats)
 
 
 def bench(name, batch, prompt_len, new_tokens, device, dtype, repeats, smoke, clock=time.perf_counter) -> dict:
@@ -132,8 +142,13 @@ def bench(name, batch, prompt_len, new_tokens, device, dtype, repeats, smoke, cl
     ours_tps, theirs_tps = n / min(t_ours), n / min(t_theirs)
     floor = {}
     if batch == 1 and device.type == "cpu" and not smoke:
-        read_s, mv_s, nbytes = weight_floor(ours, clock)
-        floor = dict(weight_bytes=nbytes, read_weights_ms=read_s * 1e3, one_row_matmuls_ms=mv_s * 1e3)
+        read_s, mv_s, split_s, nbytes = weight_floor(ours, clock)
+        floor = dict(
+            weight_bytes=nbytes,
+            read_weights_ms=read_s * 1e3,
+            one_row_matmuls_ms=mv_s * 1e3,
+            split_one_row_matmuls_ms=split_s * 1e3,
+        )
     return dict(
         model=name,
         params=sum(p.numel() for p in ours.parameters()),
@@ -205,7 +220,8 @@ def main(argv=None) -> int:
                         f"{name}: step {r['llmtrain_step_ms']:.2f} ms (llmtrain) / {r['transformers_step_ms']:.2f} ms "
                         f"(transformers); reading its {r['weight_bytes'] / 1e6:.0f} MB of weight matrices once "
                         f"{r['read_weights_ms']:.2f} ms ({gbs:.1f} GB/s), one-row products with all of them "
-                        f"{r['one_row_matmuls_ms']:.2f} ms"
+                        f"{r['one_row_matmuls_ms']:.2f} ms by F.linear, "
+                        f"{r['split_one_row_matmuls_ms']:.2f} ms split over the threads"
                     )
         for line in floor:
             print(f"# batch 1 floor, {line}")

@@ -122,3 +122,46 @@ def test_rotary_roll_is_hf_rotate_half():
     hf = x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
     assert torch.equal(cos, emb.cos())
     assert torch.equal(apply_rotary(x, cos, signed_sin), hf)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows_out", [96, 97])  # 97: a last block that is not whole (like 50257)
+def testsplit_rows_linear_is_f_linear_bit_for_bit(bias, rows_out, monkeypatch):
+    """One row times a large matrix, as a bmm over blocks of its rows: the same values exactly."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # forward reads it at each call
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(rows_out, 640, generator=g) * 0.02
+    b = torch.randn(rows_out, generator=g) if bias else None
+    f = prepack.split_rows_linear(w, b, parts=2)
+    for shape in ((1, 1, 640), (1, 640), (3, 640)):  # a decoding step, a bare row, more rows (plain)
+        x = torch.randn(*shape, generator=g)
+        y = f(x)
+        assert y.shape == shape[:-1] + (rows_out,)
+        assert torch.equal(y, torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_one_row_decoding_splits_products_and_keeps_logits(name, monkeypatch):
+    """prepacked(rows=1) with 2 threads: large weights take the split product (no copy), and a
+    decoding step's logits and the greedy tokens are exactly the plain model's."""
+    monkeypatch.setattr(prepack, "ONEDNN_MIN_NUMEL", 0)  # tiny weights count as large
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _model(name)
+        ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            cache = model.new_kv_cache(1, 16)
+            model(ids[:, :8], kv_cache=cache)
+            plain = model(ids[:, 8:], kv_cache=cache)
+            cache.crop(8)
+            with prepack.prepacked(model, rows=1):
+                assert model.lm_head.forward.__qualname__.startswith("split_rows_linear")
+                fast = model(ids[:, 8:], kv_cache=cache)
+        assert torch.equal(fast, plain)
+        n = prepack.MIN_NEW_TOKENS + 4
+        with_split = generate(model, ids.tolist(), max_new_tokens=n, temperature=0.0).tokens
+        monkeypatch.setattr("llmtrain.generation.MIN_NEW_TOKENS", 10**9)
+        assert generate(model, ids.tolist(), max_new_tokens=n, temperature=0.0).tokens == with_split
+    finally:
+        torch.set_num_threads(threads)

@@ -7,14 +7,16 @@ of the same product on a [in, out] matrix, or on a oneDNN-reordered one (docs/be
 weight is fp32 on the CPU a forward that uses such a copy while the block lasts:
 
   * large weights at more than one row: oneDNN's reordered weight (`torch.ops.mkldnn`, the ops
-    Inductor's CPU freezing uses), about 1.4x faster at 8 rows at 124M parameters; at one row
-    they keep the plain forward (a matrix-vector product at memory bandwidth either way);
+    Inductor's CPU freezing uses), about 1.4x faster at 8 rows at 124M parameters;
+  * large weights at one row: no copy, but the matrix-vector product split into blocks of rows
+    in one bmm, which uses every thread (MKL runs a one-row product on one thread): 1.3-1.8x
+    per product with 2 threads, the same values bit for bit;
   * small weights: a transposed contiguous copy, so F.linear runs the [in, out] kernel (what HF
     GPT-2's Conv1D runs, bit for bit): about 1.7x faster per small layer, whose matmuls are a
     small model's decoding step.
 
 The parameters, the state dict and checkpoints are untouched; the copies (one more copy of the
-weights in memory while decoding) are dropped on exit. CUDA, other dtypes, autocast and
+weights in memory while decoding, where they fit) are dropped on exit. CUDA, other dtypes, autocast and
 torch.compile'd models keep the plain forward.
 
 Within the block the modules of a model without hooks are also called directly:
@@ -66,11 +68,44 @@ def _onednn_linear(w: torch.Tensor, bias, rows: int) -> Callable | None:
     return lambda x: op(x, packed, bias, "none", [], "")
 
 
+def split_rows_linear(w: torch.Tensor, bias, parts: int) -> Callable:
+    """F.linear of one row by w, as `parts` matrix-vector products over blocks of w's rows in one
+    bmm: MKL runs a one-row product on one thread whatever torch's setting, and bmm spreads its
+    batch over the threads (1.3-1.8x per product with 2 threads here). Each output element is the
+    same dot product, bit for bit (tested). The blocks are views: no copy. Rows past the last
+    whole block (a vocabulary like 50257) take one plain F.linear; more rows, or one thread at
+    the call (threads.decoding_threads on busy cores), the plain forward."""
+    n, k = w.shape
+    size = n // parts
+    whole = size * parts
+    blocks = w[:whole].view(parts, size, k).transpose(1, 2)  # [parts, in, size]
+    bias_blocks = None if bias is None else bias[:whole].view(parts, 1, size)
+    rest_w = w[whole:]
+    rest_b = None if bias is None else bias[whole:]
+    get_threads = torch.get_num_threads
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != k or get_threads() == 1:
+            return F.linear(x, w, bias)
+        xs = x.view(1, 1, k).expand(parts, 1, k)
+        y = torch.bmm(xs, blocks) if bias_blocks is None else torch.baddbmm(bias_blocks, xs, blocks)
+        y = y.view(x.shape[:-1] + (whole,))
+        return y if whole == n else torch.cat((y, F.linear(x, rest_w, rest_b)), -1)
+
+    return forward
+
+
+def _copies(w: torch.Tensor, rows: int) -> bool:
+    """Whether _fast_forward makes a copy of w (else it uses views of it, or nothing)."""
+    return w.numel() < ONEDNN_MIN_NUMEL or rows > 1
+
+
 def _fast_forward(w: torch.Tensor, bias, rows: int) -> Callable | None:
     if w.numel() >= ONEDNN_MIN_NUMEL:
-        # one row of a large matrix is a matrix-vector product at memory bandwidth whatever the
-        # layout: no copy is worth making (it cost more than it saved at 124M and 32 tokens)
-        if rows == 1 or not torch.backends.mkldnn.is_available():
+        if rows == 1:  # a matrix-vector product: spread over the threads, no copy
+            parts = torch.get_num_threads()
+            return split_rows_linear(w, bias, parts) if parts > 1 and w.shape[0] >= parts else None
+        if not torch.backends.mkldnn.is_available():
             return None
         return _onednn_linear(w, bias, rows)
     w_t = w.t().contiguous().t()  # the same [out, in] matrix, stored [in, out]
@@ -170,10 +205,9 @@ def _weight_copies(model: nn.Module, rows: int) -> Iterator[None]:
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
     ]
-    copied = sum({id(m.weight): m.weight.numel() * 4 for m in linears}.values())
+    copied = sum({id(m.weight): m.weight.numel() * 4 for m in linears if _copies(m.weight, rows)}.values())
     if copied > COPY_MEMORY_SHARE * available_memory():  # a large model: no second copy of it
-        yield
-        return
+        linears = [m for m in linears if not _copies(m.weight, rows)]
     try:
         for m in linears:
             w = m.weight
