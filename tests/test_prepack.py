@@ -126,7 +126,7 @@ def test_rotary_roll_is_hf_rotate_half():
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows_out", [96, 97])  # 97: a last block that is not whole (like 50257)
-def testsplit_rows_linear_is_f_linear_bit_for_bit(bias, rows_out, monkeypatch):
+def test_split_rows_linear_is_f_linear_bit_for_bit(bias, rows_out, monkeypatch):
     """One row times a large matrix, as a bmm over blocks of its rows: the same values exactly."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # forward reads it at each call
     g = torch.Generator().manual_seed(0)
@@ -165,3 +165,16 @@ def test_one_row_decoding_splits_products_and_keeps_logits(name, monkeypatch):
         assert generate(model, ids.tolist(), max_new_tokens=n, temperature=0.0).tokens == with_split
     finally:
         torch.set_num_threads(threads)
+
+
+def test_split_products_need_no_memory_for_copies(monkeypatch):
+    """With no memory to spare for copies, one-row decoding still splits its products (views)."""
+    monkeypatch.setattr(prepack, "ONEDNN_MIN_NUMEL", 0)
+    monkeypatch.setattr(prepack, "available_memory", lambda: 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model = _model("gpt2")
+    with torch.inference_mode(), prepack.prepacked(model, rows=1):
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        assert all(m.forward.__qualname__.startswith("split_rows_linear") for m in linears)
+    with torch.inference_mode(), prepack.prepacked(model, rows=2):  # copies: none fit
+        assert not any("forward" in m.__dict__ for m in model.modules())

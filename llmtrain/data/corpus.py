@@ -176,7 +176,7 @@ def _encode_words(tok: Tokenizer, texts: list[str], dtype) -> list[np.ndarray]:
     is_start[text_starts[text_starts < n]] = True  # a word never spans two texts
     word_starts = np.flatnonzero(is_start)
     del is_start
-    offsets = np.empty(len(word_starts) + 1, dtype=np.int32 if idx is np.int32 else np.int64)
+    offsets = np.empty(len(word_starts) + 1, dtype=idx)
     offsets[:-1] = word_starts
     offsets[-1] = n
     string_array = pa.StringArray if idx is np.int32 else pa.LargeStringArray

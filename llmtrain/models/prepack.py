@@ -101,10 +101,10 @@ def _copies(w: torch.Tensor, rows: int) -> bool:
 
 
 def _fast_forward(w: torch.Tensor, bias, rows: int) -> Callable | None:
+    if not _copies(w, rows):  # a large matrix-vector product: spread over the threads
+        parts = torch.get_num_threads()
+        return split_rows_linear(w, bias, parts) if parts > 1 and w.shape[0] >= parts else None
     if w.numel() >= ONEDNN_MIN_NUMEL:
-        if rows == 1:  # a matrix-vector product: spread over the threads, no copy
-            parts = torch.get_num_threads()
-            return split_rows_linear(w, bias, parts) if parts > 1 and w.shape[0] >= parts else None
         if not torch.backends.mkldnn.is_available():
             return None
         return _onednn_linear(w, bias, rows)
