@@ -41,7 +41,8 @@ VERBS: dict[str, Verb] = {
         "data.path data.sources data.val_fraction data.val_path data.seq_len data.batch_size model.n_layer "
         "model.d_model optim.lr scheduler.warmup_steps trainer.max_steps trainer.eval_every trainer.ckpt_every "
         "trainer.precision "
-        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.chunked_loss trainer.threads "
+        "trainer.devices trainer.strategy trainer.resume trainer.compile trainer.chunked_loss "
+        "trainer.defer_head_grad trainer.threads "
         "objective.noise_density "
         "objective.mean_span_length objective.permute_sentences model.extra_ids init_from objective.temperature "
         "objective.pooling objective.pair_columns objective.positive_threshold objective.hard_negative_threshold "
@@ -177,6 +178,8 @@ KEYS: dict[str, str] = {
     "trainer.chunked_loss": "LM-head cross-entropy a few rows at a time, gradients formed in forward: "
     "never the whole [tokens, vocab] logits (same loss; false = the plain full-logits path; "
     "unset = on for CPU runs, off on GPUs)",
+    "trainer.defer_head_grad": "with trainer.chunked_loss: form the LM head weight's gradient at the end of the "
+    "backward, when the blocks' activations are freed (lower peak memory, one more head matmul)",
     "trainer.device": "auto | cpu | cuda | cuda:N | mps",
     "trainer.seed": "random seed",
     "task.name": "the task (choose with task=NAME, which also sets its defaults)",

@@ -4,13 +4,14 @@
     .venv/bin/python scripts/bench_chunked_loss.py --model gpt_tiny --batch 2 --seq 32 --rounds 1 --tally
 
 One step is the trainer's (train/trainer.py) for clm: forward through the blocks, the clm loss
-(`objectives.chunked_ce.lm_loss` with trainer.chunked_loss false or true), backward, the gradient
-clip, the optimizer that `train.optim.build_optimizer` builds for optim=adamw on CPU (`--fused`
-overrides optim.fused) and zero_grad(set_to_none=True). Only the loss path differs between the
-two variants.
+(`objectives.chunked_ce.lm_loss`: plain is trainer.chunked_loss=false, chunked is true, deferred
+adds trainer.defer_head_grad=true, the head weight's gradient formed at the end of the backward),
+backward, the gradient clip, the optimizer that `train.optim.build_optimizer` builds for
+optim=adamw on CPU (`--fused` overrides optim.fused) and zero_grad(set_to_none=True). Only the loss
+path differs between the variants.
 
-Each measurement is its own child process, and the children alternate (plain, chunked, plain,
-...), so load from other jobs hits both alike:
+Each measurement is its own child process, and the children alternate (plain, chunked, deferred,
+plain, ...), so load from other jobs hits each alike:
 - RSS children: peak RSS (ru_maxrss) after the first backward (forward + backward, before the
   optimizer ever ran) and at the end (every step, AdamW's state included); process CPU seconds
   per step (the first step, which creates the optimizer state, is untimed when --steps > 1).
@@ -50,6 +51,10 @@ def build(a):
     cfg = ModelConfig(**{**preset, "max_seq_len": max(a.seq, preset.get("max_seq_len", 0))})
     cfg.vocab_size = cfg.vocab_size or a.vocab
     model = build_model(cfg)
+    if a.variant == "deferred":
+        from llmtrain.objectives.chunked_ce import defer_head_gradient
+
+        defer_head_gradient(model)  # as the trainer does with trainer.defer_head_grad=true
     ocfg = OptimConfig(lr=1e-4, fused={"auto": None, "true": True, "false": False}[a.fused])
     opt = build_optimizer(model, ocfg, "cpu")
     g = torch.Generator().manual_seed(0)
@@ -96,7 +101,7 @@ def rss_child(a) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     for _ in range(a.steps):
         c0, t0 = time.process_time(), time.perf_counter()
-        losses.append(train_step(model, opt, ocfg, x, a.variant == "chunked", phase))
+        losses.append(train_step(model, opt, ocfg, x, a.variant != "plain", phase))
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
@@ -120,7 +125,7 @@ def tally_child(a) -> None:
     with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         for i in range(a.steps):
             train_step(
-                model, opt, ocfg, x, a.variant == "chunked", lambda name, i=i: record_function(f"phase:{i}:{name}")
+                model, opt, ocfg, x, a.variant != "plain", lambda name, i=i: record_function(f"phase:{i}:{name}")
             )
     mp = prof._memory_profile()
     # phase and op intervals (ns, the timeline's clock)
@@ -204,12 +209,12 @@ def main() -> None:
         "--fused", choices=["auto", "true", "false"], default="auto", help="optim.fused (auto: as the trainer)"
     )
     ap.add_argument("--tally", action="store_true", help="also one profiled child per variant: exact live bytes")
-    ap.add_argument("--variant", choices=["plain", "chunked"])  # internal: run one child
+    ap.add_argument("--variant", choices=["plain", "chunked", "deferred"])  # internal: run one child
     ap.add_argument("--mode", choices=["rss", "tally"], default="rss")  # internal
     a = ap.parse_args()
     if a.variant:
         return tally_child(a) if a.mode == "tally" else rss_child(a)
-    variants = ("plain", "chunked")
+    variants = ("plain", "chunked", "deferred")
 
     def run(v, mode):
         args = [sys.executable, __file__, "--variant", v, "--mode", mode] + sys.argv[1:]
@@ -242,8 +247,10 @@ def main() -> None:
                 op = p["ops"][-1] if p["ops"] else ""
                 print(f"| {v} | {int(step) + 1} | {gb(p['bytes'])} | {p['phase']}, {op} | {cells} | {gb(other)} |")
         for s in sorted(tallies["plain"]["peaks"]):
-            p, c = (tallies[v]["peaks"][s]["bytes"] for v in variants)
-            print(f"step {int(s) + 1}: exact peak {100 * (1 - c / p):.1f}% lower")
+            p = tallies["plain"]["peaks"][s]["bytes"]
+            for v in variants[1:]:
+                c = tallies[v]["peaks"][s]["bytes"]
+                print(f"step {int(s) + 1}: exact peak of {v} {100 * (1 - c / p):.1f}% lower")
     if a.rounds:
         print(f"\npeak RSS ({runs['plain'][0]['optimizer']}):")
         print("| loss | peak RSS, whole run | forward+backward (step 1) | CPU s / step | loss |")
@@ -252,13 +259,15 @@ def main() -> None:
             peak, fb = max(r["peak_gb"] for r in rs), max(r["fwd_bwd_peak_gb"] for r in rs)
             step = statistics.median(t for r in rs for t in r["cpu_s"])
             print(f"| {v} | {peak:.2f} GB | {fb:.2f} GB | {step:.2f} | {rs[0]['losses'][0]:.6f} |")
-        p, c = (max(r["peak_gb"] for r in runs[v]) for v in variants)
-        fp, fc = (max(r["fwd_bwd_peak_gb"] for r in runs[v]) for v in variants)
-        tp, tc = (statistics.median(t for r in runs[v] for t in r["cpu_s"]) for v in variants)
-        print(
-            f"\npeak RSS {100 * (1 - c / p):.0f}% lower, of forward+backward {100 * (1 - fc / fp):.0f}% "
-            f"lower; CPU time per step x{tc / tp:.3f}"
-        )
+        p, fp = max(r["peak_gb"] for r in runs["plain"]), max(r["fwd_bwd_peak_gb"] for r in runs["plain"])
+        tp = statistics.median(t for r in runs["plain"] for t in r["cpu_s"])
+        for v in variants[1:]:
+            c, fc = max(r["peak_gb"] for r in runs[v]), max(r["fwd_bwd_peak_gb"] for r in runs[v])
+            tc = statistics.median(t for r in runs[v] for t in r["cpu_s"])
+            print(
+                f"{v}: peak RSS {100 * (1 - c / p):.0f}% lower, of forward+backward {100 * (1 - fc / fp):.0f}% "
+                f"lower; CPU time per step x{tc / tp:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +122,107 @@ def test_objective_losses_match(arch, objective, monkeypatch):
     assert g_plain.keys() == g_chunked.keys() and len(g_plain) > 3
     for k in g_plain:
         torch.testing.assert_close(g_chunked[k], g_plain[k], **TOL, msg=k)
+
+
+class HeadShapedOutputs(TorchDispatchMode):
+    """Records, in order, every op whose output has the head weight's shape (its gradient's
+    buffers), next to markers appended by hooks."""
+
+    def __init__(self, shape, events):
+        super().__init__()
+        self.shape, self.events = tuple(shape), events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.events.append(f"head-shaped {func.overloadpacket.__name__}")
+        return out
+
+
+def head_gradient_run(arch: str, objective: str, defer: bool):
+    """(every parameter's gradient, the events of one forward + backward) of a small model whose
+    head is larger than one chunk; 'blocks done' marks the gradient reaching the first block's input."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        name=arch, n_layer=2, n_head=2, d_model=32, max_seq_len=32, vocab_size=320, tie_embeddings=arch != "llama"
+    )
+    model = build_model(cfg)
+    if defer:
+        assert chunked_ce.defer_head_gradient(model)
+    trainee = build_objective(ObjectiveConfig(name=objective), TOK, splits(), DataConfig(seq_len=32, batch_size=4), 0)
+    trainee.chunked_loss = True
+    events: list[str] = []
+
+    def mark(_module, args):  # returns None: the block's inputs stay as they are
+        args[0].register_hook(lambda g: events.append("blocks done"))
+
+    model.blocks[0].register_forward_pre_hook(mark)
+    with HeadShapedOutputs(model.get_output_embeddings().weight.shape, events):
+        trainee.loss(model, trainee.train_source().batch(0)).loss.backward()
+    return {k: p.grad for k, p in model.named_parameters()}, events
+
+
+@pytest.mark.parametrize("arch,objective", [("gpt2", "clm"), ("llama", "clm"), ("bert", "mlm")])
+def test_deferred_head_gradient_is_formed_after_the_blocks_and_is_exact(arch, objective, monkeypatch):
+    """defer_head_gradient (the trainer's default with the chunked loss): the head weight's
+    gradient is formed only once the blocks' backward is done, when their activations are freed,
+    and every gradient equals the undeferred chunked path's bit for bit (tied heads: gpt2, bert;
+    an untied one: llama)."""
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 2000)  # 320 x 32 head: five chunks' worth
+    early, early_events = head_gradient_run(arch, objective, defer=False)
+    late, late_events = head_gradient_run(arch, objective, defer=True)
+    first = next(i for i, e in enumerate(early_events) if e.startswith("head-shaped"))
+    assert first < early_events.index("blocks done")  # formed by the loss, before the blocks' backward
+    assert all(late_events.index("blocks done") < i for i, e in enumerate(late_events) if e.startswith("head-shaped"))
+    assert early.keys() == late.keys() and sum(g is not None for g in early.values()) > 5
+    for k in early:  # bert's pooler and NSP head have none in mlm
+        assert (early[k] is None and late[k] is None) or torch.equal(early[k], late[k]), k
+
+
+def test_deferral_costs_one_head_matmul_and_nothing_without_grad(monkeypatch):
+    """Deferred, each chunk costs four head matmuls (the logits again at the end); under no_grad
+    the hook places nothing and the loss is its one matmul per chunk."""
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 320 * 8)  # 8 rows per chunk
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="gpt2", n_layer=1, n_head=2, d_model=16, max_seq_len=16, vocab_size=320)
+    model = build_model(cfg)
+    ids = torch.randint(5, 300, (2, 16))  # 32 rows: 4 chunks
+    head = model.get_output_embeddings()
+
+    def head_matmuls(grad: bool) -> int:
+        hidden = model.encode(ids).detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad), CountMatmuls() as count:
+            model.get_input_embeddings()(ids)  # the hook's forward, as inside encode
+            ce, _, _ = chunked_ce.head_cross_entropy(hidden, head, ids, chunked=True)
+            if grad:
+                ce.backward()
+        return count.calls
+
+    assert chunked_ce.defer_head_gradient(model)
+    assert head_matmuls(False) == 4
+    assert head_matmuls(True) == 4 * 4
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_heads_deferral_cannot_serve_are_left_alone():
+    """Not a plain nn.Linear head (LoRA, quantized) or no embedding accessors: not installed."""
+    model = build_model(ModelConfig(name="gpt2", n_layer=1, n_head=2, d_model=16, max_seq_len=16, vocab_size=320))
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(16, 320))
+    assert not chunked_ce.defer_head_gradient(model)
+    assert not chunked_ce.defer_head_gradient(torch.nn.Linear(4, 4))
+
+
+def test_deferred_gradients_reach_ddp_and_fsdp():
+    """Two gloo ranks under torchrun: DDP's and FSDP's synchronised gradients of every parameter
+    are the same with and without the deferral (tests/distributed_head_gradient.py)."""
+    script = Path(__file__).with_name("distributed_head_gradient.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in ("ddp gpt2", "ddp llama", "fsdp gpt2", "fsdp llama"):
+        assert f"{case}: " in proc.stdout and "gradients equal" in proc.stdout, proc.stdout

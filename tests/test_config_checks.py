@@ -160,3 +160,16 @@ def test_a_joblib_sweep_job_counts_the_jobs_beside_it():
             assert joblib_jobs() == 2
         finally:
             HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["trainer.chunked_loss=false"], "drop trainer.chunked_loss=false"),
+        (["trainer.compile=true"], "trainer.compile=true"),
+    ],
+)
+def test_deferred_head_gradient_conflicts_are_refused(overrides, needle):
+    msg = _refused("pretrain", "trainer.defer_head_grad=true", *overrides)
+    assert "trainer.defer_head_grad=true" in msg and needle in msg
+    _check("pretrain", "trainer.defer_head_grad=true")  # with the chunked loss (auto) it composes

@@ -94,6 +94,11 @@ def validate_config(cfg: RunConfig) -> None:
         raise UserError(f"model.n_head={m.n_head} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if d.seq_len > m.max_seq_len:
         raise UserError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    t = cfg.trainer
+    if t.defer_head_grad and t.chunked_loss is False:
+        raise UserError("trainer.defer_head_grad=true needs the chunked loss; drop trainer.chunked_loss=false")
+    if t.defer_head_grad and t.compile:
+        raise UserError("trainer.defer_head_grad=true cannot be combined with trainer.compile=true")
 
 
 def check_document_mask(cfg: RunConfig, model_cls=None) -> None:

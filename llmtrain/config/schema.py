@@ -155,6 +155,10 @@ class TrainerConfig:
     # None = auto: on for CPU runs (measured: less memory, same step time), off on GPUs until
     # scripts/gpu_check.sh has measured it there
     chunked_loss: Optional[bool] = None
+    # With the chunked loss: form the head weight's gradient at the end of the backward, once the
+    # blocks' activations are freed (a vocab x d buffer less at the step's peak, for a fourth head
+    # matmul: measured 30.3% against 26.4% lower peak, 1.11x the step time, gpt2_124m on CPU)
+    defer_head_grad: bool = False
     max_bad_steps: int = 5
     eval_on_stop: bool = True  # SIGTERM/SIGINT: after the checkpoint, run the validation pass too
     progress: bool = True

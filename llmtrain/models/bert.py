@@ -85,6 +85,12 @@ class Bert(nn.Module):
         features, head = self.lm_head_parts(hidden)
         return head(features)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_emb
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.mlm_decoder
+
     def lm_head_parts(self, hidden: torch.Tensor):
         """(the MLM transform's output, the vocabulary projection); see gpt2.GPT2.lm_head_parts."""
         return self.mlm_norm(F.gelu(self.mlm_dense(hidden))), self.mlm_decoder

@@ -89,6 +89,13 @@ class GPT2(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The vocabulary projection (Hugging Face's names for the pair)."""
+        return self.lm_head
+
     def lm_head_parts(self, hidden: torch.Tensor):
         """(what the output projection sees, the projection): lm_logits is their composition, and
         the chunked loss (objectives/chunked_ce.py) applies the projection a few rows at a time."""

@@ -97,6 +97,12 @@ class Llama(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_emb
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
     def lm_head_parts(self, hidden: torch.Tensor):
         """(what the output projection sees, the projection): lm_logits is their composition, and
         the chunked loss (objectives/chunked_ce.py) applies the projection a few rows at a time."""

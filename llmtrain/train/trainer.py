@@ -41,6 +41,7 @@ from llmtrain.distributed import (
 from llmtrain.distributed.wrap import resolve_strategy, wrap_model
 from llmtrain.errors import Interrupted, UserError
 from llmtrain.objectives import LossOutput, Trainee
+from llmtrain.objectives.chunked_ce import defer_head_gradient
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.device import autocast, peak_flops
 from llmtrain.train.optim import build_optimizer, build_scheduler
@@ -119,6 +120,12 @@ class Trainer:
         if hasattr(trainee, "chunked_loss"):  # objectives and tasks whose loss is the LM head's
             chunked = self.tc.chunked_loss
             trainee.chunked_loss = device.type == "cpu" if chunked is None else chunked
+        if self.tc.defer_head_grad:  # the config-only conflicts are refused by validate_config
+            if not getattr(trainee, "chunked_loss", False):
+                raise UserError(f"trainer.defer_head_grad=true: {cfg.stage}'s loss is not the chunked LM-head loss")
+            if not defer_head_gradient(model):
+                name = type(model).__name__
+                raise UserError(f"trainer.defer_head_grad=true: {name}'s LM head is not a plain linear layer")
         self.loss_module = wrap_model(LossModule(model, trainee), cfg.trainer, device, precision, dist)
         self.optimizer = build_optimizer(model, cfg.optim, device.type)
         self.extra = trainee_extra(trainee)
