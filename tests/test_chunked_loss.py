@@ -164,7 +164,7 @@ def head_gradient_run(arch: str, objective: str, defer: bool):
 
 @pytest.mark.parametrize("arch,objective", [("gpt2", "clm"), ("llama", "clm"), ("bert", "mlm")])
 def test_deferred_head_gradient_is_formed_after_the_blocks_and_is_exact(arch, objective, monkeypatch):
-    """defer_head_gradient (the trainer's default with the chunked loss): the head weight's
+    """defer_head_gradient (trainer.defer_head_grad=true): the head weight's
     gradient is formed only once the blocks' backward is done, when their activations are freed,
     and every gradient equals the undeferred chunked path's bit for bit (tied heads: gpt2, bert;
     an untied one: llama)."""
