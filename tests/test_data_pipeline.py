@@ -88,7 +88,7 @@ def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monk
     each document whole (the reference), split where split_documents puts the cut. bounded: as
     for a large source (the malloc bound, with its heap trims every few tasks)."""
     monkeypatch.setattr(prep, "CHUNK_CHARS", 2000)  # many pieces per document
-    monkeypatch.setattr(prep, "HEAP_TRIM", {"every": 0, "count": 0})
+    monkeypatch.setattr(prep, "HEAP_TRIM", {"every": 0, "count": 0, "ceiling": 0})
     if bounded:
         monkeypatch.setattr(prep, "BOUND_MALLOC_BYTES", 0)
     data = _data(tmp_path, _wiki_small(tmp_path), doc_pattern=WIKI_DOCS, num_proc=num_proc)
@@ -109,6 +109,32 @@ def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monk
     assert splits.val_bytes == sum(len(d.encode()) for d in ds.val)
     # the heap is trimmed (every few encoded tasks) only under the bound
     assert (prep.HEAP_TRIM["every"] > 0) == bounded and (prep.HEAP_TRIM["count"] > 0) == bounded
+
+
+def test_heap_is_trimmed_every_few_tasks_and_whenever_rss_passes_the_ceiling(monkeypatch):
+    """Under the malloc bound a process trims every TRIM_EVERY tasks; its first trim sets the
+    ceiling (its RSS then + TRIM_HEADROOM), and from then on any task that starts above it trims
+    too, so the peak does not creep up with the corpus between the periodic trims."""
+    rss = [500 << 20]
+    trims: list[int] = []
+    monkeypatch.setattr(prep, "HEAP_TRIM", {"every": 4, "count": 0, "ceiling": 0})
+    monkeypatch.setattr(prep, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(prep, "malloc_trim", lambda: trims.append(prep.HEAP_TRIM["count"]))
+    for _ in range(3):  # no ceiling yet: however high RSS is, only the periodic trim
+        prep._trim_heap()
+    assert trims == []
+    rss[0] = 100 << 20
+    prep._trim_heap()
+    assert trims == [4] and prep.HEAP_TRIM["ceiling"] == (100 << 20) + prep.TRIM_HEADROOM
+    rss[0] = prep.HEAP_TRIM["ceiling"]  # at the ceiling: not above it
+    prep._trim_heap()
+    rss[0] += 1
+    prep._trim_heap()
+    rss[0] = 120 << 20
+    prep._trim_heap()
+    prep._trim_heap()  # the 8th call: periodic again
+    assert trims == [4, 6, 8]
+    assert prep.HEAP_TRIM["ceiling"] == (100 << 20) + prep.TRIM_HEADROOM  # set once, by the first trim
 
 
 def test_word_cache_encoding_is_exact(sp, tmp_path):

@@ -314,6 +314,7 @@ _worker_tok: Tokenizer | None = None
 
 def _init_worker(state: dict[str, Any], num_proc: int) -> None:
     global _worker_tok
+    HEAP_TRIM.update(count=0, ceiling=0)  # a worker's ceiling is its own RSS's, not its parent's
     _worker_tok = tokenizer_from_state(state)
     # num_proc workers share the cores: a sentencepiece encoder per worker taking every core
     # oversubscribes them (2 workers on 2 cores ran at half the speed of one process).
@@ -488,7 +489,13 @@ BOUND_MALLOC_BYTES = 256 << 20  # below this the heap's growth is small: malloc 
 # (each call walks the heap: every 8 tasks cost a tenth of the run).
 MALLOC_THRESHOLD = 64 << 20
 TRIM_EVERY = 32
-HEAP_TRIM = {"every": 0, "count": 0}  # every = 0: not bounded, never trim; count: _trim_heap calls
+# RSS a process may gain over where it stood after its first trim before it trims again early:
+# the heap's free space fragments and grows with the corpus (a 1 GB prepare peaked 22% above a
+# 100 MB one); trimming only when over this ceiling keeps the peak flat at 1/2 to 1/3 of the cost
+# of trimming every few tasks (each trim's pages are faulted in again).
+TRIM_HEADROOM = 48 << 20
+# every = 0: not bounded, never trim; count: _trim_heap calls; ceiling: RSS that triggers a trim
+HEAP_TRIM = {"every": 0, "count": 0, "ceiling": 0}
 
 
 def _bound_malloc() -> None:
@@ -497,7 +504,8 @@ def _bound_malloc() -> None:
     space fragments and grows slowly (measured: +330 MB RSS at 1 GB). Fixed thresholds of 64 MB
     keep them on the heap (a 128 KB mmap threshold instead mapped and faulted every block
     afresh: 2.9M page faults and 40% of the CPU at 300 MB), and a malloc_trim every TRIM_EVERY
-    pieces of the counting pass and tasks encoded (in every process) hands the free pages back.
+    pieces of the counting pass and tasks encoded (in every process), or sooner once RSS is past
+    the ceiling, hands the free pages back.
     The thresholds hold for the rest of the process (pretrain trains after preparing); 64 MB is
     near glibc's own dynamic maximum (32 MB), so training allocates much as it would otherwise."""
     try:
@@ -512,16 +520,34 @@ def _bound_malloc() -> None:
     HEAP_TRIM["every"] = TRIM_EVERY
 
 
+def resident_bytes() -> int:
+    """This process's RSS now (0 where /proc is not there): one small read, cheap per task."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def malloc_trim() -> None:
+    """glibc's malloc_trim(0): the heap's free pages back to the system (_bound_malloc checked it is there)."""
+    import ctypes
+
+    ctypes.CDLL(None).malloc_trim(0)
+
+
 def _trim_heap() -> None:
     """malloc_trim every TRIM_EVERY calls (pieces counted, tasks encoded) once _bound_malloc has run
-    in this process (or its parent)."""
+    in this process (or its parent), and at any call where RSS is above the ceiling: the RSS just
+    after the first trim plus TRIM_HEADROOM."""
     if not HEAP_TRIM["every"]:
         return
     HEAP_TRIM["count"] += 1
-    if HEAP_TRIM["count"] % HEAP_TRIM["every"] == 0:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
+    ceiling = HEAP_TRIM["ceiling"]
+    if HEAP_TRIM["count"] % HEAP_TRIM["every"] == 0 or (ceiling and resident_bytes() > ceiling):
+        malloc_trim()
+        if not ceiling and (now := resident_bytes()):
+            HEAP_TRIM["ceiling"] = now + TRIM_HEADROOM
 
 
 def bound_malloc_if_large(data: Any) -> None:
