@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from llmtrain.config.moved_keys import known_fields
 from llmtrain.config.schema import DataConfig
 from llmtrain.eval.report import format_value
 from llmtrain.files import atomic_write
+from llmtrain.process_memory import resident_bytes
 
 GEN_TOKENS = 64  # greedy tokens generated for the speed row
 ROWS = [
@@ -60,11 +60,6 @@ def disk_bytes(loaded) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def generation_speed(loaded, tokens: int = GEN_TOKENS) -> dict[str, float]:
     """Greedy generation of `tokens` tokens on the CPU: tokens/s, and the peak memory (the
     model's tensors plus the resident-set growth while generating, sampled every millisecond)."""
@@ -76,11 +71,11 @@ def generation_speed(loaded, tokens: int = GEN_TOKENS) -> dict[str, float]:
     tokens = min(tokens, loaded.model_cfg.max_seq_len - len(prompt))
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
     generate(model, [prompt], max_new_tokens=4, temperature=0.0)  # warm-up: first-call allocations
-    base, peak, done = _rss(), [0], threading.Event()
+    base, peak, done = resident_bytes(), [0], threading.Event()
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss() - base)
+            peak[0] = max(peak[0], resident_bytes() - base)
             time.sleep(0.001)
 
     watcher = threading.Thread(target=watch, daemon=True)
