@@ -226,3 +226,28 @@ def test_deferred_gradients_reach_ddp_and_fsdp():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for case in ("ddp gpt2", "ddp llama", "fsdp gpt2", "fsdp llama"):
         assert f"{case}: " in proc.stdout and "gradients equal" in proc.stdout, proc.stdout
+
+
+def test_pretrain_trains_with_the_deferral_and_finetuning_a_classifier_refuses_it(tmp_path, pretrained):
+    """trainer.defer_head_grad=true through the CLI: pretrain runs with it to its last step; a
+    sequence classifier has no LM head to defer, so finetune task=classification is refused in
+    one line, exit 2, naming the key."""
+    from conftest import TINY, assert_user_error, run_cli, sst2_split
+
+    run = tmp_path / "pre"
+    proc = run_cli("pretrain", *TINY, "trainer.max_steps=5", "trainer.defer_head_grad=true", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 5" in proc.stdout, proc.stdout[-2000:]  # (non-finite steps would have stopped it: exit 2)
+    train, dev = sst2_split(tmp_path)
+    refused = run_cli(
+        "finetune",
+        f"init_from={pretrained}",
+        "task=classification",
+        f"task.train_path={train}",
+        f"task.val_path={dev}",
+        "task.text_field=sentence",
+        "trainer.max_steps=2",
+        "trainer.defer_head_grad=true",
+        f"hydra.run.dir={tmp_path / 'ft'}",
+    )
+    assert_user_error(refused, "trainer.defer_head_grad=true", "SequenceClassifier has no plain linear LM head")

@@ -121,11 +121,14 @@ class Trainer:
             chunked = self.tc.chunked_loss
             trainee.chunked_loss = device.type == "cpu" if chunked is None else chunked
         if self.tc.defer_head_grad:  # the config-only conflicts are refused by validate_config
-            if not getattr(trainee, "chunked_loss", False):
-                raise UserError(f"trainer.defer_head_grad=true: {cfg.stage}'s loss is not the chunked LM-head loss")
-            if not defer_head_gradient(model):
+            if not getattr(trainee, "chunked_loss", False):  # auto turns it off on GPUs
+                raise UserError(
+                    f"trainer.defer_head_grad=true needs the chunked loss, which is off on {device.type} "
+                    "unless trainer.chunked_loss=true"
+                )
+            if not defer_head_gradient(model):  # a classifier, or a LoRA or quantized head
                 name = type(model).__name__
-                raise UserError(f"trainer.defer_head_grad=true: {name}'s LM head is not a plain linear layer")
+                raise UserError(f"trainer.defer_head_grad=true: {name} has no plain linear LM head to defer")
         self.loss_module = wrap_model(LossModule(model, trainee), cfg.trainer, device, precision, dist)
         self.optimizer = build_optimizer(model, cfg.optim, device.type)
         self.extra = trainee_extra(trainee)
