@@ -111,6 +111,57 @@ def test_parallel_chunked_sentencepiece_equals_whole_encoding(tmp_path, sp, monk
     assert (prep.HEAP_TRIM["every"] > 0) == bounded and (prep.HEAP_TRIM["count"] > 0) == bounded
 
 
+def test_a_task_handed_to_a_worker_goes_through_a_file_that_one_process_claims(tmp_path, sp, monkeypatch):
+    """A worker's task is its text in a file plus its piece lengths: the worker's ids equal the
+    main process's, on text with characters of every UTF-8 length. Whoever claims the file first
+    encodes the task: taken back by the main process, the worker skips it (None), and once a
+    worker has it, it cannot be taken back."""
+    monkeypatch.setattr(prep, "_worker_tok", sp)
+    pieces = [("naïve café — 東京 😀 tokens\n  spaced  out\n", True), ("", True), ("a piece that goes on", False)]
+    task = ("train", "words", pieces)
+    job = prep._task_file(task, str(tmp_path))
+    with open(job[0], "rb") as f:
+        assert f.read().decode("utf-8") == "".join(p for p, _ in pieces)
+    out = prep._worker_encode(job, str(tmp_path))
+    assert out is not None and not os.path.exists(job[0])
+    assert np.array_equal(prep._collect(out), prep.encode_task(task, sp))
+    assert not prep._take_back(job[0])  # the worker had it
+    job = prep._task_file(task, str(tmp_path))
+    assert prep._take_back(job[0])
+    assert prep._worker_encode(job, str(tmp_path)) is None and not prep._take_back(job[0])
+    assert os.listdir(tmp_path) == []  # nothing left behind
+    # a lone surrogate (no source yields one, but the file must not be where a str breaks)
+    job = prep._task_file(("val", "words", [("\udcff", True)]), str(tmp_path))
+    with open(job[0], "rb") as f:
+        assert f.read().decode("utf-8", "surrogatepass") == "\udcff"
+
+
+def test_the_main_process_takes_back_the_queued_tail_and_the_ids_stay_in_order(sp, monkeypatch):
+    """Every task goes to the worker's queue (no limit on it), so at the end of the stream the main
+    process takes back the ones the worker has not started: the output is the serial one, task by
+    task, whoever encoded each."""
+    monkeypatch.setattr(prep, "WORKER_QUEUE", 10_000)
+    monkeypatch.setattr(prep, "IN_FLIGHT", 10_000)
+    taken = []
+    take_back = prep._take_back
+
+    def counted(path):
+        if took := take_back(path):
+            taken.append(path)
+        return took
+
+    monkeypatch.setattr(prep, "_take_back", counted)
+    text = WIKI.read_text(encoding="utf-8")[:400_000] if WIKI.exists() else "some words and more words\n" * 20_000
+    tasks = [("train", "words", [(text[i : i + 2000], i % 6000 == 0)]) for i in range(0, len(text), 2000)]
+    serial = list(prep._encoded(iter(tasks), sp, 1, parallel=True))
+    parallel = list(prep._encoded(iter(tasks), sp, 2, parallel=True))
+    assert len(parallel) == len(serial) == len(tasks)
+    assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    # 200 tasks queued in a few ms: the worker (a fork, then one task at a time) cannot have
+    # started the last ones by then
+    assert 0 < len(taken) < len(tasks)
+
+
 def test_heap_is_trimmed_every_few_tasks_and_whenever_rss_passes_the_ceiling(monkeypatch):
     """Under the malloc bound a process trims every TRIM_EVERY tasks; its first trim sets the
     ceiling (its RSS then + TRIM_HEADROOM), and from then on any task that starts above it trims
