@@ -200,18 +200,24 @@ def dying_publish(tmp, path):  # the 3rd shard: half of it on disk, then kill -9
         os.kill(os.getpid(), signal.SIGKILL)
     publish(tmp, path)
 P.atomic_replace = dying_publish
-data = replace(DataConfig(), path=sys.argv[1], cache_dir=sys.argv[2], doc_pattern=sys.argv[3], num_proc=1)
+path, cache, pattern, num_proc = sys.argv[1:]
+data = replace(DataConfig(), path=path, cache_dir=cache, doc_pattern=pattern, num_proc=int(num_proc))
 P.prepare(data, ByteTokenizer())
 """
 
 
-def test_prepare_killed_mid_shard_resumes_to_the_same_shards(tmp_path, small):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_prepare_killed_mid_shard_resumes_to_the_same_shards(tmp_path, small, num_proc):
+    """num_proc=2: the killed run also leaves the directory of its workers' task and token files,
+    in the entry's work directory (not /tmp); the resumed run removes it."""
     src = _corpus(tmp_path)
     script = KILLED.format(shard=prep.SHARD_TOKENS, chunk=prep.CHUNK_CHARS)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cache = tmp_path / "cache"
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), str(src), str(cache), WIKI_DOCS], env=env, capture_output=True
+        [sys.executable, "-c", textwrap.dedent(script), str(src), str(cache), WIKI_DOCS, str(num_proc)],
+        env=env,
+        capture_output=True,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     data = _data(tmp_path, src, doc_pattern=WIKI_DOCS)
@@ -221,6 +227,7 @@ def test_prepare_killed_mid_shard_resumes_to_the_same_shards(tmp_path, small):
     manifest = json.loads((work / prep.MANIFEST).read_text())
     assert len(manifest["shards"]["train"]) == 2 and manifest["resume"]["skip"] > 0  # stopped mid-task
     assert list(work.glob("*.tmp-*"))  # the half-written shard
+    assert len([p for p in work.glob(".encoded.tmp-*") if p.is_dir()]) == (num_proc > 1)  # the workers' files
     assert not (cache / "prepared" / key).exists()
     resumed = prep.prepare(data, tok, verbose=False)
     fresh = prep.prepare(replace(data, cache_dir=str(tmp_path / "fresh")), tok, verbose=False)

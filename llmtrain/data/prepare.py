@@ -415,7 +415,9 @@ def _collect(result: tuple[str, str]) -> np.ndarray:
         os.unlink(path)
 
 
-def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool) -> Iterator[np.ndarray]:
+def _encoded(
+    tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool, scratch: Path | None = None
+) -> Iterator[np.ndarray]:
     """The tokens of each task, in order, from num_proc - 1 workers and the main process: the
     main process hands each task to the workers while fewer than WORKER_QUEUE per worker are
     queued, and otherwise encodes it itself, so num_proc processes stay busy on num_proc cores
@@ -442,7 +444,9 @@ def _encoded(tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: boo
     if hasattr(tok, "encode_threads"):
         tok.encode_threads = max(1, usable_cores() // num_proc)
     workers = num_proc - 1
-    out_dir = tempfile.mkdtemp(prefix="llmtrain-encoded-")  # tasks' text and tokens, until read
+    # tasks' text and tokens, until read: in `scratch` (the entry's work directory), whose
+    # leftovers a resumed prepare removes, so a killed run leaves nothing behind in /tmp
+    out_dir = tempfile.mkdtemp(prefix=f".encoded{TMP_MARK}", dir=scratch)
     try:
         with mp.get_context(method).Pool(workers, _init_worker, (tok.state(), num_proc)) as pool:
             # in task order: arrays encoded here, and tasks handed to the workers as
@@ -630,8 +634,11 @@ def _build(
             "resume": {"task": 0, "skip": 0},
         }
         atomic_write(work / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    for leftover in work.glob(f"*{TMP_MARK}*"):  # a shard a killed prepare was writing
-        leftover.unlink()
+    for leftover in work.glob(f"*{TMP_MARK}*"):  # a shard a killed prepare was writing, its workers' files
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
     plan = Plan(**manifest["plan"])
     if manifest["from_docsplit"]:
         ds = split_fn() if split_fn is not None else None
@@ -659,7 +666,7 @@ def _build(
 
         i = resume["task"]
         parallel = plan.chars >= 4 * CHUNK_CHARS  # worker processes pay a start-up each
-        for arr in _encoded(todo(), tok, data.num_proc, parallel):
+        for arr in _encoded(todo(), tok, data.num_proc, parallel, work):
             task = queued.popleft()
             skipped = resume["skip"] if i == resume["task"] else 0
             writer.add(task[0], i, arr[skipped:], skipped)
