@@ -136,7 +136,7 @@ def test_a_task_handed_to_a_worker_goes_through_a_file_that_one_process_claims(t
         assert f.read().decode("utf-8", "surrogatepass") == "\udcff"
 
 
-def test_the_main_process_takes_back_the_queued_tail_and_the_ids_stay_in_order(sp, monkeypatch):
+def test_the_main_process_takes_back_the_queued_tail_and_the_ids_stay_in_order(tmp_path, sp, monkeypatch):
     """Every task goes to the worker's queue (no limit on it), so at the end of the stream the main
     process takes back the ones the worker has not started: the output is the serial one, task by
     task, whoever encoded each."""
@@ -153,8 +153,8 @@ def test_the_main_process_takes_back_the_queued_tail_and_the_ids_stay_in_order(s
     monkeypatch.setattr(prep, "_take_back", counted)
     text = WIKI.read_text(encoding="utf-8")[:400_000] if WIKI.exists() else "some words and more words\n" * 20_000
     tasks = [("train", "words", [(text[i : i + 2000], i % 6000 == 0)]) for i in range(0, len(text), 2000)]
-    serial = list(prep._encoded(iter(tasks), sp, 1, parallel=True))
-    parallel = list(prep._encoded(iter(tasks), sp, 2, parallel=True))
+    serial = list(prep._encoded(iter(tasks), sp, 1, True, tmp_path))
+    parallel = list(prep._encoded(iter(tasks), sp, 2, True, tmp_path))
     assert len(parallel) == len(serial) == len(tasks)
     assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
     # 200 tasks queued in a few ms: the worker (a fork, then one task at a time) cannot have

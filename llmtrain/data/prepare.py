@@ -39,8 +39,9 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate, chain
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -415,8 +416,16 @@ def _collect(result: tuple[str, str]) -> np.ndarray:
         os.unlink(path)
 
 
+class _Handed(NamedTuple):
+    """A task handed to the workers: the task (to take back), its text file, the worker's result."""
+
+    task: Task
+    path: str
+    result: AsyncResult
+
+
 def _encoded(
-    tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool, scratch: Path | None = None
+    tasks: Iterator[Task], tok: Tokenizer, num_proc: int, parallel: bool, scratch: Path
 ) -> Iterator[np.ndarray]:
     """The tokens of each task, in order, from num_proc - 1 workers and the main process: the
     main process hands each task to the workers while fewer than WORKER_QUEUE per worker are
@@ -446,29 +455,26 @@ def _encoded(
     workers = num_proc - 1
     # tasks' text and tokens, until read: in `scratch` (the entry's work directory), whose
     # leftovers a resumed prepare removes, so a killed run leaves nothing behind in /tmp
-    out_dir = tempfile.mkdtemp(prefix=f".encoded{TMP_MARK}", dir=scratch)
+    out_dir = str(tmp_name(scratch / "encoded"))
+    os.mkdir(out_dir)
     try:
         with mp.get_context(method).Pool(workers, _init_worker, (tok.state(), num_proc)) as pool:
-            # in task order: arrays encoded here, and tasks handed to the workers as
-            # [task, its text file, AsyncResult]
-            pending: deque = deque([first_ids])
+            pending: deque[np.ndarray | _Handed] = deque([first_ids])  # in task order
 
-            def queued() -> int:
-                return sum(1 for p in pending if not isinstance(p, np.ndarray) and not p[2].ready())
+            def ready(p: np.ndarray | _Handed) -> bool:
+                return isinstance(p, np.ndarray) or p.result.ready()
 
             def oldest() -> np.ndarray:
                 done = pending.popleft()
-                return done if isinstance(done, np.ndarray) else _collect(done[2].get())
+                return done if isinstance(done, np.ndarray) else _collect(done.result.get())
 
             for t in tasks:
-                if queued() < WORKER_QUEUE * workers:
+                if sum(not ready(p) for p in pending) < WORKER_QUEUE * workers:
                     job = _task_file(t, out_dir)
-                    pending.append([t, job[0], pool.apply_async(_worker_encode, (job, out_dir))])
+                    pending.append(_Handed(t, job[0], pool.apply_async(_worker_encode, (job, out_dir))))
                 else:  # the workers have enough to do: encode this one here rather than wait
                     pending.append(encode_task(t, tok))
-                while pending and (
-                    isinstance(pending[0], np.ndarray) or pending[0][2].ready() or len(pending) >= IN_FLIGHT * num_proc
-                ):
+                while pending and (ready(pending[0]) or len(pending) >= IN_FLIGHT * num_proc):
                     yield oldest()
             # The tail: up to WORKER_QUEUE tasks per worker are still queued. The main process takes
             # back the last one no worker has started (its file is still there) and encodes it,
@@ -477,12 +483,12 @@ def _encoded(
             while pending:
                 for j in range(len(pending) - 1, -1, -1):
                     p = pending[j]
-                    if not isinstance(p, np.ndarray) and not p[2].ready() and _take_back(p[1]):
-                        pending[j] = encode_task(p[0], tok)
+                    if not ready(p) and _take_back(p.path):
+                        pending[j] = encode_task(p.task, tok)
                         break
                 else:  # nothing left to take: wait for the oldest
                     yield oldest()
-                while pending and (isinstance(pending[0], np.ndarray) or pending[0][2].ready()):
+                while pending and ready(pending[0]):
                     yield oldest()
     finally:
         if hasattr(tok, "encode_threads"):
